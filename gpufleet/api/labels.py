@@ -1,0 +1,30 @@
+"""Label and annotation keys shared by the operator, the pod server and the router."""
+
+from __future__ import annotations
+
+DOMAIN = "gpufleet.io"
+API_GROUP = DOMAIN
+API_VERSION = "v1alpha1"
+KIND = "ModelGroup"
+PLURAL = "modelgroups"
+SINGULAR = "modelgroup"
+SHORT_NAMES = ("mg",)
+
+# Labels (selectable).
+LABEL_COMPONENT = f"{DOMAIN}/component"  # "pod-server" | "router" | "operator"
+LABEL_MODEL_GROUP = f"{DOMAIN}/model-group"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+COMPONENT_POD_SERVER = "pod-server"
+COMPONENT_ROUTER = "router"
+COMPONENT_OPERATOR = "operator"
+MANAGED_BY = "gpufleet-operator"
+
+# Annotations (data).
+STATUS_ANNOTATION = f"{DOMAIN}/status"  # JSON PodStatus written by the pod server
+SPEC_HASH_ANNOTATION = f"{DOMAIN}/spec-hash"  # lets the operator see hand edits of its children
+
+# Node labels users' GPU tooling already sets.
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

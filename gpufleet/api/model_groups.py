@@ -1,0 +1,145 @@
+"""The model_groups.json contract: which models exist and how they are grouped.
+
+A *group* is the unit of residency: all of its models are loaded onto one device
+together, and a device holds exactly one current group at a time. Model ids are
+unique across the whole file, so a request's ``model`` names its group.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpufleet.api.errors import ConfigError
+
+Task = Literal["chat", "completion", "embedding"]
+DType = Literal["float32", "float16", "bfloat16", "auto"]
+
+# Ids become URL path segments, metric labels and Kubernetes label values.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class ModelSpec(BaseModel):
+    """One model: where its weights come from and what it does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=NAME_PATTERN, description="Name clients use in the `model` field.")
+    source: str = Field(
+        min_length=1,
+        description="A local directory with config.json and safetensors weights, or a Hugging Face id.",
+    )
+    task: Task = "chat"
+    dtype: DType = "auto"
+    context_length: int | None = Field(
+        default=None, ge=8, le=1_048_576, description="Prompt plus generated tokens; defaults to the model config's."
+    )
+
+
+class GroupSpec(BaseModel):
+    """A set of models that is loaded onto a device together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> GroupSpec:
+        ids = [m.id for m in self.models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model ids in group: {', '.join(dupes)}")
+        return self
+
+
+class ModelGroupsFile(BaseModel):
+    """The whole model_groups.json document."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    groups: dict[str, GroupSpec] = Field(min_length=1)
+    default_group: str
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelGroupsFile:
+        for name in self.groups:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"group name {name!r} must match {NAME_PATTERN}")
+        if self.default_group not in self.groups:
+            raise ValueError(
+                f"default_group {self.default_group!r} is not one of the groups: {', '.join(sorted(self.groups))}"
+            )
+        owner: dict[str, str] = {}
+        for group_id, group in self.groups.items():
+            for model in group.models:
+                if model.id in owner:
+                    raise ValueError(
+                        f"model id {model.id!r} appears in groups {owner[model.id]!r} and {group_id!r}; "
+                        "model ids must be unique across groups"
+                    )
+                owner[model.id] = group_id
+        return self
+
+    def group_of(self, model_id: str) -> str | None:
+        for group_id, group in self.groups.items():
+            if any(m.id == model_id for m in group.models):
+                return group_id
+        return None
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        for group in self.groups.values():
+            for m in group.models:
+                if m.id == model_id:
+                    return m
+        return None
+
+    def with_default(self, default_group: str | None) -> ModelGroupsFile:
+        """The same file with the default group overridden (the DEFAULT_GROUP setting)."""
+        if default_group is None or default_group == self.default_group:
+            return self
+        if default_group not in self.groups:
+            raise ConfigError(
+                f"DEFAULT_GROUP={default_group!r} is not a group in model_groups.json "
+                f"(groups: {', '.join(sorted(self.groups))})"
+            )
+        return self.model_copy(update={"default_group": default_group})
+
+
+def load_model_groups(path: Path) -> ModelGroupsFile:
+    """Parse and validate a model_groups.json; relative sources resolve against its folder."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"MODEL_GROUPS: file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"MODEL_GROUPS: {path} is not valid JSON: {exc}") from None
+    try:
+        parsed = ModelGroupsFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(document)"
+        raise ConfigError(f"MODEL_GROUPS: {path}: field {where}: {first['msg']}") from None
+    return _resolve_sources(parsed, path.parent)
+
+
+def _resolve_sources(doc: ModelGroupsFile, base: Path) -> ModelGroupsFile:
+    groups: dict[str, GroupSpec] = {}
+    for group_id, group in doc.groups.items():
+        models = []
+        for m in group.models:
+            local = Path(m.source)
+            if m.source.startswith((".", "/", "~")) and not local.is_absolute():
+                local = (base / local).resolve() if not m.source.startswith("~") else local.expanduser()
+                m = m.model_copy(update={"source": str(local)})
+            models.append(m)
+        groups[group_id] = GroupSpec(models=tuple(models))
+    return ModelGroupsFile(groups=groups, default_group=doc.default_group)
+
+
+def json_schema() -> dict[str, object]:
+    """JSON Schema of model_groups.json, for editors and docs."""
+    return ModelGroupsFile.model_json_schema()

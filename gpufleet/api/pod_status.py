@@ -1,0 +1,55 @@
+"""The status document each pod server publishes about itself.
+
+Locally the router reads it from ``GET /api/status``; in a cluster the pod server also
+writes it, JSON-encoded, to its own Pod's ``STATUS_ANNOTATION`` when it changes (plus a
+slow heartbeat), so that API-server writes grow with state changes, not with traffic.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class DeviceStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    device: str = Field(description="Device name on the pod, e.g. 'cuda:0' or 'cpu:1'.")
+    current_group: str | None = None
+    cached_groups: list[str] = Field(default_factory=list, description="Groups parked in this device's CPU cache.")
+    failed_groups: list[str] = Field(default_factory=list, description="Groups whose last load failed here.")
+    healthy: bool = True
+    workers: int = Field(default=1, ge=1)
+    queue_limit: int = Field(default=64, ge=1)
+    switching_to: str | None = None
+    # Measured seconds to make a group current from each place; the router weighs switches with these.
+    switch_seconds_from_cache: float | None = None
+    switch_seconds_from_disk: float | None = None
+    last_switch_unix: float | None = None
+
+
+class PodStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    pod: str
+    namespace: str | None = None
+    node: str | None = None
+    url: str | None = Field(default=None, description="Where the pod server listens, if it knows.")
+    ready: bool = False
+    devices: list[DeviceStatus] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list, description="Every group this pod can serve.")
+    models: dict[str, str] = Field(default_factory=dict, description="Model id -> group id.")
+    timestamp: float = Field(description="Unix time the document was made.")
+
+    def state_key(self) -> tuple[object, ...]:
+        """What counts as a change worth an API write (everything but the timestamp)."""
+        return (
+            self.ready,
+            self.url,
+            tuple(
+                (d.device, d.current_group, tuple(d.cached_groups), tuple(d.failed_groups), d.healthy, d.switching_to)
+                for d in self.devices
+            ),
+        )

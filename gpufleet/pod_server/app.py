@@ -1,0 +1,145 @@
+"""The pod server's FastAPI app: routes, and the lifespan that owns every shared resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gpufleet.api.errors import ModelNotFound
+from gpufleet.api.model_groups import ModelGroupsFile
+from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
+from gpufleet.pod_server.metrics import PodMetrics
+from gpufleet.pod_server.openai_handlers import OpenAIHandlers
+from gpufleet.pod_server.service import PodService
+from gpufleet.pod_server.settings import PodServerSettings
+from gpufleet.pod_server.status_publisher import run_status_publisher
+from gpufleet.pod_server.tokenizers import TokenizerCache
+from gpufleet.web.errors import install_error_handlers
+from gpufleet.web.middleware import GuardMiddleware
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = PodMetrics(settings.pod_name or "local", settings.pod_namespace or "")
+        service = PodService(settings, groups, metrics)
+        stats = GpuStats(open_stats_source(settings.devices), settings.devices)
+        app.state.service = service
+        app.state.metrics = metrics
+        app.state.stats = stats
+        app.state.handlers = OpenAIHandlers(service, TokenizerCache(), metrics, settings.max_tokens_default)
+        await service.start()
+        background: list[asyncio.Task[Any]] = []
+        if not settings.lazy_load_model:
+            background.append(asyncio.create_task(service.preload_default(), name="preload"))
+        if settings.status_annotation:
+            background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
+        log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
+        try:
+            yield
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await service.stop()
+            stats.source.close()
+
+    app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
+    )
+    _routes(app)
+    return app
+
+
+def _routes(app: FastAPI) -> None:
+    def svc(request: Request) -> PodService:
+        return request.app.state.service  # type: ignore[no-any-return]
+
+    def handlers(request: Request) -> OpenAIHandlers:
+        return request.app.state.handlers  # type: ignore[no-any-return]
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        return await handlers(request).chat(body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await handlers(request).completion(body)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+        return await handlers(request).embeddings(body)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": _model_cards(svc(request).groups)}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        for card in _model_cards(svc(request).groups):
+            if card["id"] == model_id:
+                return card
+        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+
+    @app.get("/api/gpu_stats")
+    async def gpu_stats(request: Request) -> dict[str, Any]:
+        stats: GpuStats = request.app.state.stats
+        return await asyncio.to_thread(stats.document)
+
+    @app.get("/api/models")
+    async def api_models(request: Request) -> dict[str, Any]:
+        return svc(request).models_document()
+
+    @app.get("/api/queue")
+    async def api_queue(request: Request) -> dict[str, Any]:
+        return svc(request).queue_document()
+
+    @app.get("/api/status")
+    async def api_status(request: Request) -> dict[str, Any]:
+        return svc(request).status().model_dump(mode="json")
+
+    @app.get("/health")
+    @app.get("/v2/health/live")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    @app.get("/v2/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        s = svc(request)
+        current = {d: sch.residency.current_group for d, sch in s.schedulers.items()}
+        body = {"ready": s.ready, "default_group": s.groups.default_group, "current_groups": current}
+        return JSONResponse(body, status_code=200 if s.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        m: PodMetrics = request.app.state.metrics
+        stats: GpuStats = request.app.state.stats
+        for device, r in (await asyncio.to_thread(stats.sample)).items():
+            labels = m.labels(device)
+            m.gpu_util.labels(**labels).set(r.utilization)
+            m.gpu_mem_used.labels(**labels).set(r.memory_used * 1024**3)
+            m.gpu_mem_total.labels(**labels).set(r.memory_total * 1024**3)
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:
+    return [
+        {"id": m.id, "object": "model", "created": 0, "owned_by": "gpufleet", "group": g, "task": m.task}
+        for g, spec in groups.groups.items()
+        for m in spec.models
+    ]

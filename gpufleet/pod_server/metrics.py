@@ -1,0 +1,68 @@
+"""Prometheus metrics of one pod server, in a registry owned by the app (no module globals).
+
+Names follow what users already chart: the ``vllm:`` gauges the Gateway API Inference
+Extension's endpoint picker reads, ``*_time_to_first_token_seconds`` and friends, and the
+DCGM label names (``gpu``, ``pod``, ``namespace``) so dashboards can join with DCGM.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class PodMetrics:
+    def __init__(self, pod: str, namespace: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.const = {"pod": pod, "namespace": namespace}
+        base = ["pod", "namespace", "gpu"]
+        self.requests = Counter(
+            "gpufleet_requests_total", "Requests answered", [*base, "model", "group", "endpoint", "status"], registry=r
+        )
+        self.rejected = Counter("gpufleet_requests_rejected_total", "Requests refused", ["pod", "namespace", "reason"], registry=r)
+        self.e2e = Histogram(
+            "gpufleet_e2e_request_latency_seconds", "Request latency", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "gpufleet_time_to_first_token_seconds", "Time to first token", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "gpufleet_request_queue_time_seconds", "Time waiting for a worker", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("gpufleet_prompt_tokens_total", "Prompt tokens", [*base, "model"], registry=r)
+        self.generation_tokens = Counter("gpufleet_generation_tokens_total", "Generated tokens", [*base, "model"], registry=r)
+        self.queue_depth = Gauge("gpufleet_queue_depth", "Requests waiting per device", base, registry=r)
+        self.running = Gauge("gpufleet_requests_running", "Requests running per device", base, registry=r)
+        self.workers = Gauge("gpufleet_workers", "Workers per device", base, registry=r)
+        self.group_current = Gauge(
+            "gpufleet_group_current", "1 when the group is current on the device", [*base, "group"], registry=r
+        )
+        self.group_cached = Gauge(
+            "gpufleet_group_cached", "1 when the group is parked in the device's CPU cache", [*base, "group"], registry=r
+        )
+        self.switches = Counter(
+            "gpufleet_group_switches_total", "Group switches", [*base, "group", "source"], registry=r
+        )
+        self.switch_seconds = Histogram(
+            "gpufleet_group_switch_seconds", "Time to make a group current", [*base, "source"], buckets=SWITCH_BUCKETS, registry=r
+        )
+        self.load_failures = Counter("gpufleet_group_load_failures_total", "Failed group loads", [*base, "group"], registry=r)
+        self.gpu_util = Gauge("gpufleet_device_utilization_percent", "Device utilisation", base, registry=r)
+        self.gpu_mem_used = Gauge("gpufleet_device_memory_used_bytes", "Device memory used", base, registry=r)
+        self.gpu_mem_total = Gauge("gpufleet_device_memory_total_bytes", "Device memory total", base, registry=r)
+        # The model server protocol of the Gateway API Inference Extension (pod-wide).
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running", registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0 here: no paged cache)", registry=r)
+        self.vllm_lora = Gauge(
+            "vllm:lora_requests_info",
+            "Current groups as running adapters, so adapter-affinity scorers prefer pods holding the group",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
+
+    def labels(self, device: str) -> dict[str, str]:
+        return {**self.const, "gpu": device}

@@ -1,0 +1,72 @@
+"""Pod server settings: environment variables and an optional ``.env``, parsed once in main()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gpufleet.api.errors import ConfigError
+from gpufleet.pod_server.devices import parse_device_list
+
+
+class PodServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("DEVICES", "DEVICE"),
+        description="Comma-separated devices (cuda:0,cuda:1 or cpu:0,cpu:1). Default: every visible GPU, else cpu.",
+    )
+    num_workers_per_gpu: int = Field(default=1, ge=1, le=64, description="Concurrent requests per device.")
+    default_group: str | None = Field(default=None, description="Overrides default_group of model_groups.json.")
+    max_cpu_cached_models: int = Field(default=4, ge=0, le=1024, description="Models parked in each device's CPU cache.")
+    lazy_load_model: bool = Field(default=False, description="Load the default group on first use, not at start-up.")
+    model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
+    max_queue_per_device: int = Field(default=64, ge=1, le=100_000, description="Requests waiting per device.")
+    model_load_timeout_s: float = Field(default=300.0, gt=0, description="A group load taking longer fails.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
+    max_tokens_default: int = Field(default=64, ge=1, le=4096, description="max_tokens when a request gives none.")
+    failed_load_retry_s: float = Field(default=30.0, ge=0, description="A failed group is retried after this.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
+    demo_models_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "gpufleet" / "demo-models",
+        description="Where `gpufleet demo-models` builds the tiny models.",
+    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: cores/devices.")
+    # Cluster identity, from the downward API.
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    node_name: str | None = None
+    pod_url: str | None = Field(default=None, description="URL the router should use to reach this pod.")
+    status_annotation: bool = Field(default=False, description="Write the status document to this Pod's annotation.")
+    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Annotation rewrite interval without changes.")
+    log_level: str = "INFO"
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _devices(self) -> PodServerSettings:
+        self.devices = parse_device_list(self.devices)
+        return self
+
+
+def load_settings(**overrides: Any) -> PodServerSettings:
+    """Parse settings, turning a validation error into one clear message naming the setting."""
+    try:
+        return PodServerSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

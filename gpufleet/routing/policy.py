@@ -1,0 +1,174 @@
+"""Where a request should run: a pure function over a snapshot of device states.
+
+The pod server calls it with its own devices; the router calls it with every device of
+every pod. Order of concerns:
+
+1. An exclusive target named by the client: only matching devices, never elsewhere.
+2. Group affinity: a device where the group is current, then where it is cached in CPU
+   memory, then the one whose switch costs least. Affinity is a *cost*, not an absolute
+   rule: a queued device loses to an idle one once the expected wait exceeds the switch.
+3. Least load breaks the remaining ties.
+
+Costs are expected seconds until the request starts. A switch away from a group that
+became current only moments ago pays a hysteresis penalty, so two hot groups sharing a
+device do not thrash it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    pod: str
+    device: str
+    node: str | None = None
+    current_group: str | None = None
+    cached_groups: frozenset[str] = frozenset()
+    failed_groups: frozenset[str] = frozenset()
+    healthy: bool = True
+    workers: int = 1
+    queue_limit: int = 64
+    load: int = 0  # requests running or queued on this device
+    switching_to: str | None = None
+    switch_s_from_cache: float | None = None
+    switch_s_from_disk: float | None = None
+    last_switch_at: float | None = None  # same clock as Snapshot.now
+    fresh: bool = True  # False when the figures are too old to trust
+
+    @property
+    def key(self) -> str:
+        return f"{self.pod}/{self.device}"
+
+    @property
+    def capacity(self) -> int:
+        return self.workers + self.queue_limit
+
+    def resident_group(self) -> str | None:
+        # A switch in progress already decides what the device will hold next.
+        return self.switching_to or self.current_group
+
+
+@dataclass(frozen=True)
+class Costs:
+    service_s: float = 0.25  # typical time one request holds a worker
+    switch_from_cache_s: float = 0.5
+    switch_from_disk_s: float = 3.0
+    min_residency_s: float = 10.0  # hysteresis window after a switch
+    residency_penalty_s: float = 5.0
+    unknown_load_penalty_s: float = 2.0  # stale figures: assume it is busier than it says
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    devices: tuple[DeviceState, ...]
+    now: float = 0.0
+    costs: Costs = field(default_factory=Costs)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    group: str
+    exclusive: str | None = None  # "cuda:1", "pod-a", "node-a", "pod-a/cuda:1", "node-a/cuda:1"
+
+
+class Outcome(str, Enum):
+    ROUTED = "routed"
+    UNKNOWN_TARGET = "unknown_target"  # the exclusive target names nothing we know
+    TARGET_DOWN = "target_down"  # it exists but cannot serve
+    GROUP_FAILED = "group_failed"  # every eligible device failed to load the group
+    SATURATED = "saturated"  # every eligible queue is full
+    NO_DEVICES = "no_devices"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str
+    cost_s: float
+    note: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    choice: DeviceState | None
+    reason: str
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return self.outcome is Outcome.ROUTED
+
+
+def matches_target(d: DeviceState, target: str) -> bool:
+    """Does device ``d`` answer to the exclusive target string?"""
+    if "/" in target:
+        owner, _, device = target.partition("/")
+        return d.device == device and owner in (d.pod, d.node)
+    return target in (d.device, d.pod, d.node)
+
+
+def affinity_note(d: DeviceState, group: str) -> str:
+    if not d.fresh:
+        return "stale"
+    if d.resident_group() == group:
+        return "current"
+    if group in d.cached_groups:
+        return "cached"
+    return "switch"
+
+
+def estimate_cost(d: DeviceState, group: str, snap: Snapshot) -> tuple[float, str]:
+    c = snap.costs
+    note = affinity_note(d, group)
+    wait = (d.load / max(1, d.workers)) * c.service_s
+    if note == "current":
+        return wait, note
+    if note == "stale":
+        return wait + c.switch_from_disk_s + c.unknown_load_penalty_s, note
+    switch = (
+        (d.switch_s_from_cache or c.switch_from_cache_s)
+        if note == "cached"
+        else (d.switch_s_from_disk or c.switch_from_disk_s)
+    )
+    recent = d.last_switch_at is not None and snap.now - d.last_switch_at < c.min_residency_s
+    if d.resident_group() is not None and (recent or d.load > 0):
+        # Evicting a group that is busy or just arrived invites a switch straight back.
+        switch += c.residency_penalty_s
+    return wait + switch, note
+
+
+def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
+    """Pick the device for ``request``; never raises, always explains."""
+    pool: Sequence[DeviceState] = snap.devices
+    if not pool:
+        return Decision(Outcome.NO_DEVICES, None, "no devices known")
+    scope = "any"
+    if request.exclusive:
+        pool = [d for d in pool if matches_target(d, request.exclusive)]
+        if not pool:
+            return Decision(Outcome.UNKNOWN_TARGET, None, f"exclusive target {request.exclusive!r} matches no device")
+        scope = "exclusive"
+    healthy = [d for d in pool if d.healthy]
+    if not healthy:
+        return Decision(Outcome.TARGET_DOWN, None, f"{scope}: no healthy device among {len(pool)}")
+    loadable = [d for d in healthy if request.group not in d.failed_groups]
+    if not loadable:
+        return Decision(Outcome.GROUP_FAILED, None, f"{scope}: group {request.group!r} failed to load on every device")
+    scored = sorted(
+        ((estimate_cost(d, request.group, snap), d) for d in loadable),
+        key=lambda item: (item[0][0], item[1].load, item[1].key),
+    )
+    candidates = tuple(Candidate(d.key, round(cost, 4), note) for (cost, note), d in scored)
+    open_ = [(cn, d) for cn, d in scored if d.load < d.capacity]
+    if not open_:
+        return Decision(Outcome.SATURATED, None, f"{scope}: every eligible queue is full", candidates)
+    (cost, note), best = open_[0]
+    ties = sum(1 for (c, n), _ in open_ if n == note)
+    reason = f"{scope}:{'affinity_' + note if note in ('current', 'cached') else note}"
+    if ties > 1:
+        reason += ",least_load"
+    return Decision(Outcome.ROUTED, best, reason, candidates)
