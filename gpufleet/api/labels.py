@@ -24,6 +24,9 @@ MANAGED_BY = "gpufleet-operator"
 # Annotations (data).
 STATUS_ANNOTATION = f"{DOMAIN}/status"  # JSON PodStatus written by the pod server
 SPEC_HASH_ANNOTATION = f"{DOMAIN}/spec-hash"  # lets the operator see hand edits of its children
+CONFIG_HASH_ANNOTATION = f"{DOMAIN}/config-hash"  # on pod templates: a new model_groups.json rolls the pods
+# Prefix of the annotations where the operator framework (kopf) keeps its own bookkeeping.
+OPERATOR_STATE_PREFIX = f"operator.{DOMAIN}"
 
 # Node labels users' GPU tooling already sets.
 GPU_RESOURCE = "nvidia.com/gpu"

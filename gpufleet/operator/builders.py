@@ -1,0 +1,370 @@
+"""Pure builders: a ModelGroup's spec in, the manifests of everything it owns out.
+
+No I/O and no Kubernetes client here (the dask-kubernetes ``build_*_spec`` / CloudNativePG
+``pkg/specs`` style): the reconciler applies what these return, and unit tests check them
+without a cluster. Every child carries an owner reference to its ModelGroup, so deleting
+the ModelGroup lets the garbage collector remove all of it, and a spec-hash annotation, so
+the reconciler can tell "the spec changed" from "someone edited the child by hand".
+
+Why a StatefulSet for the pod servers (not a Deployment, not bare pods):
+- Bare pods would make the operator re-implement a controller: recreating deleted pods,
+  rolling updates, surge/unavailability accounting. kube-controller-manager already does
+  that, and keeps doing it while the operator is down.
+- A Deployment's rolling update surges by default: the new pod needs a free GPU before the
+  old one gives its GPU back, which on a full fleet never happens. A StatefulSet replaces
+  pods in place (one down, then its successor up), needing no spare GPUs.
+- Stable names (``<group>-0``, ``<group>-1``) keep status placements, metrics labels and logs
+  readable across restarts; a deleted pod comes back with the same name.
+- ``podManagementPolicy: Parallel``: pod servers do not depend on each other, so they start
+  and are replaced together, not one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.api import labels
+from gpufleet.api.model_groups import ModelGroupsFile
+from gpufleet.api.modelgroup import DEFAULT_IMAGE, ModelGroupSpec
+
+Manifest = dict[str, Any]
+
+POD_SERVER_PORT = 8000
+MODEL_GROUPS_DIR = "/etc/gpufleet"
+MODEL_GROUPS_FILE = "model_groups.json"
+CACHE_DIR = "/var/cache/gpufleet"  # writable emptyDir: Hugging Face downloads, HOME
+RUN_AS_USER = 10001  # the images' non-root user (deploy/docker)
+API_VERSION = f"{labels.API_GROUP}/{labels.API_VERSION}"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide inputs of the builders (from OperatorSettings)."""
+
+    image: str = DEFAULT_IMAGE  # pod server image when the spec names none
+    pod_server_cluster_role: str = "gpufleet-pod-server"  # bound to each group's ServiceAccount
+    instance: str | None = None  # app.kubernetes.io/instance of the installation (the Helm release)
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class ModelGroupRef:
+    """The identity of one ModelGroup object, plus its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: ModelGroupSpec
+    generation: int | None = None
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    statefulset: str
+    service: str
+    configmap: str
+    service_account: str
+    role_binding: str
+
+
+def child_names(group: str) -> ChildNames:
+    return ChildNames(
+        statefulset=group,
+        service=group,
+        configmap=f"{group}-model-groups",
+        service_account=f"{group}-pod-server",
+        role_binding=f"{group}-pod-server",
+    )
+
+
+def selector_labels(group: str) -> dict[str, str]:
+    """The pods' immutable selector: one group's pod servers."""
+    return {labels.LABEL_COMPONENT: labels.COMPONENT_POD_SERVER, labels.LABEL_MODEL_GROUP: group}
+
+
+def selector_string(group: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(group).items()))
+
+
+def common_labels(group: str, options: BuildOptions) -> dict[str, str]:
+    out = {
+        labels.LABEL_NAME: "gpufleet",
+        labels.LABEL_MANAGED_BY: labels.MANAGED_BY,
+        **selector_labels(group),
+    }
+    if options.instance:
+        out[labels.LABEL_INSTANCE] = options.instance
+    return out
+
+
+def owner_reference(ref: ModelGroupRef) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": labels.KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def content_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _metadata(ref: ModelGroupRef, name: str, options: BuildOptions) -> Manifest:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": common_labels(ref.name, options),
+        "ownerReferences": [owner_reference(ref)],
+    }
+
+
+def _finish(manifest: Manifest) -> Manifest:
+    """Stamp the spec-hash annotation: a digest of everything else in the manifest."""
+    digest = content_hash(manifest)
+    manifest["metadata"].setdefault("annotations", {})[labels.SPEC_HASH_ANNOTATION] = digest
+    return manifest
+
+
+def model_groups_document(group: str, spec: ModelGroupSpec) -> dict[str, Any]:
+    """The one-group model_groups.json the pod servers of this ModelGroup read."""
+    models = []
+    for m in spec.models:
+        entry: dict[str, Any] = {"id": m.id, "source": m.source, "task": m.task, "dtype": m.dtype}
+        if m.context_length is not None:
+            entry["context_length"] = m.context_length
+        models.append(entry)
+    doc = {"default_group": group, "groups": {group: {"models": models}}}
+    ModelGroupsFile.model_validate(doc)  # the pod server's own contract; raises if we break it
+    return doc
+
+
+def build_configmap(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    doc = model_groups_document(ref.name, ref.spec)
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(ref, child_names(ref.name).configmap, options),
+            "data": {MODEL_GROUPS_FILE: json.dumps(doc, indent=2, sort_keys=True) + "\n"},
+        }
+    )
+
+
+def build_service(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    """Headless: the StatefulSet's governing Service (stable pod DNS names), and a way to
+    reach the group's pods directly. Clients normally go through the router."""
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(ref, child_names(ref.name).service, options),
+            "spec": {
+                "clusterIP": "None",
+                "selector": selector_labels(ref.name),
+                "ports": [{"name": "http", "port": POD_SERVER_PORT, "targetPort": "http", "protocol": "TCP"}],
+                "publishNotReadyAddresses": False,
+            },
+        }
+    )
+
+
+def build_service_account(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _metadata(ref, child_names(ref.name).service_account, options),
+        }
+    )
+
+
+def build_role_binding(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    """Lets the pod servers write their status annotation: binds the chart's ClusterRole
+    (pods get/patch) in this namespace only. The operator needs just `bind` on that one
+    ClusterRole to create this, not the pod permissions themselves."""
+    names = child_names(ref.name)
+    return _finish(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(ref, names.role_binding, options),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": options.pod_server_cluster_role,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": ref.namespace}],
+        }
+    )
+
+
+def _field_env(name: str, path: str) -> Manifest:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def pod_server_env(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
+    """The pod server's settings (gpufleet/pod_server/settings.py) from the spec and the
+    downward API. Devices are left to the default (every visible GPU): the NVIDIA device
+    plugin makes exactly the allocated GPUs visible."""
+    spec = ref.spec
+    env: list[Manifest] = [
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("NODE_NAME", "spec.nodeName"),
+        _field_env("POD_IP", "status.podIP"),
+        {"name": "POD_URL", "value": f"http://$(POD_IP):{POD_SERVER_PORT}"},
+        {"name": "STATUS_ANNOTATION", "value": "true"},
+        {"name": "HOST", "value": "0.0.0.0"},
+        {"name": "PORT", "value": str(POD_SERVER_PORT)},
+        {"name": "MODEL_GROUPS", "value": f"{MODEL_GROUPS_DIR}/{MODEL_GROUPS_FILE}"},
+        {"name": "NUM_WORKERS_PER_GPU", "value": str(spec.workers_per_gpu)},
+        {"name": "MAX_CPU_CACHED_MODELS", "value": str(spec.cpu_cache_size)},
+        {"name": "MAX_QUEUE_PER_DEVICE", "value": str(spec.queue_limit)},
+        {"name": "LAZY_LOAD_MODEL", "value": "true" if spec.lazy_load else "false"},
+        {"name": "LOG_LEVEL", "value": options.log_level},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+    ]
+    ours = {e["name"] for e in env}
+    # The user's entries come last so they may use $(VAR) of ours; they cannot replace ours.
+    env.extend(e for e in spec.env if e.get("name") not in ours)
+    return env
+
+
+def _resources(spec: ModelGroupSpec) -> Manifest:
+    gpus = str(spec.gpus_per_pod)
+    requests = {k: str(v) for k, v in spec.resources.requests.items()}
+    limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    # Extended resources cannot be overcommitted: requests, if given, must equal limits.
+    limits[labels.GPU_RESOURCE] = gpus
+    requests[labels.GPU_RESOURCE] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _affinity(ref: ModelGroupRef) -> Manifest | None:
+    affinity: Manifest = json.loads(json.dumps(ref.spec.affinity)) if ref.spec.affinity else {}
+    if ref.spec.exclusive:
+        # No other group's pod server on our nodes. Required anti-affinity is symmetric in
+        # the scheduler, so other groups' pods also stay off the nodes our pods run on.
+        term = {
+            "labelSelector": {
+                "matchExpressions": [
+                    {"key": labels.LABEL_COMPONENT, "operator": "In", "values": [labels.COMPONENT_POD_SERVER]},
+                    {"key": labels.LABEL_MODEL_GROUP, "operator": "NotIn", "values": [ref.name]},
+                ]
+            },
+            "topologyKey": "kubernetes.io/hostname",
+        }
+        anti = affinity.setdefault("podAntiAffinity", {})
+        anti.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(term)
+    return affinity or None
+
+
+def _http_probe(path: str, period: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: str) -> Manifest:
+    spec = ref.spec
+    names = child_names(ref.name)
+    container: Manifest = {
+        "name": "pod-server",
+        "image": spec.image or options.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": ["serve"],
+        "ports": [{"name": "http", "containerPort": POD_SERVER_PORT, "protocol": "TCP"}],
+        "env": pod_server_env(ref, options),
+        "resources": _resources(spec),
+        # Loading a group can take minutes: liveness waits until the server answers at all.
+        "startupProbe": _http_probe("/health", 5, 120),
+        "livenessProbe": _http_probe("/health", 10, 3),
+        "readinessProbe": _http_probe("/ready", 5, 2),
+        "volumeMounts": [
+            {"name": "model-groups", "mountPath": MODEL_GROUPS_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: Manifest = {
+        "serviceAccountName": names.service_account,
+        "automountServiceAccountToken": True,  # the status annotation needs the API
+        "terminationGracePeriodSeconds": 45,  # the pod server drains for up to 30 s
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "model-groups", "configMap": {"name": names.configmap}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+        ],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    affinity = _affinity(ref)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    return {
+        "metadata": {
+            "labels": common_labels(ref.name, options),
+            # A new model_groups.json rolls the pods: the server reads it once at start.
+            "annotations": {labels.CONFIG_HASH_ANNOTATION: config_hash},
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_statefulset(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    names = child_names(ref.name)
+    config_hash = content_hash(model_groups_document(ref.name, ref.spec))
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": _metadata(ref, names.statefulset, options),
+            "spec": {
+                "replicas": ref.spec.replicas,
+                "serviceName": names.service,
+                "podManagementPolicy": "Parallel",
+                "updateStrategy": {"type": "RollingUpdate"},
+                "revisionHistoryLimit": 5,
+                "selector": {"matchLabels": selector_labels(ref.name)},
+                "template": build_pod_template(ref, options, config_hash),
+            },
+        }
+    )
+
+
+def build_children(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
+    """Everything one ModelGroup owns, in the order to apply it (pods' dependencies first)."""
+    return [
+        build_service_account(ref, options),
+        build_role_binding(ref, options),
+        build_configmap(ref, options),
+        build_service(ref, options),
+        build_statefulset(ref, options),
+    ]

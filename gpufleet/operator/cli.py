@@ -1,0 +1,68 @@
+"""`gpufleet operator` (run the ModelGroup operator) and `gpufleet crd` (print the CRD)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def configure_operator(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", "-n", action="append", dest="namespaces", default=None,
+                   help="watch only this namespace (repeatable; default: GPUFLEET_OPERATOR_NAMESPACES, else all)")
+    p.add_argument("--resync-seconds", type=float, default=None, help="re-check interval per ModelGroup")
+    p.add_argument("--health-port", type=int, default=None, help="port of GET /healthz (0: none)")
+    p.add_argument("--pod-server-image", default=None, help="default pod server image")
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from gpufleet.logs import setup_logging
+    from gpufleet.operator.handlers import kopf_settings, register
+    from gpufleet.operator.kube import Kube, load_api_client
+    from gpufleet.operator.reconcile import Reconciler
+    from gpufleet.operator.settings import load_settings
+
+    settings = load_settings(
+        namespaces=args.namespaces,
+        resync_seconds=args.resync_seconds,
+        health_port=args.health_port,
+        pod_server_image=args.pod_server_image,
+    )
+    setup_logging("operator", settings.log_level)
+    reconciler = Reconciler(Kube(load_api_client(), settings.field_manager), settings.build_options())
+    registry = kopf.OperatorRegistry()
+    register(registry, reconciler, settings)
+    liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings(settings),
+        standalone=True,  # one replica (the chart's Deployment uses Recreate): no peering objects
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+def configure_crd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+
+
+def run_crd(args: argparse.Namespace) -> int:
+    from gpufleet.operator.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = [
+    ("operator", "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API", configure_operator,
+     run_operator),
+    ("crd", "print the ModelGroup CustomResourceDefinition (crds/modelgroup.yaml)", configure_crd, run_crd),
+]

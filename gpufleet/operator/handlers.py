@@ -1,0 +1,147 @@
+"""kopf handlers: thin adapters from kopf's triggers to the Reconciler.
+
+Triggers, all leading to the same level-triggered reconcile:
+- create/update/resume of a ModelGroup: reconcile now;
+- a timer per ModelGroup (resync_seconds): reconcile again, so drift of any child (a
+  hand-edited ConfigMap, a deleted Service) is put back even without an event;
+- events of the StatefulSets we own: reconcile the owner at once (a deleted or edited
+  StatefulSet comes back in seconds; its status changes update the group's);
+- events of pod-server pods: refresh the owner's status (readiness, status annotations).
+Deleted pods are recreated by the StatefulSet controller; deleting a ModelGroup removes
+its children through owner references (no finalizer, so it works with the operator down).
+
+Errors: kopf.TemporaryError means "not yet" (API trouble, a name still taken), retried
+with a delay; kopf.PermanentError means the spec is wrong, raised after the status says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import kopf
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from gpufleet.api import labels as keys
+from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result, group_path
+from gpufleet.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+MODELGROUPS = (keys.API_GROUP, keys.API_VERSION, keys.PLURAL)
+POD_SERVER_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER, keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
+OWNED_LABELS = {keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    s = kopf.OperatorSettings()
+    # kopf's own bookkeeping goes into annotations under our domain, not into our status.
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=keys.OPERATOR_STATE_PREFIX)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=keys.OPERATOR_STATE_PREFIX, key="last-handled-configuration"
+    )
+    s.persistence.finalizer = f"{keys.OPERATOR_STATE_PREFIX}/finalizer"  # unused: no deletion handlers
+    # Events are for users: ours, plus kopf's warnings (e.g. a handler failing), not its chatter.
+    s.posting.level = logging.WARNING
+    s.execution.max_workers = 8
+    return s
+
+
+def _post(body: Any, events: Iterable[tuple[str, str, str]]) -> None:
+    for kind, reason, message in events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+
+def _slim_pod(body: Any) -> dict[str, Any]:
+    """What status.py reads from a pod: kept in the index instead of whole pods."""
+    meta, status = body.get("metadata", {}), body.get("status", {})
+    annotations = meta.get("annotations") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "annotations": {k: v for k, v in annotations.items() if k == keys.STATUS_ANNOTATION},
+        },
+        "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
+        "status": {
+            "conditions": list(status.get("conditions") or []),
+            "containerStatuses": list(status.get("containerStatuses") or []),
+        },
+    }
+
+
+def _pods(index: Any, namespace: str, group: str) -> list[dict[str, Any]]:
+    return list(index.get((namespace, group), ()))
+
+
+def _guarded(what: str, fn: Callable[[], Result]) -> Result:
+    """Map failures to kopf's retry semantics."""
+    try:
+        return fn()
+    except ApiException as exc:
+        delay = 30 if exc.status in (401, 403) else 5
+        raise kopf.TemporaryError(f"{what}: API server said {exc.status} {exc.reason}", delay=delay) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise kopf.TemporaryError(f"{what}: API server unreachable: {exc}", delay=5) from exc
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: OperatorSettings) -> None:
+    @kopf.index("pods", labels=POD_SERVER_LABELS, registry=registry)
+    def pod_servers(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> Any:
+        group = labels.get(keys.LABEL_MODEL_GROUP)
+        return {(namespace, group): _slim_pod(body)} if group else None
+
+    def reconcile(body: Any, pod_servers: Any, raise_blocked: bool) -> None:
+        meta = body["metadata"]
+        result = _guarded(
+            f"reconciling {meta['namespace']}/{meta['name']}",
+            lambda: reconciler.reconcile(dict(body), _pods(pod_servers, meta["namespace"], meta["name"])),
+        )
+        _post(body, result.events)
+        if result.blocked is not None and raise_blocked:
+            if isinstance(result.blocked, InvalidSpec):
+                raise kopf.PermanentError(str(result.blocked))
+            raise kopf.TemporaryError(str(result.blocked), delay=15)
+
+    @kopf.on.resume(*MODELGROUPS, registry=registry)
+    @kopf.on.create(*MODELGROUPS, registry=registry)
+    @kopf.on.update(*MODELGROUPS, registry=registry)
+    def modelgroup_changed(body: Any, pod_servers: Any, **_: Any) -> None:
+        reconcile(body, pod_servers, raise_blocked=True)
+
+    @kopf.timer(*MODELGROUPS, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
+                registry=registry)
+    def modelgroup_resync(body: Any, pod_servers: Any, **_: Any) -> None:
+        # Blocked groups stay blocked quietly here: the status says why, events said it once.
+        reconcile(body, pod_servers, raise_blocked=False)
+
+    def owner_group(body: Any) -> str | None:
+        for ref in body.get("metadata", {}).get("ownerReferences") or []:
+            if ref.get("kind") == keys.KIND and ref.get("apiVersion", "").startswith(keys.API_GROUP + "/"):
+                return str(ref.get("name"))
+        return None
+
+    def fetch_group(namespace: str, name: str) -> dict[str, Any] | None:
+        return reconciler.kube.get(group_path(namespace, name))
+
+    @kopf.on.event("apps", "v1", "statefulsets", labels=OWNED_LABELS, registry=registry)
+    def statefulset_changed(body: Any, namespace: str, pod_servers: Any, **_: Any) -> None:
+        name = owner_group(body)
+        group = fetch_group(namespace, name) if name else None
+        if group is None or group["metadata"].get("deletionTimestamp"):
+            return
+        pods = _pods(pod_servers, namespace, group["metadata"]["name"])
+        result = _guarded(f"reconciling {namespace}/{name}", lambda: reconciler.reconcile(group, pods))
+        _post(group, result.events)
+
+    @kopf.on.event("pods", labels=POD_SERVER_LABELS, registry=registry)
+    def pod_changed(namespace: str, labels: dict[str, str], pod_servers: Any, **_: Any) -> None:
+        name = labels.get(keys.LABEL_MODEL_GROUP)
+        group = fetch_group(namespace, name) if name else None
+        if group is None or group["metadata"].get("deletionTimestamp"):
+            return
+        pods = _pods(pod_servers, namespace, group["metadata"]["name"])
+        result = _guarded(f"status of {namespace}/{name}", lambda: reconciler.refresh_status(group, pods))
+        _post(group, result.events)

@@ -1,0 +1,57 @@
+"""Operator settings: GPUFLEET_OPERATOR_* environment variables, parsed once in main()."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gpufleet.api.errors import ConfigError
+from gpufleet.api.modelgroup import DEFAULT_IMAGE
+from gpufleet.operator.builders import BuildOptions
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPUFLEET_OPERATOR_", extra="ignore")
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated namespaces to watch; empty: all namespaces."
+    )
+    pod_server_image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Default pod server image.")
+    pod_server_cluster_role: str = Field(
+        default="gpufleet-pod-server",
+        min_length=1,
+        description="ClusterRole (pods get/patch) bound to each group's ServiceAccount in its namespace.",
+    )
+    pod_server_log_level: str = "INFO"
+    instance: str | None = Field(default=None, description="app.kubernetes.io/instance label of what we create.")
+    resync_seconds: float = Field(default=30.0, ge=1.0, le=3600.0, description="How often each group is re-checked.")
+    field_manager: str = Field(default="gpufleet-operator", min_length=1)
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(default=8080, ge=0, le=65535, description="Port of GET /healthz; 0: no endpoint.")
+    log_level: str = "INFO"
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(
+            image=self.pod_server_image,
+            pod_server_cluster_role=self.pod_server_cluster_role,
+            instance=self.instance,
+            log_level=self.pod_server_log_level,
+        )
+
+
+def load_settings(**overrides: Any) -> OperatorSettings:
+    try:
+        return OperatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "GPUFLEET_OPERATOR_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None

@@ -1,0 +1,225 @@
+"""Pure status computation: the observed StatefulSet and pods in, a ModelGroupStatus out.
+
+A pod server counts as ready when Kubernetes says the pod is Ready *and* the pod server's
+own status annotation (gpufleet.api.pod_status) says it is ready and serves this group.
+The annotation is the stronger signal: it is what the router routes by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpufleet.api import labels
+from gpufleet.api.modelgroup import Condition, ModelGroupSpec, ModelGroupStatus, Placement
+from gpufleet.api.pod_status import PodStatus
+from gpufleet.operator.builders import child_names, selector_string
+
+# Container waiting reasons that will not fix themselves soon.
+FAILING_REASONS = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the status needs to know about one pod server pod."""
+
+    name: str
+    node: str | None
+    terminating: bool
+    pod_ready: bool
+    unschedulable: str | None  # the scheduler's message, when it cannot place the pod
+    failing: str | None  # "<reason>: <message>" of a container stuck failing
+    server: PodStatus | None  # the pod server's status annotation, if present and valid
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return None
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    ready = _condition(pod, "Ready")
+    scheduled = _condition(pod, "PodScheduled")
+    unschedulable = None
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = str(scheduled.get("message") or "the scheduler cannot place the pod")
+    failing = None
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FAILING_REASONS:
+            failing = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    server = None
+    raw = (meta.get("annotations") or {}).get(labels.STATUS_ANNOTATION)
+    if raw:
+        try:
+            doc = PodStatus.model_validate_json(raw)
+        except ValidationError:
+            doc = None
+        # A copied annotation (e.g. from a pod template) describes another pod: ignore it.
+        if doc is not None and doc.pod == meta.get("name"):
+            server = doc
+    return PodView(
+        name=str(meta.get("name", "")),
+        node=(pod.get("spec") or {}).get("nodeName"),
+        terminating=bool(meta.get("deletionTimestamp")),
+        pod_ready=bool(ready and ready.get("status") == "True"),
+        unschedulable=unschedulable,
+        failing=failing,
+        server=server,
+    )
+
+
+def serves(view: PodView, group: str) -> bool:
+    """Ready in Kubernetes' eyes and in the pod server's own, for this group."""
+    return bool(view.pod_ready and view.server and view.server.ready and group in view.server.groups)
+
+
+def placements(views: list[PodView], group: str) -> list[Placement]:
+    out = []
+    for v in sorted(views, key=lambda v: v.name):
+        if v.server is None or v.terminating:
+            continue
+        for d in v.server.devices:
+            if d.current_group == group:
+                out.append(Placement(pod=v.name, node=v.node or v.server.node, device=d.device, state="current"))
+            elif group in d.cached_groups:
+                out.append(Placement(pod=v.name, node=v.node or v.server.node, device=d.device, state="cached"))
+    return out
+
+
+@dataclass
+class _Conds:
+    items: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # type -> (status, reason, message)
+
+    def set(self, kind: str, status: bool, reason: str, message: str) -> None:
+        self.items[kind] = ("True" if status else "False", reason, message)
+
+
+def _rollout(sts: dict[str, Any] | None, desired: int) -> str | None:
+    """Why the StatefulSet is still rolling out, or None when it is done."""
+    if sts is None:
+        return "creating the StatefulSet"
+    meta, spec, st = sts.get("metadata") or {}, sts.get("spec") or {}, sts.get("status") or {}
+    if st.get("observedGeneration", 0) < meta.get("generation", 0):
+        return "the StatefulSet controller has not seen the latest spec yet"
+    replicas = int(spec.get("replicas", desired))
+    if st.get("updateRevision") and st.get("currentRevision") != st.get("updateRevision"):
+        return f"rolling update: {st.get('updatedReplicas', 0)}/{replicas} pods updated"
+    return None
+
+
+def compute_status(
+    name: str,
+    generation: int | None,
+    spec: ModelGroupSpec,
+    statefulset: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    previous: ModelGroupStatus | None,
+    now: str,
+) -> ModelGroupStatus:
+    """The ModelGroup's status from what is observed; conditions keep their transition time
+    while their status does not change."""
+    views = [pod_view(p) for p in pods]
+    live = [v for v in views if not v.terminating]
+    ready = [v for v in live if serves(v, name)]
+    desired = spec.replicas
+    conds = _Conds()
+
+    problems: list[tuple[str, str]] = []
+    unschedulable = [v for v in live if v.unschedulable]
+    if unschedulable:
+        v = unschedulable[0]
+        message = f"{len(unschedulable)} pod(s) cannot be scheduled; {v.name}: {v.unschedulable}"
+        problems.append(("Unschedulable", message))
+    failing = [v for v in live if v.failing]
+    if failing:
+        problems.append(("PodFailing", f"{len(failing)} pod(s) failing; {failing[0].name}: {failing[0].failing}"))
+    load_failed = sorted(
+        f"{v.name}/{d.device}" for v in live if v.server for d in v.server.devices if name in d.failed_groups
+    )
+    if load_failed:
+        problems.append(("LoadFailed", f"the group failed to load on {', '.join(load_failed)}"))
+    if problems:
+        conds.set("Degraded", True, problems[0][0], "; ".join(m for _, m in problems))
+    else:
+        conds.set("Degraded", False, "AsExpected", "")
+
+    rollout = _rollout(statefulset, desired)
+    if rollout:
+        conds.set("Progressing", True, "RollingOut", rollout)
+    elif len(live) < desired:
+        conds.set("Progressing", True, "ScalingUp", f"{len(live)}/{desired} pods exist")
+    elif len(live) > desired:
+        conds.set("Progressing", True, "ScalingDown", f"{len(live)} pods exist, {desired} desired")
+    elif len(ready) < desired:
+        conds.set("Progressing", True, "Loading", f"{len(ready)}/{desired} pod servers have the group loaded")
+    else:
+        conds.set("Progressing", False, "Complete", f"{desired} pod server(s) up to date")
+
+    if desired == 0:
+        conds.set("Ready", True, "ScaledToZero", "replicas is 0")
+    elif len(ready) >= desired:
+        conds.set("Ready", True, "AllReplicasReady", f"{len(ready)}/{desired} pod servers ready")
+    else:
+        conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
+
+    before = {c.type: c for c in (previous.conditions if previous else [])}
+    conditions = []
+    for kind in ("Ready", "Progressing", "Degraded"):
+        status, reason, message = conds.items[kind]
+        old = before.get(kind)
+        since = old.last_transition_time if old is not None and old.status == status else now
+        conditions.append(
+            Condition.model_validate(
+                {
+                    "type": kind,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": since,
+                    "observedGeneration": generation,
+                }
+            )
+        )
+    return ModelGroupStatus(
+        observed_generation=generation,
+        replicas=len(live),
+        ready_replicas=len(ready),
+        selector=selector_string(name),
+        conditions=conditions,
+        placements=placements(live, name),
+        service=child_names(name).service,
+    )
+
+
+def condition_events(previous: ModelGroupStatus | None, new: ModelGroupStatus) -> list[tuple[str, str, str]]:
+    """Events worth showing users for condition changes: (type, reason, message)."""
+    old = {c.type: c for c in (previous.conditions if previous else [])}
+    out = []
+    for c in new.conditions:
+        before = old.get(c.type)
+        if before is not None and (before.status, before.reason) == (c.status, c.reason):
+            continue
+        if c.type == "Ready" and c.status == "True":
+            out.append(("Normal", "Ready", c.message))
+        elif c.type == "Ready" and before is not None and before.status == "True":
+            out.append(("Warning", "NotReady", c.message))
+        elif c.type == "Degraded" and c.status == "True":
+            out.append(("Warning", c.reason, c.message))
+        elif c.type == "Degraded" and before is not None and before.status == "True":
+            out.append(("Normal", "Recovered", f"no longer degraded (was: {before.reason})"))
+    return out
+
+
+def status_body(status: ModelGroupStatus) -> dict[str, Any]:
+    """The JSON for the status subresource."""
+    body: dict[str, Any] = status.model_dump(by_alias=True, mode="json", exclude_none=True)
+    return body

@@ -1,0 +1,194 @@
+"""The ModelGroup CRD: generated from the pydantic models, and in agreement with them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, get_args
+
+import jsonschema
+import kubernetes_validate
+import pydantic
+import pytest
+import yaml
+
+from gpufleet.api import labels
+from gpufleet.api.modelgroup import ModelGroupSpec, ModelGroupStatus
+from gpufleet.operator.crd import build_crd, crd_yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "modelgroup.yaml"
+CHART_CRD_FILE = ROOT / "deploy" / "helm" / "gpufleet" / "files" / "modelgroup-crd.yaml"
+EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+
+
+def _schema() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _jsonschema(node: Any) -> Any:
+    """The CRD schema as plain JSON Schema (nullable -> null allowed, int-or-string)."""
+    if isinstance(node, list):
+        return [_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if node.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False  # the API server prunes or (strict) rejects unknown fields
+    return out
+
+
+def _validate_cr(obj: dict[str, Any]) -> None:
+    jsonschema.validate(obj, _jsonschema(_schema()))
+
+
+def _example_groups() -> list[dict[str, Any]]:
+    docs = []
+    for path in EXAMPLES:
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == labels.KIND)
+    return docs
+
+
+def test_crd_file_is_generated_output() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), "stale: run `gpufleet crd -o crds/modelgroup.yaml`"
+
+
+def test_chart_carries_the_same_crd() -> None:
+    assert CHART_CRD_FILE.read_text() == crd_yaml(), (
+        "deploy/helm/gpufleet/files/modelgroup-crd.yaml is stale: cp crds/modelgroup.yaml there"
+    )
+
+
+def test_crd_is_a_valid_kubernetes_object() -> None:
+    kubernetes_validate.validate(build_crd(), kubernetes_validate.latest_version(), strict=True)
+
+
+def test_crd_names_and_subresources() -> None:
+    crd = build_crd()
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "modelgroups.gpufleet.io"
+    assert (spec["group"], spec["scope"], spec["names"]["kind"]) == ("gpufleet.io", "Namespaced", "ModelGroup")
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == ".status.readyReplicas"
+    assert columns["Desired"] == ".spec.replicas"
+    assert "Ready" in columns["Status"] and "Age" in columns
+
+
+BOUNDS = {"ge": "minimum", "le": "maximum", "min_length": "minLength", "max_length": "maxLength", "pattern": "pattern"}
+
+
+def _walk_models(model: type[pydantic.BaseModel], schema: dict[str, Any], where: str, checked: list[str]) -> None:
+    """Every pydantic field has a CRD property of the same name, type, default and bounds."""
+    props = schema["properties"]
+    assert set(props) == {f.alias or n for n, f in model.model_fields.items()}, where
+    required = {f.alias or n for n, f in model.model_fields.items() if f.is_required()}
+    assert set(schema.get("required", [])) == required, where
+    for name, field in model.model_fields.items():
+        prop = props[field.alias or name]
+        here = f"{where}.{field.alias or name}"
+        if field.description:
+            assert prop.get("description") == field.description, here
+        if not field.is_required() and field.default_factory is None and field.default is not None:
+            assert prop.get("default") == field.default, here
+        for meta in field.metadata:
+            for attr, key in BOUNDS.items():
+                value = getattr(meta, attr, None)
+                if value is None:
+                    continue
+                if prop.get("type") == "array":
+                    key = {"minLength": "minItems", "maxLength": "maxItems"}.get(key, key)
+                assert prop.get(key) == value, f"{here}: {key}"
+                checked.append(f"{here}:{key}")
+        nested = [a for a in get_args(field.annotation) or (field.annotation,)
+                  if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        for sub in nested:
+            node = prop["items"] if prop["type"] == "array" else prop
+            _walk_models(sub, node, here, checked)
+
+
+def test_spec_and_status_agree_with_pydantic() -> None:
+    schema = _schema()
+    checked: list[str] = []
+    _walk_models(ModelGroupSpec, schema["properties"]["spec"], "spec", checked)
+    _walk_models(ModelGroupStatus, schema["properties"]["status"], "status", checked)
+    assert {"spec.replicas:maximum", "spec.models:minItems", "spec.models.id:pattern"} <= set(checked)
+
+
+def test_kubernetes_only_rules_are_present() -> None:
+    spec = _schema()["properties"]["spec"]["properties"]
+    assert spec["models"]["x-kubernetes-list-type"] == "map"
+    assert spec["models"]["x-kubernetes-list-map-keys"] == ["id"]
+    assert spec["gpusPerPod"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert "nvidia.com/gpu" in spec["resources"]["x-kubernetes-validations"][0]["rule"]
+    assert "self.metadata.name.size() <= 52" in _schema()["x-kubernetes-validations"][0]["rule"]
+
+
+@pytest.mark.parametrize("doc", _example_groups(), ids=lambda d: d["metadata"]["name"])
+def test_examples_are_valid_for_both(doc: dict[str, Any]) -> None:
+    ModelGroupSpec.model_validate(doc["spec"])
+    _validate_cr(doc)
+
+
+def _minimal() -> dict[str, Any]:
+    return {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "ModelGroup",
+        "metadata": {"name": "g"},
+        "spec": {"models": [{"id": "m", "source": "/models/m"}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("replicas",), -1),
+        (("replicas",), 1000),
+        (("gpusPerPod",), 0),
+        (("models",), []),
+        (("models", 0, "id"), "bad id!"),
+        (("models", 0, "task"), "vision"),
+        (("models", 0, "source"), ""),
+        (("imagePullPolicy",), "Sometimes"),
+        (("unknownField",), 1),
+    ],
+)
+def test_bad_specs_fail_both_ways(path: tuple[Any, ...], value: Any) -> None:
+    doc = _minimal()
+    node = doc["spec"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(pydantic.ValidationError):
+        ModelGroupSpec.model_validate(doc["spec"])
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_cr(doc)
+
+
+def test_rules_enforced_by_the_api_server_are_also_in_pydantic() -> None:
+    """Duplicate ids (list-map) and GPUs in resources (CEL) are the API server's job; the
+    operator still refuses them if an outdated CRD let them through."""
+    doc = _minimal()
+    doc["spec"]["models"].append(copy.deepcopy(doc["spec"]["models"][0]))
+    with pytest.raises(pydantic.ValidationError, match="duplicate model ids"):
+        ModelGroupSpec.model_validate(doc["spec"])
+    doc = _minimal()
+    doc["spec"]["resources"] = {"limits": {"nvidia.com/gpu": "2"}}
+    with pytest.raises(pydantic.ValidationError, match="gpusPerPod"):
+        ModelGroupSpec.model_validate(doc["spec"])
+
+
+def test_quantities_accept_integers_and_strings() -> None:
+    doc = _minimal()
+    doc["spec"]["resources"] = {"requests": {"cpu": 2, "memory": "4Gi"}}
+    ModelGroupSpec.model_validate(doc["spec"])
+    _validate_cr(doc)
