@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class DeviceState:
     switch_s_from_disk: float | None = None
     last_switch_at: float | None = None  # same clock as Snapshot.now
     fresh: bool = True  # False when the figures are too old to trust
+    last_used_at: float | None = None  # when a request last went here (same clock); for LRU policies
 
     @property
     def key(self) -> str:
@@ -73,11 +74,13 @@ class Snapshot:
 class RouteRequest:
     group: str
     exclusive: str | None = None  # "cuda:1", "pod-a", "node-a", "pod-a/cuda:1", "node-a/cuda:1"
+    sequence: int = 0  # a counter the caller increments per request; round-robin policies use it
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     ROUTED = "routed"
     UNKNOWN_TARGET = "unknown_target"  # the exclusive target names nothing we know
+    AMBIGUOUS_TARGET = "ambiguous_target"  # a bare device name that several pods have
     TARGET_DOWN = "target_down"  # it exists but cannot serve
     GROUP_FAILED = "group_failed"  # every eligible device failed to load the group
     SATURATED = "saturated"  # every eligible queue is full
@@ -141,16 +144,38 @@ def estimate_cost(d: DeviceState, group: str, snap: Snapshot) -> tuple[float, st
     return wait + switch, note
 
 
-def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
-    """Pick the device for ``request``; never raises, always explains."""
+def select_target(devices: Sequence[DeviceState], target: str) -> list[DeviceState] | Decision:
+    """The devices an exclusive target names, or the refusal when it names none or is ambiguous.
+
+    A bare device name (``cuda:1``) is accepted only while it belongs to a single pod:
+    with several pods it could mean any of them, and guessing would break exclusivity.
+    """
+    pool = [d for d in devices if matches_target(d, target)]
+    if not pool:
+        return Decision(Outcome.UNKNOWN_TARGET, None, f"exclusive target {target!r} matches no device")
+    if "/" not in target and not any(target in (d.pod, d.node) for d in pool):
+        pods = sorted({d.pod for d in pool})
+        if len(pods) > 1:
+            return Decision(
+                Outcome.AMBIGUOUS_TARGET,
+                None,
+                f"exclusive target {target!r} is a device of {len(pods)} pods ({', '.join(pods)}); name 'pod/{target}'",
+            )
+    return pool
+
+
+def eligible(request: RouteRequest, snap: Snapshot) -> tuple[list[DeviceState], str] | Decision:
+    """Devices that may serve ``request`` (target, health, failed loads), with the scope's name;
+    or the refusal explaining why none may. Shared by every policy."""
     pool: Sequence[DeviceState] = snap.devices
     if not pool:
         return Decision(Outcome.NO_DEVICES, None, "no devices known")
     scope = "any"
     if request.exclusive:
-        pool = [d for d in pool if matches_target(d, request.exclusive)]
-        if not pool:
-            return Decision(Outcome.UNKNOWN_TARGET, None, f"exclusive target {request.exclusive!r} matches no device")
+        selected = select_target(pool, request.exclusive)
+        if isinstance(selected, Decision):
+            return selected
+        pool = selected
         scope = "exclusive"
     healthy = [d for d in pool if d.healthy]
     if not healthy:
@@ -158,6 +183,15 @@ def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
     loadable = [d for d in healthy if request.group not in d.failed_groups]
     if not loadable:
         return Decision(Outcome.GROUP_FAILED, None, f"{scope}: group {request.group!r} failed to load on every device")
+    return loadable, scope
+
+
+def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
+    """Pick the device for ``request``; never raises, always explains."""
+    found = eligible(request, snap)
+    if isinstance(found, Decision):
+        return found
+    loadable, scope = found
     scored = sorted(
         ((estimate_cost(d, request.group, snap), d) for d in loadable),
         key=lambda item: (item[0][0], item[1].load, item[1].key),
@@ -166,8 +200,8 @@ def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
     open_ = [(cn, d) for cn, d in scored if d.load < d.capacity]
     if not open_:
         return Decision(Outcome.SATURATED, None, f"{scope}: every eligible queue is full", candidates)
-    (cost, note), best = open_[0]
-    ties = sum(1 for (c, n), _ in open_ if n == note)
+    (_cost, note), best = open_[0]
+    ties = sum(1 for (_c, n), _ in open_ if n == note)
     reason = f"{scope}:{'affinity_' + note if note in ('current', 'cached') else note}"
     if ties > 1:
         reason += ",least_load"

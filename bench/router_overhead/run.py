@@ -1,0 +1,245 @@
+"""Router overhead: latency direct vs through the router, chunk delays, saturation.
+
+Starts the echo backend and a real ``gpufleet router`` process pinned to one core
+(``taskset``), runs each case for a few seconds from this process on another core, prints
+a table and writes ``bench/results/router_overhead.json``.
+
+    python -m bench.router_overhead [--duration 3] [--router-core 0] [--client-core 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.router_overhead.echo_backend import loop_factory
+from bench.router_overhead.loadgen import Sample, run_load
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "router_overhead.json"
+TARGETS = {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "max_chunk_delay_ms": 5.0, "router_rps_c16": 1500.0}
+CHAT = json.dumps({"model": "echo-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}).encode()
+CHAT_STREAM = json.dumps(
+    {"model": "echo-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
+).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cmd: list[str], core: int | None) -> list[str]:
+    if core is None or shutil.which("taskset") is None:
+        return cmd
+    return ["taskset", "-c", str(core), *cmd]
+
+
+def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarise(samples: list[Sample], elapsed: float) -> dict[str, Any]:
+    ok = [s for s in samples if s.status == 200]
+    lat = [s.latency_s * 1000 for s in ok]
+    delays = [d * 1000 for s in ok for d in s.chunk_delays_s]
+    gaps = [g * 1000 for s in ok for g in s.chunk_gaps_s]
+    out: dict[str, Any] = {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "rps": round(len(samples) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(pct(lat, 0.50), 3),
+        "p99_ms": round(pct(lat, 0.99), 3),
+        "mean_ms": round(statistics.fmean(lat), 3) if lat else None,
+    }
+    if delays:
+        out.update(
+            {
+                "chunk_delay_p50_ms": round(pct(delays, 0.5), 3),
+                "chunk_delay_p99_ms": round(pct(delays, 0.99), 3),
+                "chunk_delay_max_ms": round(max(delays), 3),
+                "chunk_extra_gap_max_ms": round(max(gaps), 3) if gaps else None,
+            }
+        )
+    return out
+
+
+async def measure(port: int, stream: bool, concurrency: int, duration_s: float) -> dict[str, Any]:
+    body = CHAT_STREAM if stream else CHAT
+    await run_load("127.0.0.1", port, "/v1/chat/completions", body, concurrency, min(0.5, duration_s), 100_000)
+    samples, elapsed = await run_load(
+        "127.0.0.1", port, "/v1/chat/completions", body, concurrency, duration_s, 1_000_000
+    )
+    return summarise(samples, elapsed)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols = [
+        "target",
+        "stream",
+        "conc",
+        "requests",
+        "errors",
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "chunk_delay_p99_ms",
+        "chunk_delay_max_ms",
+        "chunk_extra_gap_max_ms",
+    ]
+    print(" | ".join(f"{c:>10}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r.get(c, '') if r.get(c) is not None else '':>10}" for c in cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="gpufleet router overhead benchmark")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per case")
+    parser.add_argument("--router-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1, help="this process and the echo backend")
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--chunk-gap-ms", type=float, default=2.0)
+    parser.add_argument("--log-level", default="INFO", help="router LOG_LEVEL (INFO logs every decision)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if args.client_core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.client_core})
+    logs = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    echo_port, router_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                pinned(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.router_overhead.echo_backend",
+                        "--port",
+                        str(echo_port),
+                        "--chunks",
+                        str(args.chunks),
+                        "--chunk-gap-ms",
+                        str(args.chunk_gap_ms),
+                    ],
+                    args.client_core,
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=(logs / "echo.log").open("wb"),
+            )
+        )
+        env = {
+            **os.environ,
+            "POD_URLS": f"http://127.0.0.1:{echo_port}",
+            "PORT": str(router_port),
+            "HOST": "127.0.0.1",
+            "LOG_LEVEL": args.log_level,
+        }
+        procs.append(
+            subprocess.Popen(
+                pinned([sys.executable, "-m", "gpufleet.cli", "router"], args.router_core),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=(logs / "router.log").open("wb"),
+            )
+        )
+        wait_ready(f"http://127.0.0.1:{echo_port}/ready")
+        wait_ready(f"http://127.0.0.1:{router_port}/ready")
+        rows: list[dict[str, Any]] = []
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            for stream in (False, True):
+                for conc in (1, 16):
+                    for target, port in (("direct", echo_port), ("router", router_port)):
+                        row = runner.run(measure(port, stream, conc, args.duration))
+                        rows.append({"target": target, "stream": stream, "conc": conc, **row})
+                        print(f"  {target:6} stream={stream!s:5} c={conc:<2} {row}", file=sys.stderr, flush=True)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def row(target: str, stream: bool, conc: int) -> dict[str, Any]:
+        return next(r for r in rows if r["target"] == target and r["stream"] == stream and r["conc"] == conc)
+
+    figures = {
+        "added_p50_ms_c1": round(row("router", False, 1)["p50_ms"] - row("direct", False, 1)["p50_ms"], 3),
+        "added_p99_ms_c1": round(row("router", False, 1)["p99_ms"] - row("direct", False, 1)["p99_ms"], 3),
+        "added_p50_ms_c1_stream": round(row("router", True, 1)["p50_ms"] - row("direct", True, 1)["p50_ms"], 3),
+        "added_p99_ms_c1_stream": round(row("router", True, 1)["p99_ms"] - row("direct", True, 1)["p99_ms"], 3),
+        "max_chunk_delay_ms": row("router", True, 1)["chunk_delay_max_ms"],
+        "max_chunk_delay_ms_c16": row("router", True, 16)["chunk_delay_max_ms"],
+        "router_rps_c16": row("router", False, 16)["rps"],
+        "direct_rps_c16": row("direct", False, 16)["rps"],
+    }
+    verdict = {
+        "added_p50_ms_c1": figures["added_p50_ms_c1"] <= TARGETS["added_p50_ms_c1"],
+        "added_p99_ms_c1": figures["added_p99_ms_c1"] <= TARGETS["added_p99_ms_c1"],
+        "max_chunk_delay_ms": figures["max_chunk_delay_ms"] <= TARGETS["max_chunk_delay_ms"],
+        "router_rps_c16": figures["router_rps_c16"] >= TARGETS["router_rps_c16"],
+    }
+    result = {
+        "benchmark": "router_overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_avg_1m": os.getloadavg()[0],
+        },
+        "setup": {
+            "duration_s": args.duration,
+            "router_core": args.router_core,
+            "client_core": args.client_core,
+            "chunks": args.chunks,
+            "chunk_gap_ms": args.chunk_gap_ms,
+            "router_log_level": args.log_level,
+        },
+        "rows": rows,
+        "figures": figures,
+        "targets": TARGETS,
+        "met": verdict,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(rows)
+    print()
+    for key, value in figures.items():
+        mark = "" if key not in verdict else ("  ok" if verdict[key] else "  MISSED")
+        print(f"{key:>26}: {value}{mark}")
+    print(f"\nwritten: {args.out}")
+    return 0

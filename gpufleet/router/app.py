@@ -1,0 +1,208 @@
+"""The router's ASGI app: the proxy hot path, the fleet API, and the lifespan owning every
+shared resource (connection pool, discovery, pollers).
+
+The three OpenAI POST routes go straight to ``Proxy`` as raw ASGI (no framework routing or
+body model on the hot path); everything else is a small FastAPI app. ``GuardMiddleware``
+wraps both (body cap, API key, x-request-id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gpufleet.api.errors import ModelNotFound, Unavailable
+from gpufleet.router import fleet_api
+from gpufleet.router.decide import Decider
+from gpufleet.router.discovery import Discovery, make_discovery, pod_headers
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once
+from gpufleet.router.proxy import PROXY_PATHS, Proxy, ProxyConfig, send_error
+from gpufleet.router.settings import RouterSettings
+from gpufleet.router.state import Clock, EjectionPolicy, FleetState
+from gpufleet.router.upstream import UpstreamPool
+from gpufleet.web.errors import install_error_handlers
+from gpufleet.web.middleware import GuardMiddleware
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+@dataclass
+class Runtime:
+    settings: RouterSettings
+    state: FleetState
+    metrics: RouterMetrics
+    pool: UpstreamPool  # one keep-alive pool for proxying, polls and the fleet API
+    proxy: Proxy
+    pod_headers: list[tuple[bytes, bytes]]
+
+
+def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
+    metrics = RouterMetrics()
+    state = FleetState(
+        clock=clock,
+        stale_after_s=settings.stale_after_s,
+        ejection=EjectionPolicy(
+            settings.eject_after_failures, settings.eject_cooldown_s, settings.eject_cooldown_max_s
+        ),
+    )
+
+    def on_eject(pod: str, ejected: bool) -> None:
+        if ejected:
+            metrics.ejections.labels(pod).inc()
+        log.warning("pod ejected" if ejected else "pod re-admitted", extra={"pod": pod})
+
+    state.on_eject = on_eject
+    headers = pod_headers(settings)
+    config = ProxyConfig(
+        first_byte_s=settings.first_byte_timeout_s,
+        idle_s=settings.idle_timeout_s,
+        retries=settings.retries,
+        pod_headers=((b"content-type", b"application/json"), *headers),
+    )
+    decider = Decider(state, metrics, settings.routing_policy)
+    pool = UpstreamPool(connect_timeout_s=settings.connect_timeout_s)
+    proxy = Proxy(state, decider, metrics, pool, config)
+    return Runtime(settings, state, metrics, pool, proxy, headers)
+
+
+class RouterApp:
+    """Sends the OpenAI POST routes to the proxy and everything else to the FastAPI app."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in PROXY_PATHS and scope["method"] == "POST":
+            runtime: Runtime | None = getattr(self.api.state, "runtime", None)
+            if runtime is None:
+                await send_error(send, Unavailable("the router is starting", retry_after_s=1))
+                return
+            await runtime.proxy.handle(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+def create_app(
+    settings: RouterSettings, *, discovery: Discovery | None = None, clock: Clock = time.monotonic
+) -> ASGIApp:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = build_runtime(settings, clock)
+        found = discovery or make_discovery(settings)
+        pool, headers = runtime.pool, runtime.pod_headers
+
+        async def poll_queues() -> None:
+            await poll_queues_once(runtime.state, pool, settings.poll_timeout_s, headers)
+
+        tasks = [
+            asyncio.create_task(found.run(runtime.state, pool), name="discovery"),
+            asyncio.create_task(every(settings.queue_interval_s, poll_queues, "queue poll"), name="queues"),
+        ]
+        app.state.runtime = runtime
+        gc.freeze()  # start-up objects never die: keep them out of every later collection
+        log.info(
+            "router started",
+            extra={"discovery": found.kind, "policy": settings.routing_policy, "pods": settings.pod_urls},
+        )
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            pool.close()
+
+    api = FastAPI(title="gpufleet router", lifespan=lifespan)
+    install_error_handlers(api)
+    _routes(api)
+    return GuardMiddleware(
+        RouterApp(api), max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
+    )
+
+
+async def fan_out(runtime: Runtime, path: str) -> list[fleet_api.PodDoc]:
+    """GET ``path`` from every known pod at once; a pod that fails is reported, not fatal."""
+    state = runtime.state
+
+    async def one(rec: Any) -> fleet_api.PodDoc:
+        node = (rec.status.node if rec.status else None) or rec.node
+        pod_state = state.pod_state(rec)
+        try:
+            doc = await runtime.pool.get_json(rec.url, path, runtime.pod_headers, runtime.settings.poll_timeout_s)
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc)
+        except POLL_ERRORS as exc:
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, None, f"{type(exc).__name__}: {exc}"[:200])
+
+    records = sorted((r for r in state.pods.values() if r.url), key=lambda r: r.name)
+    return list(await asyncio.gather(*(one(r) for r in records)))
+
+
+def _routes(app: FastAPI) -> None:
+    def rt(request: Request) -> Runtime:
+        return request.app.state.runtime  # type: ignore[no-any-return]
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": fleet_api.model_cards(await fan_out(rt(request), "/v1/models"))}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        for card in fleet_api.model_cards(await fan_out(rt(request), "/v1/models")):
+            if card["id"] == model_id:
+                return card
+        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+
+    @app.get("/api/gpu_stats")
+    async def gpu_stats(request: Request) -> dict[str, Any]:
+        return fleet_api.gpu_stats(await fan_out(rt(request), "/api/gpu_stats"))
+
+    @app.get("/api/models")
+    async def api_models(request: Request) -> dict[str, Any]:
+        return fleet_api.models(await fan_out(rt(request), "/api/models"))
+
+    @app.get("/api/queue")
+    async def api_queue(request: Request) -> dict[str, Any]:
+        runtime = rt(request)
+        return fleet_api.queue(await fan_out(runtime, "/api/queue"), dict(runtime.state.inflight))
+
+    @app.get("/api/fleet")
+    async def api_fleet(request: Request) -> dict[str, Any]:
+        runtime = rt(request)
+        return {**runtime.state.describe(), "policy": runtime.settings.routing_policy}
+
+    @app.get("/health")
+    @app.get("/v2/health/live")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    @app.get("/v2/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        state = rt(request).state
+        body = {"ready": state.ready, "pods": {r.name: state.pod_state(r) for r in state.pods.values()}}
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        runtime = rt(request)
+        counts: dict[str, int] = {}
+        for rec in runtime.state.pods.values():
+            s = runtime.state.pod_state(rec)
+            counts[s] = counts.get(s, 0) + 1
+        for s in ("ready", "ejected", "not_ready", "stale", "unknown"):
+            runtime.metrics.pods.labels(s).set(counts.get(s, 0))
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,96 @@
+"""Routing decisions at the router: model -> group -> policy over the fleet snapshot.
+
+Every decision is logged as one structured line and counted in metrics; refusals become
+the client-facing errors of ``gpufleet.api.errors``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gpufleet.api.errors import GpufleetError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.state import FleetState
+from gpufleet.routing.alternatives import POLICIES, Policy
+from gpufleet.routing.policy import Decision, Outcome, RouteRequest
+
+log = logging.getLogger("gpufleet.router.route")
+MAX_LOGGED_CANDIDATES = 8
+
+
+class Decider:
+    def __init__(self, state: FleetState, metrics: RouterMetrics, policy_name: str) -> None:
+        self.state = state
+        self.metrics = metrics
+        self.policy_name = policy_name
+        self.policy: Policy = POLICIES[policy_name]
+
+    def group_of(self, model: str) -> str:
+        group = self.state.models.get(model)
+        if group is None:
+            if not self.state.models:
+                raise Unavailable("no pod server has reported its models yet", retry_after_s=2, code="no_pods")
+            raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        return group
+
+    def decide(
+        self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int
+    ) -> Decision:
+        snap = self.state.snapshot(exclude)
+        decision = self.policy(RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence), snap)
+        choice = decision.choice
+        extra = {
+            "request_id": request_id,
+            "model": model,
+            "group": group,
+            "outcome": decision.outcome.value,
+            "reason": decision.reason,
+            "pod": choice.pod if choice else None,
+            "device": choice.device if choice else None,
+            "candidates": [f"{c.key} {c.note} {c.cost_s}" for c in decision.candidates[:MAX_LOGGED_CANDIDATES]],
+        }
+        if exclusive is not None:
+            extra["exclusive_gpu"] = exclusive
+        if attempt:
+            extra["attempt"] = attempt
+        log.info("route", extra=extra)
+        self.metrics.decision(
+            self.policy_name,
+            decision.outcome.value,
+            decision.reason if decision.routed else "",  # refusal reasons carry free text
+            choice.pod if choice else "",
+            choice.device if choice else "",
+        )
+        return decision
+
+    def refusal(self, decision: Decision, group: str, exclusive: str | None) -> GpufleetError:
+        outcome = decision.outcome
+        if outcome is Outcome.UNKNOWN_TARGET:
+            known = sorted({f"{d.pod}/{d.device}" for d in self.state.snapshot().devices})
+            return InvalidRequest(
+                f"exclusive_gpu {exclusive!r} names no pod, node or device of this fleet "
+                f"(devices: {', '.join(known[:20]) or 'none'})",
+                param="exclusive_gpu",
+                code="unknown_device",
+            )
+        if outcome is Outcome.AMBIGUOUS_TARGET:
+            return InvalidRequest(decision.reason, param="exclusive_gpu", code="ambiguous_device")
+        if outcome is Outcome.SATURATED:
+            snap = self.state.snapshot()
+            waits = [d.load / max(1, d.workers) * snap.costs.service_s for d in snap.devices if d.healthy]
+            return Overloaded(
+                f"every eligible device queue is full for group {group!r}", retry_after_s=min(waits, default=1.0)
+            )
+        if outcome is Outcome.TARGET_DOWN:
+            if exclusive:
+                return Unavailable(
+                    f"exclusive_gpu {exclusive!r} is down or not ready", retry_after_s=5, code="target_unavailable"
+                )
+            return Unavailable(f"no ready pod can serve group {group!r}", retry_after_s=5, code="no_ready_pod")
+        if outcome is Outcome.GROUP_FAILED:
+            return Unavailable(
+                f"model group {group!r} failed to load on every eligible device",
+                retry_after_s=30,
+                code="model_load_failed",
+            )
+        return Unavailable("no pod server is ready", retry_after_s=2, code="no_pods")

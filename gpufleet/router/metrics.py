@@ -1,0 +1,64 @@
+"""Prometheus metrics of the router, in a registry owned by the app (no module globals)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions = Counter(
+            "gpufleet_router_decisions_total",
+            "Routing decisions by outcome and reason",
+            ["policy", "outcome", "reason", "pod", "gpu"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "gpufleet_router_requests_total", "Requests answered by the router", ["endpoint", "code"], registry=r
+        )
+        self.retries = Counter("gpufleet_router_retries_total", "Requests retried on another pod", ["pod"], registry=r)
+        self.upstream_failures = Counter(
+            "gpufleet_router_upstream_failures_total", "Failed upstream attempts", ["pod", "kind"], registry=r
+        )
+        self.ejections = Counter("gpufleet_router_ejections_total", "Pods ejected as outliers", ["pod"], registry=r)
+        self.pods = Gauge("gpufleet_router_pods", "Pods known, by state", ["state"], registry=r)
+        self.inflight = Gauge("gpufleet_router_requests_running", "Requests being proxied", registry=r)
+        self.ttfb = Histogram(
+            "gpufleet_router_time_to_first_byte_seconds",
+            "From request to the pod's first byte",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "gpufleet_router_e2e_request_latency_seconds",
+            "Whole request through the router",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Label children cached by label values: ``labels()`` costs more than the update itself.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def decision(self, policy: str, outcome: str, reason: str, pod: str, gpu: str) -> None:
+        self._child(self.decisions, policy, outcome, reason, pod, gpu).inc()
+
+    def request_done(self, endpoint: str, code: int, seconds: float) -> None:
+        self._child(self.requests, endpoint, str(code)).inc()
+        self._child(self.e2e, endpoint).observe(seconds)
+
+    def first_byte(self, endpoint: str, seconds: float) -> None:
+        self._child(self.ttfb, endpoint).observe(seconds)

@@ -1,0 +1,58 @@
+"""Polls of the pod servers' JSON endpoints: status documents (static discovery) and queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from pydantic import ValidationError
+
+from gpufleet.api.pod_status import PodStatus
+from gpufleet.router.state import FleetState
+from gpufleet.router.upstream import UpstreamError, UpstreamPool
+
+log = logging.getLogger(__name__)
+Headers = list[tuple[bytes, bytes]]
+POLL_ERRORS = (UpstreamError, TimeoutError, ValueError, ValidationError)
+
+
+async def poll_status_once(state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers) -> None:
+    async def one(pod_id: str, url: str) -> None:
+        try:
+            doc = PodStatus.model_validate(await pool.get_json(url, "/api/status", headers, timeout_s))
+        except POLL_ERRORS as exc:
+            state.observe_failure(pod_id, f"status poll: {type(exc).__name__}: {exc}"[:300])
+            return
+        state.observe_status(pod_id, doc)
+
+    targets = [(rec.id, rec.url) for rec in state.pods.values() if rec.url]
+    await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
+
+
+async def poll_queues_once(state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers) -> None:
+    async def one(pod_id: str, url: str) -> None:
+        try:
+            doc = await pool.get_json(url, "/api/queue", headers, timeout_s)
+            if not isinstance(doc, dict):
+                raise ValueError("queue document is not an object")
+        except POLL_ERRORS as exc:
+            state.observe_failure(pod_id, f"queue poll: {type(exc).__name__}: {exc}"[:300])
+            return
+        state.observe_queue(pod_id, doc)
+
+    # Only pods that have published a status: the rest are not routable yet anyway.
+    targets = [(rec.id, rec.url) for rec in state.pods.values() if rec.url and rec.status is not None]
+    await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
+
+
+async def every(interval_s: float, action: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``action()`` now and then every ``interval_s`` until cancelled; errors are logged, never fatal."""
+    while True:
+        try:
+            await action()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("periodic task failed", extra={"task": what})
+        await asyncio.sleep(interval_s)

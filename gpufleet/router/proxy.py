@@ -1,0 +1,327 @@
+"""Forwarding OpenAI requests to the chosen pod: buffered answers, SSE pass-through, one retry.
+
+The hot path parses only what routing needs (``model``, ``exclusive_gpu``, ``stream``) and
+forwards the client's raw bytes; the body is re-serialised only to rewrite an exclusive
+target into the pod's own device name. Nothing reaches the client before the pod's first
+byte, so any failure up to then (refused connection, reset, timeout, a 5xx or 429) is
+retried once on another eligible pod. Non-streaming answers are read whole before the
+client sees them, so they are always retryable; an SSE stream is committed at its first
+chunk and every later chunk is forwarded the moment it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, UpstreamError
+from gpufleet.router.decide import Decider
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.state import FleetState, Ticket
+from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
+from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-request-id",
+        b"proxy-connection",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    }
+)
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+FAILURE_STATUSES = frozenset({500, 502, 504})  # count towards ejection; 429/503 are the pod being honest
+_JSON = (b"content-type", b"application/json")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    first_byte_s: float
+    idle_s: float
+    retries: int
+    pod_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class _Retryable(Exception):
+    """An attempt failed before the client saw a byte."""
+
+    def __init__(
+        self, kind: str, message: str, *, response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None,
+        failure: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.response = response
+        self.failure = failure
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body).encode()
+    raw = [_JSON, (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def send_error(send: Send, exc: GpufleetError) -> None:
+    await send_json(send, exc.status_code, exc.to_openai(), exc.headers())
+
+
+async def read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router reads from a body (the fields of ``gpufleet.api.openai.RoutingFields``)."""
+
+    model: str
+    exclusive_gpu: str | None
+    stream: bool
+
+
+def parse_routing(body: bytes) -> tuple[dict[str, Any], Routing]:
+    """Only the fields routing needs, checked by hand: this runs on every request."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: a non-empty string is required", param="model")
+    exclusive = doc.get("exclusive_gpu")
+    if exclusive is not None and (not isinstance(exclusive, str) or not exclusive):
+        raise InvalidRequest("exclusive_gpu: must be a non-empty string", param="exclusive_gpu")
+    stream = doc.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream: must be a boolean", param="stream")
+    return doc, Routing(model, exclusive, stream)
+
+
+def rewrite_exclusive(doc: dict[str, Any], target: str, device: str) -> bytes:
+    """The body for the pod: a device target becomes the pod-local device name; a pod or
+    node target is dropped, since the pod may then use any of its devices."""
+    out = dict(doc)
+    if "/" in target or target == device:
+        out["exclusive_gpu"] = device
+    else:
+        out.pop("exclusive_gpu", None)
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def _sse_error(exc: GpufleetError) -> bytes:
+    return b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Proxy:
+    def __init__(
+        self, state: FleetState, decider: Decider, metrics: RouterMetrics, pool: UpstreamPool, config: ProxyConfig
+    ) -> None:
+        self.state = state
+        self.decider = decider
+        self.metrics = metrics
+        self.pool = pool
+        self.config = config
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        endpoint = scope["path"]
+        status = [0]
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self._handle(scope, receive, tracked_send, started)
+        except Exception:
+            log.exception("proxy failed", extra={"request_id": scope["state"].get("request_id")})
+            if not status[0]:
+                await send_error(tracked_send, InternalError("the router failed to handle this request"))
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.request_done(endpoint, status[0], time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        request_id: str = scope["state"]["request_id"]
+        body = await read_body(receive)
+        try:
+            doc, fields = parse_routing(body)
+            group = self.decider.group_of(fields.model)
+        except GpufleetError as exc:
+            await send_error(send, exc)
+            return
+        exclusive = fields.exclusive_gpu
+        tried: set[str] = set()
+        last: _Retryable | None = None
+        last_pod = ""
+        for attempt in range(1 + self.config.retries):
+            decision = self.decider.decide(request_id, fields.model, group, exclusive, frozenset(tried), attempt)
+            choice = decision.choice
+            rec = self.state.by_name.get(choice.pod) if choice is not None else None
+            if choice is None or rec is None or rec.url is None:
+                if last is None:
+                    await send_error(send, self.decider.refusal(decision, group, exclusive))
+                    return
+                break
+            payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
+            ticket = self.state.begin(choice.pod, choice.device, group)
+            if choice.resident_group() != group:
+                self.state.expect(choice.pod, choice.device, group)
+            try:
+                await self._forward(
+                    rec.url, scope["path"], payload, fields.stream, ticket, request_id, receive, send, started
+                )
+                return
+            except _Retryable as failure:
+                last, last_pod = failure, choice.pod
+                tried.add(choice.pod)
+                self.metrics.upstream_failures.labels(choice.pod, failure.kind).inc()
+                ejected = self.state.failed(choice.pod, failure.message) if failure.failure else False
+                log.warning(
+                    "upstream attempt failed",
+                    extra={
+                        "request_id": request_id,
+                        "pod": choice.pod,
+                        "kind": failure.kind,
+                        "error": failure.message,
+                        "attempt": attempt,
+                        "ejected": ejected,
+                    },
+                )
+                if attempt < self.config.retries:
+                    self.metrics.retries.labels(choice.pod).inc()
+            finally:
+                self.state.finish(ticket)
+        assert last is not None
+        if last.response is not None:
+            code, headers, data = last.response
+            headers = [*headers, (b"content-length", str(len(data)).encode()), (b"x-served-by-pod", last_pod.encode())]
+            await send({"type": "http.response.start", "status": code, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await send_error(send, UpstreamError(f"pod {last_pod!r} failed: {last.message}", code=f"upstream_{last.kind}"))
+
+    async def _forward(
+        self, base_url: str, path: str, payload: bytes, stream: bool, ticket: Ticket, request_id: str,
+        receive: Receive, send: Send, started: float,
+    ) -> None:
+        headers = [*self.config.pod_headers, (b"x-request-id", request_id.encode())]
+        try:
+            async with asyncio.timeout(self.config.first_byte_s):
+                response = await self.pool.request(base_url, path, headers, payload)
+        except TimeoutError:
+            raise _Retryable("first_byte_timeout", f"no answer within {self.config.first_byte_s}s") from None
+        except UpstreamConnectionError as exc:
+            raise _Retryable("connect" if exc.connect else "read", str(exc)) from None
+        try:
+            await self._relay(response, stream, ticket, receive, send, started, path)
+        finally:
+            response.release()
+
+    async def _relay(
+        self, response: UpstreamResponse, stream: bool, ticket: Ticket, receive: Receive, send: Send, started: float,
+        endpoint: str,
+    ) -> None:
+        status = response.status
+        out = [(k, v) for k, v in response.headers if k not in _DROP]
+        out.append((b"x-served-by-pod", ticket.pod.encode()))
+        if status in RETRY_STATUSES:
+            try:
+                data = await self._read_all(response)
+            except (TimeoutError, UpstreamConnectionError):
+                data = b""
+            raise _Retryable(
+                f"status_{status}", f"pod answered {status}", response=(status, out, data),
+                failure=status in FAILURE_STATUSES,
+            )
+        device = response.header(b"x-served-by-device")
+        self.state.served(ticket, device.decode() if device else None, response.header(b"x-group-switch") == b"true")
+        sse = stream and status == 200 and (response.header(b"content-type") or b"").startswith(b"text/event-stream")
+        if not sse:
+            try:
+                data = await self._read_all(response)
+            except (TimeoutError, UpstreamConnectionError) as exc:
+                raise _Retryable("read", f"{type(exc).__name__}: {exc}") from None
+            out.append((b"content-length", str(len(data)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": out})
+            self.metrics.first_byte(endpoint, time.perf_counter() - started)
+            await send({"type": "http.response.body", "body": data})
+            return
+        try:
+            async with asyncio.timeout(self.config.idle_s):
+                first = await response.next_chunk()
+        except (TimeoutError, UpstreamConnectionError) as exc:
+            raise _Retryable("read", f"{type(exc).__name__}: {exc}") from None
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        self.metrics.first_byte(endpoint, time.perf_counter() - started)
+        if first is None:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        await self._pump(response, ticket, receive, send)
+
+    async def _pump(self, response: UpstreamResponse, ticket: Ticket, receive: Receive, send: Send) -> None:
+        """Forward each chunk the moment it arrives; a pod failing mid-stream ends it with an error event."""
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        tail = b""
+        try:
+            while not gone.done():
+                try:
+                    async with asyncio.timeout(self.config.idle_s):
+                        chunk = await response.next_chunk()
+                except (TimeoutError, UpstreamConnectionError) as exc:
+                    kind = "idle_timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+                    self.metrics.upstream_failures.labels(ticket.pod, kind).inc()
+                    self.state.failed(ticket.pod, f"mid-stream: {type(exc).__name__}")
+                    log.warning("stream from pod broke", extra={"pod": ticket.pod, "kind": kind})
+                    tail = _sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))
+                    break
+                if chunk is None:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            gone.cancel()
+
+    async def _read_all(self, response: UpstreamResponse) -> bytes:
+        if response.complete:  # the usual case: the whole answer came with its headers
+            return response.take_all()
+        async with asyncio.timeout(self.config.idle_s):
+            return await response.read_all()

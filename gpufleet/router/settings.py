@@ -1,0 +1,81 @@
+"""Router settings: environment variables and an optional ``.env``, parsed once in main()."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gpufleet.api.errors import ConfigError
+from gpufleet.api.labels import COMPONENT_POD_SERVER, LABEL_COMPONENT
+
+PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex"]
+
+
+def _split(v: Any) -> Any:
+    if isinstance(v, str):
+        return [part.strip() for part in v.split(",") if part.strip()]
+    return v
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    discovery: Literal["static", "kubernetes"] = Field(
+        default="static", description="Where pod servers come from: POD_URLS, or a Kubernetes pod watch."
+    )
+    pod_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated pod-server URLs (static discovery)."
+    )
+    pod_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["default"], description="Namespaces to watch for pod servers (kubernetes discovery)."
+    )
+    pod_label_selector: str = Field(
+        default=f"{LABEL_COMPONENT}={COMPONENT_POD_SERVER}", description="Label selector of pod-server Pods."
+    )
+    pod_port: int = Field(default=8000, ge=1, le=65535, description="Pod-server port when a Pod names none.")
+    pod_api_key: str | None = Field(default=None, description="Bearer key the router sends to pod servers.")
+    routing_policy: PolicyName = Field(default="affinity", description="affinity|round_robin|least_load|lru_multiplex")
+    status_interval_s: float = Field(default=2.0, gt=0, description="How often /api/status is polled (static).")
+    queue_interval_s: float = Field(default=0.5, gt=0, description="How often each pod's /api/queue is polled.")
+    poll_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of one status or queue poll.")
+    stale_after_s: float = Field(default=10.0, gt=0, description="A pod not heard from for this long is 'unknown'.")
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_byte_timeout_s: float = Field(
+        default=300.0, gt=0, description="Until the pod answers; covers its queue and a group switch."
+    )
+    idle_timeout_s: float = Field(default=60.0, gt=0, description="Longest silence between two chunks.")
+    retries: int = Field(default=1, ge=0, le=3, description="Retries on another pod before the first byte.")
+    eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
+    eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")
+    eject_cooldown_max_s: float = Field(default=120.0, gt=0)
+    api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
+    log_level: str = "INFO"
+
+    _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(_split)
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterSettings:
+        self.pod_urls = [u.rstrip("/") for u in self.pod_urls]
+        for url in self.pod_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"POD_URLS: {url!r} is not an http(s) URL")
+        if self.discovery == "static" and not self.pod_urls:
+            raise ValueError("POD_URLS: static discovery needs at least one pod-server URL")
+        return self
+
+
+def load_router_settings(**overrides: Any) -> RouterSettings:
+    """Parse settings, turning a validation error into one clear message naming the setting."""
+    try:
+        return RouterSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        return_input = first.get("input")
+        raise ConfigError(f"{name}: {msg}" + (f" (got {return_input!r})" if first["loc"] else "")) from None

@@ -1,0 +1,329 @@
+"""What the router knows about its fleet, and the routing snapshot made from it.
+
+Inputs arrive from the edges (discovery, status and queue polls, proxied responses);
+``snapshot()`` turns them into the pure policy's ``Snapshot``. Every method takes its
+time from the injected clock (monotonic seconds), so tests drive time by hand.
+
+Load per device is what the router has in flight there plus what the pod reported
+beyond that at its last queue poll (other routers' traffic), dropped once stale.
+Residency comes from the pods' status documents, overlaid with the router's own
+expectations: when it sends a group to a device that does not hold it, it assumes the
+switch until a document confirms it, so the next requests do not pile onto a device
+about to change, nor send the old group back there (hysteresis against lagging state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from gpufleet.api.pod_status import PodStatus
+from gpufleet.router.ejection import Outlier
+from gpufleet.routing.policy import Costs, DeviceState, Snapshot
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class EjectionPolicy:
+    threshold: int = 3
+    cooldown_s: float = 10.0
+    cooldown_max_s: float = 120.0
+
+    def new(self) -> Outlier:
+        return Outlier(self.threshold, self.cooldown_s, self.cooldown_max_s)
+
+
+@dataclass
+class PodRecord:
+    """One pod server as discovered, with the latest figures it gave."""
+
+    id: str  # discovery key: the URL (static) or namespace/name (kubernetes)
+    url: str | None
+    outlier: Outlier
+    hint_name: str | None = None  # Kubernetes' Pod name, before any status document
+    node: str | None = None
+    discovered_ready: bool = True  # Kubernetes readiness; always True for static URLs
+    status: PodStatus | None = None
+    status_at: float | None = None  # clock time the document was observed
+    contact_at: float | None = None  # last successful poll of this pod
+    reported: dict[str, int] = field(default_factory=dict)  # device -> queued + running, last queue poll
+    queue_doc: dict[str, Any] | None = None
+    queue_at: float | None = None
+    name: str = ""  # unique routing name, set by FleetState
+
+    @property
+    def base_name(self) -> str:
+        if self.status is not None:
+            return self.status.pod
+        return self.hint_name or urlsplit(self.url or self.id).netloc or self.id
+
+    @property
+    def ready(self) -> bool:
+        return self.discovered_ready and self.status is not None and self.status.ready and self.url is not None
+
+
+@dataclass
+class _Expectation:
+    group: str
+    since: float
+
+
+@dataclass
+class Ticket:
+    """One proxied request's claim on a device's load; ``FleetState.finish`` releases it."""
+
+    pod: str
+    key: str
+    group: str
+    done: bool = False
+
+
+class FleetState:
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        stale_after_s: float = 10.0,
+        ejection: EjectionPolicy | None = None,
+        costs: Costs | None = None,
+        expectation_ttl_s: float | None = None,
+    ) -> None:
+        self.clock = clock
+        self.stale_after_s = stale_after_s
+        self.ejection = ejection or EjectionPolicy()
+        self.costs = costs or Costs()
+        self.expectation_ttl_s = expectation_ttl_s if expectation_ttl_s is not None else max(30.0, stale_after_s)
+        self.pods: dict[str, PodRecord] = {}
+        self.by_name: dict[str, PodRecord] = {}
+        self.models: dict[str, str] = {}  # model id -> group, union of every pod's
+        self.inflight: dict[str, int] = {}  # "pod/device" -> requests this router has there
+        self.last_used: dict[str, float] = {}
+        self.expected: dict[str, _Expectation] = {}
+        self.sequence = 0
+        self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
+
+    # --- discovery ----------------------------------------------------------------------------
+
+    def upsert(
+        self, pod_id: str, url: str | None, *, name: str | None = None, node: str | None = None, ready: bool = True
+    ) -> PodRecord:
+        rec = self.pods.get(pod_id)
+        if rec is None:
+            rec = self.pods[pod_id] = PodRecord(pod_id, url, self.ejection.new(), hint_name=name, node=node)
+        rec.url, rec.hint_name, rec.node, rec.discovered_ready = url, name or rec.hint_name, node or rec.node, ready
+        self._reindex()
+        return rec
+
+    def remove(self, pod_id: str) -> None:
+        if self.pods.pop(pod_id, None) is not None:
+            self._reindex()
+
+    def replace_all(self, pod_ids: Iterable[str]) -> None:
+        """Forget every pod not in ``pod_ids`` (a fresh list from discovery)."""
+        keep = set(pod_ids)
+        for gone in [p for p in self.pods if p not in keep]:
+            del self.pods[gone]
+        self._reindex()
+
+    def _reindex(self) -> None:
+        counts: dict[str, int] = {}
+        for rec in self.pods.values():
+            counts[rec.base_name] = counts.get(rec.base_name, 0) + 1
+        self.by_name = {}
+        for rec in self.pods.values():
+            base = rec.base_name
+            rec.name = base if counts[base] == 1 else f"{base}@{urlsplit(rec.url or rec.id).netloc or rec.id}"
+            self.by_name[rec.name] = rec
+        self.models = {}
+        for rec in self.pods.values():
+            if rec.status is not None:
+                for model, group in rec.status.models.items():
+                    self.models.setdefault(model, group)
+
+    # --- observations -------------------------------------------------------------------------
+
+    def observe_status(self, pod_id: str, doc: PodStatus, *, contact: bool = True) -> None:
+        """A status document arrived (a poll, or a Kubernetes annotation when ``contact`` is False)."""
+        rec = self.pods.get(pod_id)
+        if rec is None:
+            return
+        now = self.clock()
+        renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
+        rec.status, rec.status_at = doc, now
+        if renamed:
+            self._reindex()
+        if contact:
+            self._contact(rec, now)
+        for d in doc.devices:
+            key = f"{rec.name}/{d.device}"
+            exp = self.expected.get(key)
+            if exp is not None and (d.switching_to or d.current_group) == exp.group:
+                del self.expected[key]  # the document has caught up with what we expected
+
+    def observe_queue(self, pod_id: str, doc: dict[str, Any]) -> None:
+        rec = self.pods.get(pod_id)
+        if rec is None:
+            return
+        now = self.clock()
+        reported: dict[str, int] = {}
+        for device, q in (doc.get("devices") or {}).items():
+            reported[device] = int(q.get("queue_size", 0)) + int(q.get("busy_workers", 0))
+        rec.reported, rec.queue_doc, rec.queue_at = reported, doc, now
+        self._contact(rec, now)
+
+    def observe_failure(self, pod_id: str, error: str) -> None:
+        """A poll of the pod failed (refused, timed out, bad answer)."""
+        rec = self.pods.get(pod_id)
+        if rec is not None and rec.outlier.failure(self.clock(), error):
+            self.on_eject(rec.name, True)
+
+    def _contact(self, rec: PodRecord, now: float) -> None:
+        rec.contact_at = now
+        if rec.outlier.success(now):
+            self.on_eject(rec.name, False)
+
+    # --- proxied requests ---------------------------------------------------------------------
+
+    def begin(self, pod: str, device: str, group: str) -> Ticket:
+        key = f"{pod}/{device}"
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+        self.last_used[key] = self.clock()
+        self.sequence += 1
+        return Ticket(pod, key, group)
+
+    def expect(self, pod: str, device: str, group: str) -> None:
+        """The router just sent ``group`` to a device that did not hold it: assume the switch."""
+        self.expected[f"{pod}/{device}"] = _Expectation(group, self.clock())
+
+    def served(self, ticket: Ticket, device: str | None, switched: bool) -> None:
+        """The pod answered: it names the device that served, and whether it switched groups."""
+        if device:
+            key = f"{ticket.pod}/{device}"
+            if key != ticket.key and not ticket.done:
+                self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
+                self.inflight[key] = self.inflight.get(key, 0) + 1
+                ticket.key = key
+            if switched:
+                self.expected[key] = _Expectation(ticket.group, self.clock())
+        rec = self.by_name.get(ticket.pod)
+        if rec is not None and rec.outlier.success(self.clock()):
+            self.on_eject(rec.name, False)
+
+    def finish(self, ticket: Ticket) -> None:
+        if not ticket.done:
+            ticket.done = True
+            self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
+
+    def failed(self, pod: str, error: str) -> bool:
+        """A request to ``pod`` failed before its first byte; True when that ejects it."""
+        rec = self.by_name.get(pod)
+        if rec is None:
+            return False
+        ejected = rec.outlier.failure(self.clock(), error)
+        if ejected:
+            self.on_eject(rec.name, True)
+        return ejected
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def routable(self, rec: PodRecord) -> bool:
+        return rec.ready and rec.outlier.admitted
+
+    @property
+    def ready(self) -> bool:
+        return any(self.routable(r) for r in self.pods.values())
+
+    def snapshot(self, exclude: frozenset[str] = frozenset()) -> Snapshot:
+        now = self.clock()
+        states: list[DeviceState] = []
+        for rec in self.pods.values():
+            doc = rec.status
+            if doc is None or rec.status_at is None:
+                continue
+            usable = self.routable(rec) and rec.name not in exclude
+            fresh = rec.contact_at is not None and now - rec.contact_at < self.stale_after_s
+            queue_fresh = rec.queue_at is not None and now - rec.queue_at < self.stale_after_s
+            for d in doc.devices:
+                key = f"{rec.name}/{d.device}"
+                mine = self.inflight.get(key, 0)
+                others = max(0, rec.reported.get(d.device, 0) - mine) if queue_fresh else 0
+                last_switch = (
+                    rec.status_at - (doc.timestamp - d.last_switch_unix) if d.last_switch_unix is not None else None
+                )
+                switching_to = d.switching_to
+                exp = self.expected.get(key)
+                if exp is not None and now - exp.since < self.expectation_ttl_s:
+                    if (d.switching_to or d.current_group) != exp.group:
+                        switching_to = exp.group
+                    last_switch = max(last_switch or exp.since, exp.since)
+                states.append(
+                    DeviceState(
+                        pod=rec.name,
+                        device=d.device,
+                        node=doc.node or rec.node,
+                        current_group=d.current_group,
+                        cached_groups=frozenset(d.cached_groups),
+                        failed_groups=frozenset(d.failed_groups),
+                        healthy=usable and d.healthy,
+                        workers=d.workers,
+                        queue_limit=d.queue_limit,
+                        load=mine + others,
+                        switching_to=switching_to,
+                        switch_s_from_cache=d.switch_seconds_from_cache,
+                        switch_s_from_disk=d.switch_seconds_from_disk,
+                        last_switch_at=last_switch,
+                        fresh=fresh,
+                        last_used_at=self.last_used.get(key),
+                    )
+                )
+        return Snapshot(tuple(states), now=now, costs=self.costs)
+
+    def pod_state(self, rec: PodRecord) -> str:
+        if not rec.outlier.admitted:
+            return "ejected"
+        if rec.status is None:
+            return "unknown"
+        if not rec.ready:
+            return "not_ready"
+        if rec.contact_at is None or self.clock() - rec.contact_at >= self.stale_after_s:
+            return "stale"
+        return "ready"
+
+    def describe(self) -> dict[str, Any]:
+        """The router's view of its fleet, for ``/api/fleet`` and for debugging."""
+        now = self.clock()
+        snap = {d.key: d for d in self.snapshot().devices}
+        pods = {}
+        for rec in self.pods.values():
+            pods[rec.name] = {
+                "id": rec.id,
+                "url": rec.url,
+                "node": (rec.status.node if rec.status else None) or rec.node,
+                "state": self.pod_state(rec),
+                "ready": rec.ready,
+                "ejected": not rec.outlier.admitted,
+                "ejected_for_s": round(rec.outlier.ejected_until - now, 3) if rec.outlier.ejected_until else None,
+                "consecutive_failures": rec.outlier.failures,
+                "last_error": rec.outlier.last_error,
+                "last_contact_s_ago": round(now - rec.contact_at, 3) if rec.contact_at is not None else None,
+                "devices": {
+                    d.device: {
+                        "current_group": d.current_group,
+                        "switching_to": d.switching_to,
+                        "cached_groups": sorted(d.cached_groups),
+                        "failed_groups": sorted(d.failed_groups),
+                        "healthy": d.healthy,
+                        "fresh": d.fresh,
+                        "load": d.load,
+                        "router_inflight": self.inflight.get(d.key, 0),
+                        "capacity": d.capacity,
+                    }
+                    for key, d in snap.items()
+                    if d.pod == rec.name
+                },
+            }
+        return {"ready": self.ready, "pods": pods, "models": dict(sorted(self.models.items()))}
