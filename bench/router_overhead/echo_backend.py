@@ -1,9 +1,10 @@
 """A near-instant OpenAI-compatible backend that looks like a pod server to the router.
 
 Raw asyncio HTTP/1.1 (keep-alive, no framework) so that its own cost hardly shows in the
-figures. Non-streaming requests get a fixed answer; ``stream: true`` gets ``--chunks``
-SSE events ``--chunk-gap-ms`` apart, each carrying the monotonic time it was sent
-(``"t"``), so a client on the same machine can tell how late each chunk arrived.
+figures. Non-streaming chat requests get a fixed answer (completions echo the body they
+got); ``stream: true`` gets ``--chunks`` SSE events ``--chunk-gap-ms`` apart, each carrying
+the monotonic time it was sent (``"t"``), so a client on this machine can tell how late
+each chunk arrived.
 It also serves ``/api/status``, ``/api/queue``, ``/ready`` and ``/health`` for discovery.
 
     python -m bench.router_overhead.echo_backend --port 9001 [--chunks 8] [--chunk-gap-ms 2]
@@ -118,7 +119,10 @@ class EchoProtocol(asyncio.Protocol):
     def _answer(self, method: str, path: str, body: bytes) -> None:
         assert self.transport is not None
         write = self.transport.write
-        if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+        if method == "POST" and path == "/v1/completions" and b'"stream":true' not in body.replace(b" ", b""):
+            # Completions echo the body the pod received, so tests can see what the router forwarded.
+            write(_response(b"200 OK", b'{"object":"text_completion","received":' + body + b"}", _SERVED))
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             if b'"stream":true' in body.replace(b" ", b""):
                 self.busy = True
                 self.task = asyncio.ensure_future(self._stream())

@@ -26,6 +26,7 @@ from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState, Ticket
 from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
 from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
+from gpufleet.routing.policy import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,10 @@ def _sse_error(exc: GpufleetError) -> bytes:
     return b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+def _holds(device: DeviceState, group: str) -> bool:
+    return device.resident_group() == group or group in device.cached_groups
+
+
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -199,6 +204,10 @@ class Proxy:
                 if last is None:
                     await send_error(send, self.decider.refusal(decision, group, exclusive))
                     return
+                break
+            if last is not None and last.kind == "status_429" and not _holds(choice, group):
+                # A full pod is back-pressure, not a failure: pass its 429 on rather than
+                # make another device switch groups for one request.
                 break
             payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
             ticket = self.state.begin(choice.pod, choice.device, group)

@@ -50,7 +50,7 @@ class PodRecord:
     status: PodStatus | None = None
     status_at: float | None = None  # clock time the document was observed
     contact_at: float | None = None  # last successful poll of this pod
-    reported: dict[str, int] = field(default_factory=dict)  # device -> queued + running, last queue poll
+    others: dict[str, int] = field(default_factory=dict)  # device -> load beyond ours at the last queue poll
     queue_doc: dict[str, Any] | None = None
     queue_at: float | None = None
     name: str = ""  # unique routing name, set by FleetState
@@ -169,10 +169,12 @@ class FleetState:
         if rec is None:
             return
         now = self.clock()
-        reported: dict[str, int] = {}
+        others: dict[str, int] = {}
         for device, q in (doc.get("devices") or {}).items():
-            reported[device] = int(q.get("queue_size", 0)) + int(q.get("busy_workers", 0))
-        rec.reported, rec.queue_doc, rec.queue_at = reported, doc, now
+            reported = int(q.get("queue_size", 0)) + int(q.get("busy_workers", 0))
+            # What the pod holds beyond what this router sent there: other routers' traffic.
+            others[device] = max(0, reported - self.inflight.get(f"{rec.name}/{device}", 0))
+        rec.others, rec.queue_doc, rec.queue_at = others, doc, now
         self._contact(rec, now)
 
     def observe_failure(self, pod_id: str, error: str) -> None:
@@ -250,7 +252,7 @@ class FleetState:
             for d in doc.devices:
                 key = f"{rec.name}/{d.device}"
                 mine = self.inflight.get(key, 0)
-                others = max(0, rec.reported.get(d.device, 0) - mine) if queue_fresh else 0
+                others = rec.others.get(d.device, 0) if queue_fresh else 0
                 last_switch = (
                     rec.status_at - (doc.timestamp - d.last_switch_unix) if d.last_switch_unix is not None else None
                 )

@@ -200,8 +200,8 @@ def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
     open_ = [(cn, d) for cn, d in scored if d.load < d.capacity]
     if not open_:
         return Decision(Outcome.SATURATED, None, f"{scope}: every eligible queue is full", candidates)
-    (_cost, note), best = open_[0]
-    ties = sum(1 for (_c, n), _ in open_ if n == note)
+    (cost, note), best = open_[0]
+    ties = sum(1 for (c, _n), _ in open_ if abs(c - cost) < 1e-9)  # equal cost: load decided
     reason = f"{scope}:{'affinity_' + note if note in ('current', 'cached') else note}"
     if ties > 1:
         reason += ",least_load"

@@ -1,0 +1,281 @@
+"""Pure parts of the router: settings, body parsing, refusals, Kubernetes pods, fleet documents."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gpufleet.api.errors import ConfigError, GpufleetError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from gpufleet.api.labels import STATUS_ANNOTATION
+from gpufleet.api.pod_status import DeviceStatus, PodStatus
+from gpufleet.router import fleet_api
+from gpufleet.router.decide import Decider
+from gpufleet.router.kube_discovery import apply_event, parse_pod
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.proxy import parse_routing, rewrite_exclusive
+from gpufleet.router.settings import load_router_settings
+from gpufleet.router.state import FleetState
+
+pytestmark = pytest.mark.unit
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def test_settings_parse_urls_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_URLS", " http://a:1/ , http://b:2")
+    monkeypatch.setenv("ROUTING_POLICY", "least_load")
+    s = load_router_settings()
+    assert s.pod_urls == ["http://a:1", "http://b:2"] and s.routing_policy == "least_load"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({}, "POD_URLS"),
+        ({"POD_URLS": "a:1"}, "POD_URLS"),
+        ({"POD_URLS": "http://a:1", "ROUTING_POLICY": "random"}, "ROUTING_POLICY"),
+        ({"POD_URLS": "http://a:1", "FIRST_BYTE_TIMEOUT_S": "0"}, "FIRST_BYTE_TIMEOUT_S"),
+    ],
+)
+def test_bad_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: str) -> None:
+    monkeypatch.delenv("POD_URLS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=names):
+        load_router_settings()
+
+
+def test_kubernetes_discovery_needs_no_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POD_URLS", raising=False)
+    s = load_router_settings(discovery="kubernetes", pod_namespaces="team-a, team-b")
+    assert s.pod_namespaces == ["team-a", "team-b"]
+
+
+# --- request bodies -------------------------------------------------------------------------------
+
+
+def test_parse_routing_reads_only_what_routing_needs() -> None:
+    doc, r = parse_routing(b'{"model": "m", "exclusive_gpu": "pod-a/cuda:1", "stream": true, "messages": []}')
+    assert (r.model, r.exclusive_gpu, r.stream) == ("m", "pod-a/cuda:1", True)
+    assert doc["messages"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{nope", None),
+        (b"[1]", None),
+        (b'{"messages": []}', "model"),
+        (b'{"model": ""}', "model"),
+        (b'{"model": "m", "exclusive_gpu": 3}', "exclusive_gpu"),
+        (b'{"model": "m", "stream": "yes"}', "stream"),
+    ],
+)
+def test_parse_routing_errors_are_openai_400s(body: bytes, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_routing(body)
+    assert info.value.status_code == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("target", "device", "sent"),
+    [
+        ("node-a/cuda:2", "cuda:2", "cuda:2"),
+        ("pod-a/cuda:2", "cuda:2", "cuda:2"),
+        ("cuda:2", "cuda:2", "cuda:2"),
+        ("pod-a", "cuda:0", None),  # a whole pod: the pod picks among its devices
+        ("node-a", "cuda:1", None),
+    ],
+)
+def test_exclusive_target_is_rewritten_for_the_pod(target: str, device: str, sent: str | None) -> None:
+    out = json.loads(rewrite_exclusive({"model": "m", "exclusive_gpu": target, "x": [1]}, target, device))
+    assert out.get("exclusive_gpu") == sent and out["x"] == [1]
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def _decider(*docs: PodStatus) -> Decider:
+    state = FleetState(clock=lambda: 0.0)
+    for doc in docs:
+        state.upsert(doc.pod, f"http://{doc.pod}:8000")
+        state.observe_status(doc.pod, doc)
+    return Decider(state, RouterMetrics(), "affinity")
+
+
+def _pod(name: str, load_limit: int = 64, ready: bool = True) -> PodStatus:
+    return PodStatus(
+        pod=name,
+        ready=ready,
+        devices=[DeviceStatus(device="cpu:0", current_group="alpha", queue_limit=load_limit)],
+        models={"m": "alpha"},
+        timestamp=0.0,
+    )
+
+
+def _refuse(decider: Decider, exclusive: str | None = None) -> GpufleetError:
+    d = decider.decide("rid", "m", "alpha", exclusive, frozenset(), 0)
+    assert not d.routed
+    return decider.refusal(d, "alpha", exclusive)
+
+
+def test_refusals_map_to_openai_errors() -> None:
+    decider = _decider(_pod("pod-a"), _pod("pod-b"))
+    err = _refuse(decider, "pod-z/cpu:0")
+    assert isinstance(err, InvalidRequest) and err.param == "exclusive_gpu" and err.code == "unknown_device"
+    assert "pod-a/cpu:0" in err.message
+    err = _refuse(decider, "cpu:0")
+    assert err.status_code == 400 and err.code == "ambiguous_device"
+
+    down = _decider(_pod("pod-a", ready=False))
+    err = _refuse(down, "pod-a")
+    assert isinstance(err, Unavailable) and err.status_code == 503 and "Retry-After" in err.headers()
+
+    full = _decider(_pod("pod-a", load_limit=1))
+    for _ in range(2):
+        full.state.begin("pod-a", "cpu:0", "alpha")
+    err = _refuse(full)
+    assert isinstance(err, Overloaded) and err.status_code == 429 and int(err.headers()["Retry-After"]) >= 1
+
+
+def test_model_lookup() -> None:
+    decider = _decider(_pod("pod-a"))
+    assert decider.group_of("m") == "alpha"
+    with pytest.raises(ModelNotFound):
+        decider.group_of("other")
+    with pytest.raises(Unavailable):
+        _decider().group_of("m")  # no pod has reported yet: not a 404
+
+
+def test_decisions_are_counted() -> None:
+    decider = _decider(_pod("pod-a"))
+    decider.decide("rid", "m", "alpha", None, frozenset(), 0)
+    text = json.dumps([m.samples for m in decider.metrics.registry.collect()], default=str)
+    assert "any:affinity_current" in text
+
+
+# --- Kubernetes pods ----------------------------------------------------------------------------
+
+
+def k8s_pod(name: str = "pod-a", *, ready: bool = True, ip: str | None = "10.0.0.5", annotation: Any = "doc",
+            deleting: bool = False, port: int | None = 8080, namespace: str = "ml") -> dict[str, Any]:
+    doc = _pod(name).model_dump_json() if annotation == "doc" else annotation
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "annotations": {}}
+    if doc is not None:
+        meta["annotations"][STATUS_ANNOTATION] = doc
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ports = [{"name": "metrics", "containerPort": 9090}] + ([{"name": "http", "containerPort": port}] if port else [])
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if ip:
+        status["podIP"] = ip
+    return {
+        "metadata": meta,
+        "spec": {"nodeName": "node-1", "containers": [{"name": "server", "ports": ports}]},
+        "status": status,
+    }
+
+
+def test_parse_a_ready_pod() -> None:
+    obs = parse_pod(k8s_pod())
+    assert obs.id == "ml/pod-a" and obs.url == "http://10.0.0.5:8080" and obs.ready and obs.node == "node-1"
+    assert obs.status is not None and obs.status.pod == "pod-a"
+
+
+@pytest.mark.parametrize(
+    ("kw", "ready", "url"),
+    [
+        ({"ready": False}, False, "http://10.0.0.5:8080"),
+        ({"deleting": True}, False, "http://10.0.0.5:8080"),
+        ({"ip": None}, False, None),
+        ({"port": None}, True, "http://10.0.0.5:9090"),  # no port named http: the first one
+        ({"ip": "fd00::5"}, True, "http://[fd00::5]:8080"),
+    ],
+)
+def test_parse_pod_readiness_and_address(kw: dict[str, Any], ready: bool, url: str | None) -> None:
+    obs = parse_pod(k8s_pod(**kw))
+    assert obs.ready is ready and obs.url == url
+
+
+def test_parse_pod_without_or_with_a_bad_annotation() -> None:
+    assert parse_pod(k8s_pod(annotation=None)).status is None
+    bad = parse_pod(k8s_pod(annotation='{"pod": 1}'))
+    assert bad.status is None and bad.status_error is not None
+
+
+def test_watch_events_update_the_fleet() -> None:
+    state = FleetState(clock=lambda: 0.0)
+    apply_event(state, "RESET", "ml", [k8s_pod("pod-a"), k8s_pod("pod-b")], 8000)
+    assert sorted(state.by_name) == ["pod-a", "pod-b"]
+    assert state.models == {"m": "alpha"}
+    # Annotations carry no contact: the status counts as fresh only once a poll answers.
+    assert not state.snapshot().devices[0].fresh
+    apply_event(state, "MODIFIED", "ml", k8s_pod("pod-a", ready=False), 8000)
+    assert not state.routable(state.by_name["pod-a"])
+    apply_event(state, "DELETED", "ml", k8s_pod("pod-b"), 8000)
+    assert sorted(state.by_name) == ["pod-a"]
+    apply_event(state, "RESET", "other", [k8s_pod("pod-c", namespace="other")], 8000)
+    apply_event(state, "RESET", "ml", [], 8000)  # a relist without pod-a forgets it, not other namespaces
+    assert sorted(state.by_name) == ["pod-c"]
+
+
+# --- fleet documents ----------------------------------------------------------------------------
+
+
+def _docs() -> list[fleet_api.PodDoc]:
+    gpu = {"available": False, "utilization": 1.0, "devices": {"cpu:0": {"utilization": 1.0, "memory_used": 2.0}}}
+    return [
+        fleet_api.PodDoc("pod-a", "node-1", "http://a", "ready", gpu),
+        fleet_api.PodDoc("pod-b", None, "http://b", "ejected", None, "ReadError"),
+    ]
+
+
+def test_gpu_stats_names_pod_and_device() -> None:
+    doc = fleet_api.gpu_stats(_docs())
+    assert doc["devices"]["pod-a/cpu:0"]["node"] == "node-1"
+    assert doc["utilization"] == 1.0 and doc["memory_used"] == 2.0  # the first device's fields, at the top
+    assert doc["available"] is False
+    assert doc["pods"]["pod-b"] == {"node": None, "url": "http://b", "state": "ejected", "reachable": False,
+                                    "error": "ReadError"}
+
+
+def test_models_merge_device_info_across_pods() -> None:
+    def models_doc(current: bool) -> dict[str, Any]:
+        return {"model_groups": [{
+            "group_id": "alpha", "is_default": True,
+            "device_info": [{"device": "cpu:0", "has_group": current, "is_current": current, "is_cached": False,
+                             "load_error": None}],
+            "models": [{"id": "m", "task": "chat", "loaded_on_devices": ["cpu:0"] if current else [],
+                        "cached_on_devices": [], "status": "loaded" if current else "available"}],
+        }]}
+
+    doc = fleet_api.models([
+        fleet_api.PodDoc("pod-a", None, "u", "ready", models_doc(True)),
+        fleet_api.PodDoc("pod-b", None, "u", "ready", models_doc(False)),
+    ])
+    (group,) = doc["model_groups"]
+    assert [i["device"] for i in group["device_info"]] == ["pod-a/cpu:0", "pod-b/cpu:0"]
+    assert group["device_info"][1]["local_device"] == "cpu:0" and group["device_info"][1]["pod"] == "pod-b"
+    (model,) = group["models"]
+    assert model["loaded_on_devices"] == ["pod-a/cpu:0"] and model["status"] == "loaded"
+
+
+def test_queue_per_pod_and_device() -> None:
+    q = {"devices": {"cpu:0": {"queue_size": 2, "busy_workers": 1}}, "total_queued": 2, "total_running": 1}
+    doc = fleet_api.queue([fleet_api.PodDoc("pod-a", None, "u", "ready", q)], {"pod-a/cpu:0": 3})
+    assert doc["devices"]["pod-a/cpu:0"]["router_inflight"] == 3
+    assert doc["pods"]["pod-a"]["total_queued"] == 2 and doc["total_running"] == 1
+
+
+def test_model_cards_union() -> None:
+    a = {"data": [{"id": "x", "group": "alpha"}, {"id": "y", "group": "alpha"}]}
+    b = {"data": [{"id": "y", "group": "alpha"}, {"id": "z", "group": "beta"}]}
+    cards = fleet_api.model_cards([fleet_api.PodDoc("a", None, "u", "ready", a),
+                                   fleet_api.PodDoc("b", None, "u", "ready", b)])
+    assert [c["id"] for c in cards] == ["x", "y", "z"]

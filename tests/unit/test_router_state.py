@@ -1,0 +1,244 @@
+"""The router's fleet state: snapshots, load accounting, expectations, staleness, ejection.
+
+Time is a hand-driven clock: nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpufleet.api.pod_status import DeviceStatus, PodStatus
+from gpufleet.router.ejection import Outlier
+from gpufleet.router.state import EjectionPolicy, FleetState
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+def status(pod: str, *devices: DeviceStatus, ready: bool = True, timestamp: float = 5000.0) -> PodStatus:
+    return PodStatus(
+        pod=pod,
+        ready=ready,
+        devices=list(devices) or [DeviceStatus(device="cpu:0", current_group="alpha")],
+        groups=["alpha", "beta"],
+        models={"tiny-chat": "alpha", "tiny-chat-b": "beta"},
+        timestamp=timestamp,
+    )
+
+
+def fleet(clock: Clock, *pods: str, **kw: object) -> FleetState:
+    state = FleetState(clock=clock, stale_after_s=10.0, **kw)  # type: ignore[arg-type]
+    for p in pods:
+        url = f"http://{p}:8000"
+        state.upsert(url, url)
+        state.observe_status(url, status(p))
+    return state
+
+
+def devices(state: FleetState) -> dict[str, object]:
+    return {d.key: d for d in state.snapshot().devices}
+
+
+def test_snapshot_from_status_documents() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a", "pod-b")
+    snap = devices(state)
+    assert set(snap) == {"pod-a/cpu:0", "pod-b/cpu:0"}
+    d = snap["pod-a/cpu:0"]
+    assert d.current_group == "alpha" and d.healthy and d.fresh and d.load == 0  # type: ignore[attr-defined]
+    assert state.models == {"tiny-chat": "alpha", "tiny-chat-b": "beta"}
+    assert state.ready
+
+
+def test_not_ready_pod_is_known_but_unhealthy() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    state.observe_status("http://pod-a:8000", status("pod-a", ready=False))
+    assert not devices(state)["pod-a/cpu:0"].healthy  # type: ignore[attr-defined]
+    assert not state.ready
+    assert state.pod_state(state.by_name["pod-a"]) == "not_ready"
+
+
+def test_load_is_own_inflight_plus_what_others_sent() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    t1 = state.begin("pod-a", "cpu:0", "alpha")
+    state.begin("pod-a", "cpu:0", "alpha")
+    assert devices(state)["pod-a/cpu:0"].load == 2  # type: ignore[attr-defined]
+    # The pod reports 5 queued or running: 3 of them came from elsewhere.
+    state.observe_queue(
+        "http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 4, "busy_workers": 1}}}
+    )
+    assert devices(state)["pod-a/cpu:0"].load == 5  # type: ignore[attr-defined]
+    state.finish(t1)
+    state.finish(t1)  # finishing twice counts once
+    assert devices(state)["pod-a/cpu:0"].load == 4  # type: ignore[attr-defined]
+    # A queue report gone stale no longer counts; only what the router knows itself.
+    clock.advance(11)
+    assert devices(state)["pod-a/cpu:0"].load == 1  # type: ignore[attr-defined]
+
+
+def test_stale_pod_is_unknown_not_dropped() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    clock.advance(9.9)
+    assert devices(state)["pod-a/cpu:0"].fresh  # type: ignore[attr-defined]
+    clock.advance(0.2)
+    d = devices(state)["pod-a/cpu:0"]
+    assert not d.fresh and d.healthy  # type: ignore[attr-defined]
+    assert state.pod_state(state.by_name["pod-a"]) == "stale"
+    state.observe_queue("http://pod-a:8000", {"devices": {}})  # any contact refreshes it
+    assert devices(state)["pod-a/cpu:0"].fresh  # type: ignore[attr-defined]
+
+
+def test_expected_switch_overlays_lagging_status() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    state.expect("pod-a", "cpu:0", "beta")
+    d = devices(state)["pod-a/cpu:0"]
+    assert d.switching_to == "beta" and d.resident_group() == "beta"  # type: ignore[attr-defined]
+    assert d.last_switch_at == clock.t  # type: ignore[attr-defined]  # hysteresis starts now
+    # A document still showing alpha (the request is queued) does not cancel the expectation...
+    clock.advance(1)
+    state.observe_status("http://pod-a:8000", status("pod-a"))
+    assert devices(state)["pod-a/cpu:0"].resident_group() == "beta"  # type: ignore[attr-defined]
+    # ...one showing beta confirms it, and the document is the truth again.
+    state.observe_status("http://pod-a:8000", status("pod-a", DeviceStatus(device="cpu:0", current_group="beta")))
+    assert "pod-a/cpu:0" not in state.expected
+    assert devices(state)["pod-a/cpu:0"].switching_to is None  # type: ignore[attr-defined]
+
+
+def test_expectation_expires() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a", expectation_ttl_s=30.0)
+    state.expect("pod-a", "cpu:0", "beta")
+    clock.advance(31)
+    state.observe_queue("http://pod-a:8000", {"devices": {}})
+    assert devices(state)["pod-a/cpu:0"].resident_group() == "alpha"  # type: ignore[attr-defined]
+
+
+def test_served_moves_load_to_the_device_that_served_and_notes_switches() -> None:
+    clock = Clock()
+    state = FleetState(clock=clock)
+    state.upsert("u", "http://pod-a:8000")
+    state.observe_status(
+        "u",
+        status("pod-a", DeviceStatus(device="cuda:0", current_group="alpha"), DeviceStatus(device="cuda:1")),
+    )
+    ticket = state.begin("pod-a", "cuda:0", "beta")
+    state.served(ticket, "cuda:1", switched=True)
+    snap = devices(state)
+    assert snap["pod-a/cuda:0"].load == 0 and snap["pod-a/cuda:1"].load == 1  # type: ignore[attr-defined]
+    assert snap["pod-a/cuda:1"].resident_group() == "beta"  # type: ignore[attr-defined]
+    state.finish(ticket)
+    assert devices(state)["pod-a/cuda:1"].load == 0  # type: ignore[attr-defined]
+
+
+def test_last_switch_time_is_converted_to_the_router_clock() -> None:
+    clock = Clock()
+    state = FleetState(clock=clock)
+    state.upsert("u", "http://pod-a:8000")
+    doc = status("pod-a", DeviceStatus(device="cpu:0", current_group="alpha", last_switch_unix=4990.0))
+    state.observe_status("u", doc)  # made at unix 5000: the switch was 10 s before we saw it
+    assert devices(state)["pod-a/cpu:0"].last_switch_at == pytest.approx(clock.t - 10)  # type: ignore[attr-defined]
+
+
+def test_duplicate_pod_names_are_told_apart() -> None:
+    clock = Clock()
+    state = FleetState(clock=clock)
+    for port in (8001, 8002):
+        url = f"http://127.0.0.1:{port}"
+        state.upsert(url, url)
+        state.observe_status(url, status("local"))
+    assert sorted(state.by_name) == ["local@127.0.0.1:8001", "local@127.0.0.1:8002"]
+    assert len(state.snapshot().devices) == 2
+
+
+def test_poll_failures_eject_and_a_success_after_cool_down_readmits() -> None:
+    clock = Clock()
+    events: list[tuple[str, bool]] = []
+    state = fleet(clock, "pod-a", "pod-b", ejection=EjectionPolicy(threshold=2, cooldown_s=5, cooldown_max_s=60))
+    state.on_eject = lambda pod, ejected: events.append((pod, ejected))
+    state.observe_failure("http://pod-a:8000", "refused")
+    assert state.routable(state.by_name["pod-a"])
+    state.observe_failure("http://pod-a:8000", "refused")
+    assert events == [("pod-a", True)]
+    assert not devices(state)["pod-a/cpu:0"].healthy  # type: ignore[attr-defined]
+    assert state.pod_state(state.by_name["pod-a"]) == "ejected"
+    clock.advance(4)
+    state.observe_queue("http://pod-a:8000", {"devices": {}})  # answers, but the cool-down is not over
+    assert not state.routable(state.by_name["pod-a"])
+    clock.advance(2)
+    state.observe_queue("http://pod-a:8000", {"devices": {}})
+    assert state.routable(state.by_name["pod-a"]) and events[-1] == ("pod-a", False)
+
+
+def test_request_failures_eject_too() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a", ejection=EjectionPolicy(threshold=3, cooldown_s=5, cooldown_max_s=60))
+    assert not state.failed("pod-a", "reset")
+    assert not state.failed("pod-a", "reset")
+    assert state.failed("pod-a", "reset")
+    assert not state.ready
+
+
+@pytest.mark.parametrize(
+    ("steps", "admitted", "cooldown"),
+    [
+        (["f", "f"], True, None),
+        (["f", "f", "f"], False, 5.0),
+        (["f", "f", "s", "f", "f"], True, None),  # a success resets the count
+        (["f", "f", "f", "wait", "f"], False, 10.0),  # failing on probation doubles the cool-down
+        (["f", "f", "f", "wait", "f", "wait", "f"], False, 20.0),
+        (["f", "f", "f", "wait", "s"], True, None),
+    ],
+)
+def test_outlier_table(steps: list[str], admitted: bool, cooldown: float | None) -> None:
+    o = Outlier(threshold=3, cooldown_s=5, cooldown_max_s=60)
+    now = 0.0
+    for step in steps:
+        if step == "f":
+            o.failure(now, "boom")
+        elif step == "s":
+            o.success(now)
+        else:
+            now = (o.ejected_until or now) + 0.1
+    assert o.admitted is admitted
+    if cooldown is not None:
+        assert o.ejected_until == pytest.approx(now + cooldown)
+
+
+def test_outlier_cooldown_is_capped() -> None:
+    o = Outlier(threshold=1, cooldown_s=5, cooldown_max_s=12)
+    for _ in range(5):
+        now = o.ejected_until or 0.0
+        o.failure(now)
+    assert o.ejected_until is not None and o.ejected_until - now == 12
+
+
+def test_remove_and_replace() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a", "pod-b")
+    state.remove("http://pod-a:8000")
+    assert list(state.by_name) == ["pod-b"]
+    state.replace_all([])
+    assert not state.pods and not state.models
+
+
+def test_describe_is_a_plain_document() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    state.begin("pod-a", "cpu:0", "alpha")
+    doc = state.describe()
+    dev = doc["pods"]["pod-a"]["devices"]["cpu:0"]
+    assert doc["ready"] and dev["router_inflight"] == 1 and dev["current_group"] == "alpha"
