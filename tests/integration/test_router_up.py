@@ -1,0 +1,52 @@
+"""``gpufleet up``: one pod server per device plus the router, stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.support.processes import ServerProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_runs_one_pod_per_device_and_stops_them_all(demo_models: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "DEVICES": "cpu:0,cpu:1",
+        "MODEL_GROUPS": str(demo_models),
+        "LAZY_LOAD_MODEL": "true",  # keep start-up cheap: the first request loads the group
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "UP_LOG_DIR": str(tmp_path / "pods"),
+        "TORCH_THREADS": "1",
+        "STATUS_INTERVAL_S": "0.5",
+    }
+    up = ServerProcess(["up"], env, tmp_path / "up.log", f"http://127.0.0.1:{port}")
+    try:
+        up.wait_ready(180)
+        children = psutil.Process(up.proc.pid).children(recursive=True)
+        assert len([c for c in children if "serve" in c.cmdline()]) == 2
+
+        r = httpx.post(
+            up.url + "/v1/chat/completions",
+            json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-served-by-pod"] in ("local-cpu-0", "local-cpu-1")
+        stats = httpx.get(up.url + "/api/gpu_stats", timeout=10).json()
+        assert set(stats["devices"]) == {"local-cpu-0/cpu:0", "local-cpu-1/cpu:1"}
+
+        up.signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+        log = up.log_tail()
+        assert "[2/2]" in log and "stopped" in log
+    finally:
+        up.stop()
