@@ -58,7 +58,12 @@ def make_discovery(settings: RouterSettings) -> Discovery:
         from gpufleet.router.kube_discovery import KubernetesDiscovery
 
         return KubernetesDiscovery(
-            settings.pod_namespaces, settings.pod_label_selector, default_port=settings.pod_port
+            settings.pod_namespaces,
+            settings.pod_label_selector,
+            default_port=settings.pod_port,
+            fallback_interval_s=settings.status_interval_s,
+            timeout_s=settings.poll_timeout_s,
+            headers=pod_headers(settings),
         )
     return StaticDiscovery(
         settings.pod_urls,

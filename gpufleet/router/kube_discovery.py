@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from gpufleet.api.labels import STATUS_ANNOTATION
 from gpufleet.api.pod_status import PodStatus
+from gpufleet.router.polling import every, poll_status_once
 from gpufleet.router.state import FleetState
 from gpufleet.router.upstream import UpstreamPool
 
@@ -161,10 +162,22 @@ def _watch_namespace(namespace: str, selector: str, emit: Emit, stop: threading.
 class KubernetesDiscovery:
     kind = "kubernetes"
 
-    def __init__(self, namespaces: list[str], label_selector: str, *, default_port: int = 8000) -> None:
+    def __init__(
+        self,
+        namespaces: list[str],
+        label_selector: str,
+        *,
+        default_port: int = 8000,
+        fallback_interval_s: float = 2.0,
+        timeout_s: float = 2.0,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.namespaces = namespaces
         self.label_selector = label_selector
         self.default_port = default_port
+        self.fallback_interval_s = fallback_interval_s
+        self.timeout_s = timeout_s
+        self.headers = headers or []
 
     async def run(self, state: FleetState, pool: UpstreamPool) -> None:
         loop = asyncio.get_running_loop()
@@ -182,7 +195,13 @@ class KubernetesDiscovery:
         for t in threads:
             t.start()
         log.info("watching pod servers", extra={"namespaces": self.namespaces, "selector": self.label_selector})
+
+        async def poll_unannotated() -> None:
+            # A pod server that does not write its annotation (STATUS_ANNOTATION off) is still served:
+            # its status document is read over HTTP instead.
+            await poll_status_once(state, pool, self.timeout_s, self.headers, only_missing=True)
+
         try:
-            await asyncio.Event().wait()
+            await every(self.fallback_interval_s, poll_unannotated, "status poll (pods without annotation)")
         finally:
             stop.set()

@@ -17,7 +17,9 @@ Headers = list[tuple[bytes, bytes]]
 POLL_ERRORS = (UpstreamError, TimeoutError, ValueError, ValidationError)
 
 
-async def poll_status_once(state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers) -> None:
+async def poll_status_once(
+    state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers, *, only_missing: bool = False
+) -> None:
     async def one(pod_id: str, url: str) -> None:
         try:
             doc = PodStatus.model_validate(await pool.get_json(url, "/api/status", headers, timeout_s))
@@ -26,7 +28,9 @@ async def poll_status_once(state: FleetState, pool: UpstreamPool, timeout_s: flo
             return
         state.observe_status(pod_id, doc)
 
-    targets = [(rec.id, rec.url) for rec in state.pods.values() if rec.url]
+    targets = [
+        (rec.id, rec.url) for rec in state.pods.values() if rec.url and not (only_missing and rec.annotated)
+    ]
     await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
 
 

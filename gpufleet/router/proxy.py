@@ -210,13 +210,14 @@ class Proxy:
                 # make another device switch groups for one request.
                 break
             payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
-            ticket = self.state.begin(choice.pod, choice.device, group)
+            ticket = self.state.begin(choice.pod, choice.device, group, idle=choice.load == 0)
             if choice.resident_group() != group:
                 self.state.expect(choice.pod, choice.device, group)
             try:
-                await self._forward(
+                ok = await self._forward(
                     rec.url, scope["path"], payload, fields.stream, ticket, request_id, receive, send, started
                 )
+                self.state.finish(ticket, ok=ok)
                 return
             except _Retryable as failure:
                 last, last_pod = failure, choice.pod
@@ -250,7 +251,8 @@ class Proxy:
     async def _forward(
         self, base_url: str, path: str, payload: bytes, stream: bool, ticket: Ticket, request_id: str,
         receive: Receive, send: Send, started: float,
-    ) -> None:
+    ) -> bool:
+        """Relay one attempt; True when the pod answered 200 in full. Raises _Retryable before the first byte."""
         headers = [*self.config.pod_headers, (b"x-request-id", request_id.encode())]
         try:
             async with asyncio.timeout(self.config.first_byte_s):
@@ -260,14 +262,14 @@ class Proxy:
         except UpstreamConnectionError as exc:
             raise _Retryable("connect" if exc.connect else "read", str(exc)) from None
         try:
-            await self._relay(response, stream, ticket, receive, send, started, path)
+            return await self._relay(response, stream, ticket, receive, send, started, path)
         finally:
             response.release()
 
     async def _relay(
         self, response: UpstreamResponse, stream: bool, ticket: Ticket, receive: Receive, send: Send, started: float,
         endpoint: str,
-    ) -> None:
+    ) -> bool:
         status = response.status
         out = [(k, v) for k, v in response.headers if k not in _DROP]
         out.append((b"x-served-by-pod", ticket.pod.encode()))
@@ -292,7 +294,7 @@ class Proxy:
             await send({"type": "http.response.start", "status": status, "headers": out})
             self.metrics.first_byte(endpoint, time.perf_counter() - started)
             await send({"type": "http.response.body", "body": data})
-            return
+            return status == 200
         try:
             async with asyncio.timeout(self.config.idle_s):
                 first = await response.next_chunk()
@@ -302,14 +304,16 @@ class Proxy:
         self.metrics.first_byte(endpoint, time.perf_counter() - started)
         if first is None:
             await send({"type": "http.response.body", "body": b""})
-            return
+            return True
         await send({"type": "http.response.body", "body": first, "more_body": True})
-        await self._pump(response, ticket, receive, send)
+        return await self._pump(response, ticket, receive, send)
 
-    async def _pump(self, response: UpstreamResponse, ticket: Ticket, receive: Receive, send: Send) -> None:
-        """Forward each chunk the moment it arrives; a pod failing mid-stream ends it with an error event."""
+    async def _pump(self, response: UpstreamResponse, ticket: Ticket, receive: Receive, send: Send) -> bool:
+        """Forward each chunk the moment it arrives; a pod failing mid-stream ends it with an error event.
+        True when the stream ran to its end."""
         gone = asyncio.ensure_future(_wait_disconnect(receive))
         tail = b""
+        complete = False
         try:
             while not gone.done():
                 try:
@@ -323,11 +327,13 @@ class Proxy:
                     tail = _sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))
                     break
                 if chunk is None:
+                    complete = True
                     break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             gone.cancel()
+        return complete
 
     async def _read_all(self, response: UpstreamResponse) -> bytes:
         if response.complete:  # the usual case: the whole answer came with its headers

@@ -5,7 +5,9 @@ Inputs arrive from the edges (discovery, status and queue polls, proxied respons
 time from the injected clock (monotonic seconds), so tests drive time by hand.
 
 Load per device is what the router has in flight there plus what the pod reported
-beyond that at its last queue poll (other routers' traffic), dropped once stale.
+beyond that at its last queue poll (other routers' traffic), dropped once stale. The time
+a request holds a worker, which turns queue length into seconds, is learned from answers
+of requests that found their device idle.
 Residency comes from the pods' status documents, overlaid with the router's own
 expectations: when it sends a group to a device that does not hold it, it assumes the
 switch until a document confirms it, so the next requests do not pile onto a device
@@ -14,6 +16,7 @@ about to change, nor send the old group back there (hysteresis against lagging s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +28,8 @@ from gpufleet.router.ejection import Outlier
 from gpufleet.routing.policy import Costs, DeviceState, Snapshot
 
 Clock = Callable[[], float]
+EWMA = 0.2
+SERVICE_S_MIN, SERVICE_S_MAX = 0.005, 120.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class PodRecord:
     others: dict[str, int] = field(default_factory=dict)  # device -> load beyond ours at the last queue poll
     queue_doc: dict[str, Any] | None = None
     queue_at: float | None = None
+    annotated: bool = False  # its status comes from a Kubernetes annotation
     name: str = ""  # unique routing name, set by FleetState
 
     @property
@@ -79,6 +85,8 @@ class Ticket:
     pod: str
     key: str
     group: str
+    started_at: float = 0.0
+    idle: bool = False  # nothing was queued ahead of it: its duration is pure service time
     done: bool = False
 
 
@@ -104,6 +112,7 @@ class FleetState:
         self.last_used: dict[str, float] = {}
         self.expected: dict[str, _Expectation] = {}
         self.sequence = 0
+        self.service_s: float | None = None  # learned time one request holds a worker (EWMA)
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
 
     # --- discovery ----------------------------------------------------------------------------
@@ -154,6 +163,7 @@ class FleetState:
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
         rec.status, rec.status_at = doc, now
+        rec.annotated = rec.annotated or not contact
         if renamed:
             self._reindex()
         if contact:
@@ -190,12 +200,12 @@ class FleetState:
 
     # --- proxied requests ---------------------------------------------------------------------
 
-    def begin(self, pod: str, device: str, group: str) -> Ticket:
+    def begin(self, pod: str, device: str, group: str, *, idle: bool = False) -> Ticket:
         key = f"{pod}/{device}"
         self.inflight[key] = self.inflight.get(key, 0) + 1
-        self.last_used[key] = self.clock()
+        now = self.last_used[key] = self.clock()
         self.sequence += 1
-        return Ticket(pod, key, group)
+        return Ticket(pod, key, group, started_at=now, idle=idle)
 
     def expect(self, pod: str, device: str, group: str) -> None:
         """The router just sent ``group`` to a device that did not hold it: assume the switch."""
@@ -215,10 +225,20 @@ class FleetState:
         if rec is not None and rec.outlier.success(self.clock()):
             self.on_eject(rec.name, False)
 
-    def finish(self, ticket: Ticket) -> None:
-        if not ticket.done:
-            ticket.done = True
-            self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
+    def finish(self, ticket: Ticket, *, ok: bool = False) -> None:
+        """Release the ticket; ``ok`` answers from an idle device teach the service time."""
+        if ticket.done:
+            return
+        ticket.done = True
+        self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
+        if ok and ticket.idle:
+            seconds = min(SERVICE_S_MAX, max(SERVICE_S_MIN, self.clock() - ticket.started_at))
+            self.service_s = seconds if self.service_s is None else self.service_s + EWMA * (seconds - self.service_s)
+
+    def costs_now(self) -> Costs:
+        if self.service_s is None:
+            return self.costs
+        return dataclasses.replace(self.costs, service_s=self.service_s)
 
     def failed(self, pod: str, error: str) -> bool:
         """A request to ``pod`` failed before its first byte; True when that ejects it."""
@@ -282,7 +302,7 @@ class FleetState:
                         last_used_at=self.last_used.get(key),
                     )
                 )
-        return Snapshot(tuple(states), now=now, costs=self.costs)
+        return Snapshot(tuple(states), now=now, costs=self.costs_now())
 
     def pod_state(self, rec: PodRecord) -> str:
         if not rec.outlier.admitted:
@@ -328,4 +348,9 @@ class FleetState:
                     if d.pod == rec.name
                 },
             }
-        return {"ready": self.ready, "pods": pods, "models": dict(sorted(self.models.items()))}
+        return {
+            "ready": self.ready,
+            "pods": pods,
+            "models": dict(sorted(self.models.items())),
+            "service_s": round(self.service_s, 4) if self.service_s is not None else None,
+        }

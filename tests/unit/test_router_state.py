@@ -242,3 +242,24 @@ def test_describe_is_a_plain_document() -> None:
     doc = state.describe()
     dev = doc["pods"]["pod-a"]["devices"]["cpu:0"]
     assert doc["ready"] and dev["router_inflight"] == 1 and dev["current_group"] == "alpha"
+
+
+def test_service_time_is_learned_from_requests_that_found_their_device_idle() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    assert state.snapshot().costs.service_s == 0.25  # the default until something is measured
+    t = state.begin("pod-a", "cpu:0", "alpha", idle=True)
+    clock.advance(0.05)
+    state.finish(t, ok=True)
+    assert state.snapshot().costs.service_s == pytest.approx(0.05)
+    queued = state.begin("pod-a", "cpu:0", "alpha", idle=False)  # waited behind others: not service time
+    clock.advance(3)
+    state.finish(queued, ok=True)
+    failed = state.begin("pod-a", "cpu:0", "alpha", idle=True)
+    clock.advance(3)
+    state.finish(failed, ok=False)
+    assert state.snapshot().costs.service_s == pytest.approx(0.05)
+    t = state.begin("pod-a", "cpu:0", "alpha", idle=True)
+    clock.advance(0.15)
+    state.finish(t, ok=True)
+    assert state.snapshot().costs.service_s == pytest.approx(0.05 + 0.2 * 0.1)
