@@ -1,0 +1,21 @@
+"""Every setting a component reads is documented in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from gpufleet.operator.settings import OperatorSettings
+from gpufleet.pod_server.settings import PodServerSettings
+from gpufleet.router.settings import RouterSettings
+
+pytestmark = pytest.mark.unit
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("settings", [PodServerSettings, RouterSettings, OperatorSettings])
+def test_every_setting_is_in_the_readme(settings: type[BaseSettings]) -> None:
+    missing = [name.upper() for name in settings.model_fields if f"`{name.upper()}`" not in README]
+    assert not missing, f"undocumented settings of {settings.__name__}: {missing}"
