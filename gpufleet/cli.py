@@ -58,7 +58,9 @@ def _configure_torch(threads: int | None, devices: int) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, devices)))
 
 
-def build_parser(extra: Sequence[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = ()) -> argparse.ArgumentParser:
+def build_parser(
+    extra: Sequence[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = (),
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Serve model groups on fleets of GPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -64,9 +64,7 @@ def _train_tokenizer(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
@@ -114,7 +112,13 @@ def build_demo_models(
             progress(f"[{i}/{total}] building {model_id} (llama, hidden={hidden}, layers={layers}, seed={seed})")
             _build_lm(root / model_id, tok_dir, seed, hidden, layers, context)
         groups.setdefault(group, []).append(
-            {"id": model_id, "source": str(root / model_id), "task": task, "dtype": "float32", "context_length": context}
+            {
+                "id": model_id,
+                "source": str(root / model_id),
+                "task": task,
+                "dtype": "float32",
+                "context_length": context,
+            }
         )
     # The MiniLM path lives in whichever environment runs this, so the manifest is rewritten each time.
     mini = minilm_dir()

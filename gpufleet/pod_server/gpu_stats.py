@@ -7,6 +7,7 @@ Neither ever raises to the caller: a failing read degrades to ``available: false
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -101,10 +102,9 @@ class NvmlSource:
             return DeviceReading(False, 0.0, 0.0, 0.0)
 
     def close(self) -> None:
-        try:
+        # It may be shut down already, or never fully initialised.
+        with contextlib.suppress(Exception):
             self._nvml.nvmlShutdown()
-        except Exception:  # already shut down or never fully initialised
-            pass
 
 
 def open_stats_source(devices: list[str]) -> StatsSource:

@@ -22,18 +22,34 @@ class PodMetrics:
         self.requests = Counter(
             "gpufleet_requests_total", "Requests answered", [*base, "model", "group", "endpoint", "status"], registry=r
         )
-        self.rejected = Counter("gpufleet_requests_rejected_total", "Requests refused", ["pod", "namespace", "reason"], registry=r)
+        self.rejected = Counter(
+            "gpufleet_requests_rejected_total", "Requests refused", ["pod", "namespace", "reason"], registry=r
+        )
         self.e2e = Histogram(
-            "gpufleet_e2e_request_latency_seconds", "Request latency", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+            "gpufleet_e2e_request_latency_seconds",
+            "Request latency",
+            [*base, "group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "gpufleet_time_to_first_token_seconds", "Time to first token", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+            "gpufleet_time_to_first_token_seconds",
+            "Time to first token",
+            [*base, "group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
-            "gpufleet_request_queue_time_seconds", "Time waiting for a worker", [*base, "group"], buckets=LATENCY_BUCKETS, registry=r
+            "gpufleet_request_queue_time_seconds",
+            "Time waiting for a worker",
+            [*base, "group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter("gpufleet_prompt_tokens_total", "Prompt tokens", [*base, "model"], registry=r)
-        self.generation_tokens = Counter("gpufleet_generation_tokens_total", "Generated tokens", [*base, "model"], registry=r)
+        self.generation_tokens = Counter(
+            "gpufleet_generation_tokens_total", "Generated tokens", [*base, "model"], registry=r
+        )
         self.queue_depth = Gauge("gpufleet_queue_depth", "Requests waiting per device", base, registry=r)
         self.running = Gauge("gpufleet_requests_running", "Requests running per device", base, registry=r)
         self.workers = Gauge("gpufleet_workers", "Workers per device", base, registry=r)
@@ -41,15 +57,24 @@ class PodMetrics:
             "gpufleet_group_current", "1 when the group is current on the device", [*base, "group"], registry=r
         )
         self.group_cached = Gauge(
-            "gpufleet_group_cached", "1 when the group is parked in the device's CPU cache", [*base, "group"], registry=r
+            "gpufleet_group_cached",
+            "1 when the group is parked in the device's CPU cache",
+            [*base, "group"],
+            registry=r,
         )
         self.switches = Counter(
             "gpufleet_group_switches_total", "Group switches", [*base, "group", "source"], registry=r
         )
         self.switch_seconds = Histogram(
-            "gpufleet_group_switch_seconds", "Time to make a group current", [*base, "source"], buckets=SWITCH_BUCKETS, registry=r
+            "gpufleet_group_switch_seconds",
+            "Time to make a group current",
+            [*base, "source"],
+            buckets=SWITCH_BUCKETS,
+            registry=r,
         )
-        self.load_failures = Counter("gpufleet_group_load_failures_total", "Failed group loads", [*base, "group"], registry=r)
+        self.load_failures = Counter(
+            "gpufleet_group_load_failures_total", "Failed group loads", [*base, "group"], registry=r
+        )
         self.gpu_util = Gauge("gpufleet_device_utilization_percent", "Device utilisation", base, registry=r)
         self.gpu_mem_used = Gauge("gpufleet_device_memory_used_bytes", "Device memory used", base, registry=r)
         self.gpu_mem_total = Gauge("gpufleet_device_memory_total_bytes", "Device memory total", base, registry=r)

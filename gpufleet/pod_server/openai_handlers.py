@@ -49,12 +49,15 @@ class OpenAIHandlers:
         assert spec is not None
         if spec.task not in tasks:
             raise InvalidRequest(
-                f"model {model_id!r} is a {spec.task} model and cannot serve {endpoint}", param="model",
+                f"model {model_id!r} is a {spec.task} model and cannot serve {endpoint}",
+                param="model",
                 code="model_task_mismatch",
             )
         return spec
 
-    async def _prepare(self, spec: ModelSpec, prompt_ids: list[int], req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
+    async def _prepare(
+        self, spec: ModelSpec, prompt_ids: list[int], req: ChatCompletionRequest | CompletionRequest
+    ) -> _Prepared:
         context = await self.tokenizers.context_length(spec)
         budget = req.token_budget()
         if len(prompt_ids) >= context:
@@ -147,7 +150,9 @@ class OpenAIHandlers:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = _sse(deltas, meta, kind, len(p.prompt_ids), include_usage, cancel, finish)
-            return StreamingResponse(body, media_type="text/event-stream", headers={**SSE_HEADERS, **_served_headers(device, job)})
+            return StreamingResponse(
+                body, media_type="text/event-stream", headers={**SSE_HEADERS, **_served_headers(device, job)}
+            )
         text, reason, tokens = "", "length", 0
         try:
             async for d in deltas:
@@ -156,15 +161,36 @@ class OpenAIHandlers:
                 reason = d.finish_reason or reason
         finally:
             finish(tokens)
-        usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": tokens, "total_tokens": len(p.prompt_ids) + tokens}
+        usage = {
+            "prompt_tokens": len(p.prompt_ids),
+            "completion_tokens": tokens,
+            "total_tokens": len(p.prompt_ids) + tokens,
+        }
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-            body = {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-                    "choices": [choice], "usage": usage}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+            body = {
+                "id": meta.id,
+                "object": "chat.completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [choice],
+                "usage": usage,
+            }
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            body = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                    "choices": [choice], "usage": usage}
+            body = {
+                "id": meta.id,
+                "object": "text_completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [choice],
+                "usage": usage,
+            }
         return JSONResponse(body, headers=_served_headers(device, job))
 
     def _finish(self, device: str, p: _Prepared, job: Job, started: float, kind: str, tokens: int) -> None:
@@ -220,14 +246,22 @@ async def _sse(
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-        body: dict[str, Any] = {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": choices}
+        body: dict[str, Any] = {
+            "id": meta.id,
+            "object": obj,
+            "created": meta.created,
+            "model": meta.model,
+            "choices": choices,
+        }
         if usage is not None:
             body["usage"] = usage
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
     def piece(text: str, reason: str | None, first: bool = False) -> dict[str, Any]:
         if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            )
             return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
 
@@ -240,7 +274,10 @@ async def _sse(
             if d.text or d.finish_reason:
                 yield chunk([piece(d.text, d.finish_reason)])
         if include_usage:
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens})
+            yield chunk(
+                [],
+                {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
+            )
     except GpufleetError as exc:
         # Headers are gone: the error travels as an event, and the stream still ends properly.
         yield b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\n"

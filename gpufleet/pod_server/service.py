@@ -217,7 +217,9 @@ class PodService:
                     switching_to=s.switching_to,
                     switch_seconds_from_cache=s.switch_s.get("cache"),
                     switch_seconds_from_disk=s.switch_s.get("disk"),
-                    last_switch_unix=(time.time() - (time.monotonic() - s.last_switch_at)) if s.last_switch_at else None,
+                    last_switch_unix=(time.time() - (time.monotonic() - s.last_switch_at))
+                    if s.last_switch_at
+                    else None,
                 )
             )
         return PodStatus(

@@ -22,7 +22,9 @@ class PodServerSettings(BaseSettings):
     )
     num_workers_per_gpu: int = Field(default=1, ge=1, le=64, description="Concurrent requests per device.")
     default_group: str | None = Field(default=None, description="Overrides default_group of model_groups.json.")
-    max_cpu_cached_models: int = Field(default=4, ge=0, le=1024, description="Models parked in each device's CPU cache.")
+    max_cpu_cached_models: int = Field(
+        default=4, ge=0, le=1024, description="Models parked in each device's CPU cache."
+    )
     lazy_load_model: bool = Field(default=False, description="Load the default group on first use, not at start-up.")
     model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
     max_queue_per_device: int = Field(default=64, ge=1, le=100_000, description="Requests waiting per device.")

@@ -190,8 +190,17 @@ def test_v1_models_lists_every_model(client: httpx.Client) -> None:
         (chat("minilm"), 400, "model_task_mismatch"),
         (chat("tiny-chat", content="x" * 70_000), 413, "request_too_large"),
     ],
-    ids=["malformed", "unknown-model", "unknown-device", "too-long", "max-tokens-0", "max-tokens-huge",
-         "no-messages", "wrong-task", "body-cap"],
+    ids=[
+        "malformed",
+        "unknown-model",
+        "unknown-device",
+        "too-long",
+        "max-tokens-0",
+        "max-tokens-huge",
+        "no-messages",
+        "wrong-task",
+        "body-cap",
+    ],
 )
 def test_bad_input_gets_openai_error(client: httpx.Client, body: object, status: int, code: str) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -215,7 +224,7 @@ def test_broken_group_gives_503_while_others_serve(client: httpx.Client) -> None
 def test_metrics_expose_switches_and_requests(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     assert "gpufleet_requests_total" in text
-    assert 'gpufleet_group_switches_total{' in text
+    assert "gpufleet_group_switches_total{" in text
     assert "gpufleet_group_switch_seconds_bucket" in text
     assert "vllm:num_requests_waiting" in text
 

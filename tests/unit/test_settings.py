@@ -86,7 +86,10 @@ def test_model_groups_resolve_relative_sources(tmp_path: Path) -> None:
         (
             {
                 "default_group": "a",
-                "groups": {"a": {"models": [{"id": "m", "source": "x"}]}, "b": {"models": [{"id": "m", "source": "y"}]}},
+                "groups": {
+                    "a": {"models": [{"id": "m", "source": "x"}]},
+                    "b": {"models": [{"id": "m", "source": "y"}]},
+                },
             },
             "unique across groups",
         ),
