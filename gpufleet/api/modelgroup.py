@@ -116,6 +116,7 @@ class ModelGroupStatus(_Camel):
     replicas: int = Field(default=0, description="Pod servers that exist.")
     ready_replicas: int = Field(default=0, description="Pod servers that are ready with this group loaded.")
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
+    models: str | None = Field(default=None, description="The group's model ids, comma-separated (for kubectl get).")
     conditions: list[Condition] = Field(default_factory=list)
     placements: list[Placement] = Field(default_factory=list)
     service: str | None = None

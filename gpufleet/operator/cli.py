@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def run_operator(args: argparse.Namespace) -> int:
         pod_server_image=args.pod_server_image,
     )
     setup_logging("operator", settings.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_kopf_extras)
+    if settings.log_level.upper() != "DEBUG":
+        # kopf logs every handler run at INFO (each pod event); ours say what changed.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     reconciler = Reconciler(Kube(load_api_client(), settings.field_manager), settings.build_options())
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, settings)
@@ -44,6 +50,13 @@ def run_operator(args: argparse.Namespace) -> int:
         liveness_endpoint=liveness,
     )
     return 0
+
+
+def _drop_kopf_extras(record: logging.LogRecord) -> bool:
+    """kopf attaches its whole settings object to every record; keep the JSON lines short."""
+    for key in ("settings", "k8s_skip"):
+        record.__dict__.pop(key, None)
+    return True
 
 
 def configure_crd(p: argparse.ArgumentParser) -> None:

@@ -148,7 +148,7 @@ def build_crd() -> dict[str, Any]:
             {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready pods"},
             {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired pods"},
             {"name": "GPUs/Pod", "type": "integer", "jsonPath": ".spec.gpusPerPod", "priority": 1},
-            {"name": "Models", "type": "string", "jsonPath": ".spec.models[*].id", "description": "Model ids"},
+            {"name": "Models", "type": "string", "jsonPath": ".status.models", "description": "Model ids"},
             {
                 "name": "Status",
                 "type": "string",

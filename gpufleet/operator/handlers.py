@@ -2,7 +2,7 @@
 
 Triggers, all leading to the same level-triggered reconcile:
 - create/update/resume of a ModelGroup: reconcile now;
-- a timer per ModelGroup (resync_seconds): reconcile again, so drift of any child (a
+- every resync_seconds, every ModelGroup again (resync_forever), so drift of any child (a
   hand-edited ConfigMap, a deleted Service) is put back even without an event;
 - events of the StatefulSets we own: reconcile the owner at once (a deleted or edited
   StatefulSet comes back in seconds; its status changes update the group's);
@@ -16,6 +16,7 @@ with a delay; kopf.PermanentError means the spec is wrong, raised after the stat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +26,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from gpufleet.api import labels as keys
+from gpufleet.operator.kube import Kube
 from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result, group_path
 from gpufleet.operator.settings import OperatorSettings
 
@@ -46,12 +48,20 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     # Events are for users: ours, plus kopf's warnings (e.g. a handler failing), not its chatter.
     s.posting.level = logging.WARNING
     s.execution.max_workers = 8
+    if settings.namespaces:
+        # Only the named namespaces: no need to list namespaces or watch CRDs cluster-wide
+        # (which the namespaced RBAC does not allow). The CRD must exist when we start.
+        s.scanning.disabled = True
     return s
 
 
-def _post(body: Any, events: Iterable[tuple[str, str, str]]) -> None:
+def _post(kube: Kube, body: Any, events: Iterable[tuple[str, str, str]]) -> None:
+    """Events for users; losing one must not fail a reconcile."""
     for kind, reason, message in events:
-        kopf.event(body, type=kind, reason=reason, message=message)
+        try:
+            kube.post_event(dict(body), kind, reason, message)
+        except Exception as exc:
+            log.warning("cannot post event", extra={"reason": reason, "error": str(exc)})
 
 
 def _slim_pod(body: Any) -> dict[str, Any]:
@@ -87,35 +97,75 @@ def _guarded(what: str, fn: Callable[[], Result]) -> Result:
         raise kopf.TemporaryError(f"{what}: API server unreachable: {exc}", delay=5) from exc
 
 
+def list_groups(reconciler: Reconciler, namespaces: list[str]) -> list[dict[str, Any]]:
+    base = f"/apis/{keys.API_GROUP}/{keys.API_VERSION}"
+    paths = [f"{base}/namespaces/{ns}/{keys.PLURAL}" for ns in namespaces] or [f"{base}/{keys.PLURAL}"]
+    return [item for path in paths for item in reconciler.kube.list(path)]
+
+
+async def resync_forever(reconciler: Reconciler, settings: OperatorSettings) -> None:
+    """Every resync_seconds, reconcile every ModelGroup: drift of any child (a hand-edited
+    ConfigMap, a deleted Service) is put back even when no event announced it."""
+    while True:
+        await asyncio.sleep(settings.resync_seconds)
+        try:
+            groups = await asyncio.to_thread(list_groups, reconciler, settings.namespaces)
+        except Exception as exc:  # API trouble: try again next round
+            log.warning("resync: cannot list ModelGroups", extra={"error": str(exc)})
+            continue
+        for body in groups:
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                result = await asyncio.to_thread(reconciler.reconcile, body)
+                # Blocked groups stay blocked quietly: the status says why; events said it once.
+                await asyncio.to_thread(_post, reconciler.kube, body, result.events)
+            except Exception as exc:
+                log.warning("resync failed", extra={"group": body["metadata"]["name"], "error": str(exc)})
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: OperatorSettings) -> None:
-    @kopf.index("pods", labels=POD_SERVER_LABELS, registry=registry)
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # The same credentials as our own client: the in-cluster ServiceAccount, else KUBECONFIG.
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.index("pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
     def pod_servers(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, group): _slim_pod(body)} if group else None
 
-    def reconcile(body: Any, pod_servers: Any, raise_blocked: bool) -> None:
+    def reconcile(body: Any, pod_servers: Any) -> None:
         meta = body["metadata"]
         result = _guarded(
             f"reconciling {meta['namespace']}/{meta['name']}",
             lambda: reconciler.reconcile(dict(body), _pods(pod_servers, meta["namespace"], meta["name"])),
         )
-        _post(body, result.events)
-        if result.blocked is not None and raise_blocked:
+        _post(reconciler.kube, body, result.events)
+        if result.blocked is not None:
             if isinstance(result.blocked, InvalidSpec):
                 raise kopf.PermanentError(str(result.blocked))
             raise kopf.TemporaryError(str(result.blocked), delay=15)
 
-    @kopf.on.resume(*MODELGROUPS, registry=registry)
-    @kopf.on.create(*MODELGROUPS, registry=registry)
-    @kopf.on.update(*MODELGROUPS, registry=registry)
+    @kopf.on.resume(*MODELGROUPS, id="reconcile", registry=registry)
+    @kopf.on.create(*MODELGROUPS, id="reconcile", registry=registry)
+    @kopf.on.update(*MODELGROUPS, id="reconcile", registry=registry)
     def modelgroup_changed(body: Any, pod_servers: Any, **_: Any) -> None:
-        reconcile(body, pod_servers, raise_blocked=True)
+        reconcile(body, pod_servers)
 
-    @kopf.timer(*MODELGROUPS, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
-                registry=registry)
-    def modelgroup_resync(body: Any, pod_servers: Any, **_: Any) -> None:
-        # Blocked groups stay blocked quietly here: the status says why, events said it once.
-        reconcile(body, pod_servers, raise_blocked=False)
+    # The periodic re-check is our own task, not a kopf timer: kopf puts a finalizer on every
+    # object with a timer, and a finalizer would make deleting a ModelGroup (or its namespace)
+    # hang whenever the operator is not running.
+    @kopf.on.startup(id="start-resync", registry=registry)
+    async def start_resync(memo: Any, **_: Any) -> None:
+        memo.resync = asyncio.create_task(resync_forever(reconciler, settings), name="resync")
+
+    @kopf.on.cleanup(id="stop-resync", registry=registry)
+    async def stop_resync(memo: Any, **_: Any) -> None:
+        task = getattr(memo, "resync", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def owner_group(body: Any) -> str | None:
         for ref in body.get("metadata", {}).get("ownerReferences") or []:
@@ -126,7 +176,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     def fetch_group(namespace: str, name: str) -> dict[str, Any] | None:
         return reconciler.kube.get(group_path(namespace, name))
 
-    @kopf.on.event("apps", "v1", "statefulsets", labels=OWNED_LABELS, registry=registry)
+    @kopf.on.event("apps", "v1", "statefulsets", id="statefulset", labels=OWNED_LABELS, registry=registry)
     def statefulset_changed(body: Any, namespace: str, pod_servers: Any, **_: Any) -> None:
         name = owner_group(body)
         group = fetch_group(namespace, name) if name else None
@@ -134,9 +184,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             return
         pods = _pods(pod_servers, namespace, group["metadata"]["name"])
         result = _guarded(f"reconciling {namespace}/{name}", lambda: reconciler.reconcile(group, pods))
-        _post(group, result.events)
+        _post(reconciler.kube, group, result.events)
 
-    @kopf.on.event("pods", labels=POD_SERVER_LABELS, registry=registry)
+    @kopf.on.event("pods", id="pod", labels=POD_SERVER_LABELS, registry=registry)
     def pod_changed(namespace: str, labels: dict[str, str], pod_servers: Any, **_: Any) -> None:
         name = labels.get(keys.LABEL_MODEL_GROUP)
         group = fetch_group(namespace, name) if name else None
@@ -144,4 +194,4 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             return
         pods = _pods(pod_servers, namespace, group["metadata"]["name"])
         result = _guarded(f"status of {namespace}/{name}", lambda: reconciler.refresh_status(group, pods))
-        _post(group, result.events)
+        _post(reconciler.kube, group, result.events)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -57,6 +59,7 @@ class Kube:
         self.api = api_client
         self.field_manager = field_manager
         self.timeout_s = timeout_s
+        self.instance = socket.gethostname()
 
     def request(
         self,
@@ -102,6 +105,33 @@ class Kube:
         query = [("fieldManager", self.field_manager), ("force", "true")]
         out: dict[str, Any] = self.request("PATCH", manifest_path(manifest), manifest, query, APPLY)
         return out
+
+    def post_event(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `obj`, what `kubectl describe` shows."""
+        meta = obj["metadata"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": self.field_manager},
+            "reportingComponent": self.field_manager,
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", f"/api/v1/namespaces/{quote(meta['namespace'])}/events", event)
 
     def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = self.request("PATCH", path, patch, None, MERGE)

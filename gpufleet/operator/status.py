@@ -194,6 +194,7 @@ def compute_status(
         replicas=len(live),
         ready_replicas=len(ready),
         selector=selector_string(name),
+        models=",".join(m.id for m in spec.models),
         conditions=conditions,
         placements=placements(live, name),
         service=child_names(name).service,

@@ -192,3 +192,10 @@ def test_quantities_accept_integers_and_strings() -> None:
     doc["spec"]["resources"] = {"requests": {"cpu": 2, "memory": "4Gi"}}
     ModelGroupSpec.model_validate(doc["spec"])
     _validate_cr(doc)
+
+
+def test_gpufleet_crd_command_prints_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpufleet.cli import main
+
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == CRD_FILE.read_text()

@@ -212,7 +212,7 @@ def test_namespaced_mode_binds_per_namespace() -> None:
     for ns in ("ml", "team-b"):
         assert {(ns, "rel-gpufleet-operator"), (ns, "rel-gpufleet-operator-bind-pod-server"),
                 (ns, "rel-gpufleet-router")} <= bindings
-    assert [b["metadata"]["name"] for b in of_kind(docs, "ClusterRoleBinding")] == ["rel-gpufleet-operator-crds"]
+    assert of_kind(docs, "ClusterRoleBinding") == []  # nothing cluster-wide in namespaced mode
     env = _env(named(docs, "Deployment", "rel-gpufleet-operator"))
     assert env["GPUFLEET_OPERATOR_NAMESPACES"] == "ml,team-b"
     assert _env(named(docs, "Deployment", "rel-gpufleet-router"))["POD_NAMESPACES"] == "ml,team-b"

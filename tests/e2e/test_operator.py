@@ -1,0 +1,412 @@
+"""The operator, CRD and chart on a real control plane (tests/e2e/cluster): helm install,
+kubectl apply of deploy/examples/modelgroup.yaml, Ready pods on fake GPU nodes, the router
+serving real requests from real pod-server processes, and the operator keeping it so.
+
+How the pieces run (kwok runs no containers, see operator_support):
+- the chart is installed as users install it, but with operator.replicas=0 and
+  router.replicas=0: no image can run under kwok. Instead `gpufleet operator` and
+  `gpufleet router` run here as processes, with the env of the chart's Deployments and a
+  token of the chart's ServiceAccounts, so they can do exactly what the chart grants;
+- every pod-server pod that kwok marks running gets a real `gpufleet serve` process bound
+  to the pod's loopback IP, with the pod's env and ConfigMap, writing its status annotation
+  with its own ServiceAccount's token.
+The models' namespace enforces the `restricted` Pod Security Standard, so the API server
+itself checks the operator's pods.
+
+Against an existing cluster (GPUFLEET_E2E_KUBECONFIG, or KUBECONFIG with GPUFLEET_E2E_EXISTING=1)
+nothing is built: kubectl and helm come from GPUFLEET_K8S_BIN or PATH, the operator watches
+only the test's namespace, and pods with non-loopback IPs are left to their kubelet (set
+GPUFLEET_E2E_POD_SERVER_IMAGE to an image the cluster can pull; routing is then not tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cluster import procs
+from cluster.binaries import ensure_binaries
+from operator_support import LocalComponent, PodServerFarm, try_get, which
+
+from gpufleet.api import labels
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "gpufleet"
+EXAMPLE = ROOT / "deploy" / "examples" / "modelgroup.yaml"
+IMAGE_MODELS = "/opt/gpufleet/demo-models"  # where the pod-server image keeps the demo models
+READY_TIMEOUT = 240.0
+
+
+class Fleet:
+    """Everything the tests share: the cluster, the release, the local processes."""
+
+    def __init__(self, cluster: Any, bin_dir: Path | None, workdir: Path) -> None:
+        self.c = cluster
+        self.api = cluster.api
+        self.bin_dir = bin_dir
+        self.workdir = workdir
+        suffix = uuid.uuid4().hex[:5]
+        self.release = f"gf{suffix}"
+        self.system_ns = f"{self.release}-system"
+        self.ns = f"{self.release}-models"
+        self.operator: LocalComponent | None = None
+        self.router: LocalComponent | None = None
+        self.farm: PodServerFarm | None = None
+        self.router_url = ""
+        self.health_url = ""
+        self.nodes: list[str] = []
+
+    # ---- tools ---------------------------------------------------------------------------
+
+    def run(self, tool: str, *args: str, check: bool = True, stdin: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        argv = [which(tool, self.bin_dir), "--kubeconfig", self.c.kubeconfig, *args]
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{tool} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("kubectl", *args, **kw)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        return try_get(self.api, path)
+
+    def group(self, name: str) -> dict[str, Any]:
+        obj = self.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{self.ns}/modelgroups/{name}")
+        assert obj is not None, f"ModelGroup {name} is gone"
+        return obj
+
+    def pods(self, group: str) -> list[dict[str, Any]]:
+        selector = f"{labels.LABEL_MODEL_GROUP}={group}"
+        path = f"/api/v1/namespaces/{self.ns}/pods?labelSelector={selector}"
+        items: list[dict[str, Any]] = self.api.get(path)["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        for cond in (self.group(name).get("status") or {}).get("conditions") or []:
+            if cond["type"] == kind:
+                return dict(cond)
+        return {}
+
+    def ready(self, name: str) -> bool:
+        group = self.group(name)
+        status = group.get("status") or {}
+        return (self.condition(name, "Ready").get("status") == "True"
+                and status.get("observedGeneration") == group["metadata"]["generation"])
+
+    def watched(self) -> list[procs.Process]:
+        return [p.proc for p in (self.operator, self.router) if p and p.proc]
+
+    def wait(self, check: Any, what: str, timeout: float = 60) -> None:
+        try:
+            procs.wait_until(check, timeout, what, self.watched(), interval=0.5)
+        except procs.StartupError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+
+    def diagnostics(self) -> str:
+        out = [self.kubectl("get", "mg,sts,pods", "-n", self.ns, "-o", "wide", check=False).stdout]
+        if self.operator:
+            out.append("operator log (tail):\n" + "\n".join(self.operator.log().splitlines()[-25:]))
+        if self.farm and self.farm.errors:
+            out.append("pod server farm: " + "\n".join(self.farm.errors[-5:]))
+        return "\n".join(out)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        selector = f"involvedObject.kind=ModelGroup,involvedObject.name={name}"
+        path = f"/api/v1/namespaces/{self.ns}/events?fieldSelector={selector}"
+        items: list[dict[str, Any]] = self.api.get(path)["items"]
+        return items
+
+
+def _free_port() -> int:
+    return procs.free_port()
+
+
+@pytest.fixture(scope="module")
+def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    c = test_cluster
+    t0 = time.monotonic()
+    bin_dir = Path(os.environ["GPUFLEET_K8S_BIN"]) if os.environ.get("GPUFLEET_K8S_BIN") else None
+    if bin_dir is None and not c.existing:
+        bin_dir = ensure_binaries()
+    f = Fleet(c, bin_dir, tmp_path_factory.mktemp("operator-e2e"))
+    for i in range(2):
+        name = f"{f.release}-gpu-{i}"
+        c.add_gpu_node(name, gpus=4, labels={labels.GPU_PRODUCT_LABEL: "NVIDIA-H100-80GB-HBM3"})
+        f.nodes.append(name)
+    for ns, restricted in ((f.system_ns, True), (f.ns, True)):
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"}}}
+        c.api.create("/api/v1/namespaces", body)
+    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns}}}"]
+    if c.existing:  # never manage other people's ModelGroups
+        sets.append(f"operator.watchNamespaces={{{f.ns}}}")
+    if os.environ.get("GPUFLEET_E2E_POD_SERVER_IMAGE"):
+        repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
+        sets += ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
+    if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelgroups.gpufleet.io"):
+        sets.append("crds.install=false")  # left by an earlier install (it is kept on uninstall)
+    args = ["install", f.release, str(CHART), "-n", f.system_ns, "--wait", "--timeout", "120s"]
+    for s in sets:
+        args += ["--set", s]
+    f.run("helm", *args, timeout=180)
+    deployment = f"/apis/apps/v1/namespaces/{f.system_ns}/deployments/{f.release}-gpufleet"
+    operator_deployment, router_deployment = f.api.get(f"{deployment}-operator"), f.api.get(f"{deployment}-router")
+    health_port, router_port = _free_port(), _free_port()
+    f.health_url = f"http://127.0.0.1:{health_port}/healthz"
+    f.router_url = f"http://127.0.0.1:{router_port}"
+    f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
+        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
+        "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
+    })
+    f.router = LocalComponent(c.api, router_deployment, f.workdir / "router", {
+        "HOST": "127.0.0.1", "PORT": str(router_port),
+    })
+    f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
+    with f.operator, f.router, f.farm:
+        print(f"\n[e2e] {f.release} installed, operator/router started in {time.monotonic() - t0:.1f}s")
+        try:
+            yield f
+        finally:
+            print(f"\n[e2e] pod-server processes started: {len(f.farm.started)}; errors: {f.farm.errors[-3:]}")
+            f.kubectl("delete", "mg", "--all", "-n", f.ns, "--wait=false", check=False)
+    f.run("helm", "uninstall", f.release, "-n", f.system_ns, "--wait", "--timeout", "60s", check=False)
+    for ns in (f.ns, f.system_ns):
+        f.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+# ---- the tests, in order: they share one installation ------------------------------------------
+
+def test_chart_installed_least_privilege_workloads(fleet: Fleet) -> None:
+    """helm install gave the CRD, the RBAC and the Deployments; their pods would pass the
+    `restricted` standard (server-side dry run of a pod from each Deployment's template)."""
+    crd = fleet.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelgroups.gpufleet.io")
+    assert crd is not None and crd["spec"]["versions"][0]["subresources"]["scale"]
+    for component in ("operator", "router"):
+        path = f"/apis/apps/v1/namespaces/{fleet.system_ns}/deployments/{fleet.release}-gpufleet-{component}"
+        dep = fleet.api.get(path)
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"dry-run-{component}"},
+               "spec": dep["spec"]["template"]["spec"]}
+        fleet.api.request("POST", f"/api/v1/namespaces/{fleet.system_ns}/pods?dryRun=All", pod)
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dry-run-root"},
+           "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"runAsUser": 0}}]}}
+    result = fleet.kubectl("create", "--dry-run=server", "-n", fleet.ns, "-f", "-", stdin=json.dumps(bad), check=False)
+    assert result.returncode != 0 and "restricted" in result.stderr  # the namespace does enforce it
+
+
+INVALID = [
+    ("negative-replicas", {"replicas": -1}, "should be greater than or equal to 0"),
+    ("gpus-in-resources", {"resources": {"limits": {"nvidia.com/gpu": 2}}}, "set GPUs with spec.gpusPerPod"),
+    ("duplicate-ids", {"models": [{"id": "a", "source": "/a"}, {"id": "a", "source": "/b"}]}, "Duplicate value"),
+    ("bad-model-id", {"models": [{"id": "no spaces", "source": "/a"}]}, "spec.models[0].id"),
+    ("unknown-field", {"gpus": 2}, 'unknown field "spec.gpus"'),
+    ("x" * 53, {}, "at most 52 characters"),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "message"), INVALID, ids=[i[0][:20] for i in INVALID])
+def test_invalid_modelgroup_is_rejected_by_the_api_server(fleet: Fleet, name: str, spec: dict[str, Any],
+                                                         message: str) -> None:
+    doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": name},
+           "spec": {"models": [{"id": "m", "source": "/m"}], **spec}}
+    result = fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump(doc), check=False)
+    assert result.returncode != 0, result.stdout
+    assert message in result.stderr, result.stderr
+    assert fleet.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{fleet.ns}/modelgroups/{name}") is None
+
+
+def test_example_becomes_ready_on_gpu_nodes(fleet: Fleet) -> None:
+    t0 = time.monotonic()
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", str(EXAMPLE))
+    fleet.wait(lambda: fleet.ready("alpha") and fleet.ready("beta"), "ModelGroups alpha and beta Ready",
+               READY_TIMEOUT)
+    print(f"\n[e2e] example Ready in {time.monotonic() - t0:.1f}s")
+    status = fleet.group("alpha")["status"]
+    assert (status["replicas"], status["readyReplicas"]) == (2, 2)
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False",
+                                                                      "Degraded": "False"}
+    pods = fleet.pods("alpha")
+    assert sorted(p["metadata"]["name"] for p in pods) == ["alpha-0", "alpha-1"]
+    for pod in pods:
+        assert pod["spec"]["nodeName"] in fleet.nodes  # placed by kube-scheduler on a GPU node
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+        doc = json.loads(pod["metadata"]["annotations"][labels.STATUS_ANNOTATION])  # written by the pod server
+        assert doc["pod"] == pod["metadata"]["name"] and doc["ready"] is True
+        assert doc["node"] == pod["spec"]["nodeName"] and doc["url"] == f"http://{pod['status']['podIP']}:8000"
+    placements = {(p["pod"], p["state"]) for p in status["placements"]}
+    assert placements == {("alpha-0", "current"), ("alpha-1", "current")}
+    table = fleet.kubectl("get", "mg", "-n", fleet.ns).stdout
+    assert "tiny-chat-b,tiny-complete-b" in table and "True" in table, table
+    reasons = {e["reason"] for e in fleet.events("alpha")}
+    assert {"Created", "Ready"} <= reasons, reasons
+
+
+def served_by(response: httpx.Response) -> str:
+    """The pod the router sent the request to (the header may carry "namespace/name")."""
+    return response.headers["x-served-by-pod"].rsplit("/", 1)[-1]
+
+
+def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
+    pods = fleet.pods("alpha") + fleet.pods("beta")
+    if not all(p["status"].get("podIP", "").startswith("127.") for p in pods):
+        pytest.skip("pod IPs are not loopback: the local router cannot reach them (a kubelet runs the pods)")
+    with httpx.Client(base_url=fleet.router_url, timeout=60) as client:
+
+        def knows_all() -> bool:
+            ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+            return {"tiny-chat", "tiny-chat-b", "tiny-complete-b"} <= ids
+
+        fleet.wait(knows_all, "router lists every model", 60)
+        for _ in range(3):
+            r = client.post("/v1/chat/completions", json={"model": "tiny-chat", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hello"}]})
+            assert r.status_code == 200, r.text
+            assert served_by(r) in {"alpha-0", "alpha-1"}
+            assert r.json()["choices"][0]["message"]["role"] == "assistant"
+        r = client.post("/v1/chat/completions", json={"model": "tiny-chat-b", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and served_by(r) == "beta-0", r.text
+        r = client.post("/v1/completions", json={"model": "tiny-complete-b", "prompt": "The quick", "max_tokens": 4})
+        assert r.status_code == 200 and served_by(r) == "beta-0", r.text
+        assert r.headers.get("x-group-switch") == "false"  # beta was already resident: no load on the request path
+
+
+def test_applying_again_changes_nothing(fleet: Fleet) -> None:
+    def snapshot() -> dict[str, str]:
+        out = {}
+        for kind, path in (("sa", "/api/v1/namespaces/{ns}/serviceaccounts/alpha-pod-server"),
+                           ("rb", "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/alpha-pod-server"),
+                           ("cm", "/api/v1/namespaces/{ns}/configmaps/alpha-model-groups"),
+                           ("svc", "/api/v1/namespaces/{ns}/services/alpha")):
+            obj = fleet.api.get(path.format(ns=fleet.ns))
+            out[kind] = obj["metadata"]["resourceVersion"]
+        out["sts-generation"] = str(fleet.api.get(f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets/alpha")
+                                    ["metadata"]["generation"])
+        out["pods"] = ",".join(sorted(p["metadata"]["uid"] for p in fleet.pods("alpha")))
+        return out
+
+    before = snapshot()
+    for _ in range(3):
+        assert "unchanged" in fleet.kubectl("apply", "-n", fleet.ns, "-f", str(EXAMPLE)).stdout
+    time.sleep(6.5)  # two resync periods of the operator (3 s in these tests)
+    assert snapshot() == before
+
+
+def test_deleted_pod_comes_back(fleet: Fleet) -> None:
+    old = next(p for p in fleet.pods("alpha") if p["metadata"]["name"] == "alpha-0")
+    fleet.api.delete(f"/api/v1/namespaces/{fleet.ns}/pods/alpha-0")
+
+    def replaced() -> bool:
+        pods = {p["metadata"]["name"]: p for p in fleet.pods("alpha")}
+        new = pods.get("alpha-0")
+        return bool(new and new["metadata"]["uid"] != old["metadata"]["uid"] and fleet.ready("alpha")
+                    and fleet.group("alpha")["status"]["readyReplicas"] == 2)
+
+    fleet.wait(replaced, "alpha-0 recreated and alpha Ready again", READY_TIMEOUT)
+
+
+def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
+    ns = fleet.ns
+    sts = f"/apis/apps/v1/namespaces/{ns}/statefulsets/beta"
+    cm = f"/api/v1/namespaces/{ns}/configmaps/beta-model-groups"
+    svc = f"/api/v1/namespaces/{ns}/services/beta"
+    original = fleet.api.get(cm)["data"]
+    fleet.kubectl("scale", "statefulset", "beta", "-n", ns, "--replicas=3")
+    fleet.kubectl("patch", "configmap", "beta-model-groups", "-n", ns, "--type=merge",
+                  "-p", json.dumps({"data": {"model_groups.json": "{}"}}))
+    fleet.api.delete(svc)
+    fleet.wait(lambda: fleet.api.get(sts)["spec"]["replicas"] == 1, "StatefulSet replicas put back", 30)
+    fleet.wait(lambda: fleet.api.get(cm)["data"] == original, "ConfigMap put back", 30)
+    fleet.wait(lambda: fleet.get(svc) is not None, "Service recreated", 30)
+    reasons = [e["reason"] for e in fleet.events("beta")]
+    assert "Restored" in reasons, reasons
+
+
+def test_gpus_per_pod_is_immutable(fleet: Fleet) -> None:
+    result = fleet.kubectl("patch", "mg", "alpha", "-n", fleet.ns, "--type=merge",
+                           "-p", '{"spec": {"gpusPerPod": 2}}', check=False)
+    assert result.returncode != 0 and "gpusPerPod is immutable" in result.stderr, result.stderr
+
+
+def test_scale_subresource(fleet: Fleet) -> None:
+    fleet.kubectl("scale", "mg", "beta", "-n", fleet.ns, "--replicas=0")
+    fleet.wait(lambda: not fleet.pods("beta") and fleet.condition("beta", "Ready").get("reason") == "ScaledToZero",
+               "beta scaled to zero", 60)
+
+
+def test_deleting_the_modelgroup_removes_what_it_owns(fleet: Fleet) -> None:
+    fleet.kubectl("delete", "mg", "alpha", "-n", fleet.ns)
+    selector = f"{labels.LABEL_MODEL_GROUP}=alpha"
+    paths = [f"/api/v1/namespaces/{fleet.ns}/pods", f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets",
+             f"/api/v1/namespaces/{fleet.ns}/services", f"/api/v1/namespaces/{fleet.ns}/configmaps",
+             f"/api/v1/namespaces/{fleet.ns}/serviceaccounts",
+             f"/apis/rbac.authorization.k8s.io/v1/namespaces/{fleet.ns}/rolebindings"]
+
+    def gone() -> bool:
+        return all(not fleet.api.get(f"{p}?labelSelector={selector}")["items"] for p in paths)
+
+    fleet.wait(gone, "everything of alpha garbage-collected", 60)
+
+
+def _can(fleet: Fleet, who: str, verb: str, resource: str, namespace: str) -> bool:
+    """`kubectl auth can-i` as `who`; resource may be "kind", "kind/name" or "kind:subresource"."""
+    resource, _, sub = resource.partition(":")
+    args = ["auth", "can-i", verb, resource, f"--as={who}", "-n", namespace]
+    if sub:
+        args.append(f"--subresource={sub}")
+    return fleet.kubectl(*args, check=False).returncode == 0
+
+
+def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> None:
+    """Doing the job is proven above: the operator, the router and every pod server ran with
+    the tokens of these ServiceAccounts. Here: nothing more (impersonation)."""
+    ns, sys_ns, release = fleet.ns, fleet.system_ns, fleet.release
+    operator = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-operator"
+    allowed = ["watch modelgroups.gpufleet.io", "patch modelgroups.gpufleet.io:status",
+               "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
+               "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
+               "create rolebindings", "list pods", "watch pods", "create events",
+               f"bind clusterroles/{release}-gpufleet-pod-server"]
+    denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
+              "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",
+              "delete modelgroups.gpufleet.io", "update modelgroups.gpufleet.io", "create modelgroups.gpufleet.io",
+              "update modelgroups.gpufleet.io:status", "create deployments.apps", "create roles",
+              "create clusterrolebindings", "bind clusterroles/cluster-admin", "bind clusterroles/admin",
+              "escalate clusterroles", "patch nodes", "create namespaces", "impersonate serviceaccounts",
+              "create serviceaccounts:token", "patch customresourcedefinitions.apiextensions.k8s.io"]
+    pod_server = f"system:serviceaccount:{ns}:beta-pod-server"
+    router = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-router"
+    expect = [(operator, rule, ns, True) for rule in allowed] + [(operator, rule, ns, False) for rule in denied]
+    expect += [(pod_server, "patch pods", ns, True), (pod_server, "patch pods", sys_ns, False)]
+    pod_server_denied = ["delete pods", "create pods", "list pods", "patch pods:status", "get secrets",
+                         "patch modelgroups.gpufleet.io", "create serviceaccounts:token"]
+    expect += [(pod_server, rule, ns, False) for rule in pod_server_denied]
+    expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False)]
+    expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))
+    wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
+             for (who, rule, where, want), got in zip(expect, answers, strict=True) if got != want]
+    assert not wrong, wrong
+
+
+def test_operator_is_healthy_and_logged_no_errors(fleet: Fleet) -> None:
+    assert httpx.get(fleet.health_url, timeout=5).status_code == 200
+    assert fleet.operator is not None
+    errors = [line for line in fleet.operator.log().splitlines() if '"level": "error"' in line or "Traceback" in line]
+    assert not errors, "\n".join(errors[:5])
