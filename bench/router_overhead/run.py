@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.router_overhead.echo_backend import loop_factory
 from bench.router_overhead.loadgen import Sample, run_load
@@ -94,13 +95,28 @@ def summarise(samples: list[Sample], elapsed: float) -> dict[str, Any]:
     return out
 
 
-async def measure(port: int, stream: bool, concurrency: int, duration_s: float) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+async def measure(port: int, stream: bool, concurrency: int, duration_s: float, pid: int | None) -> dict[str, Any]:
+    """Warm up, then load for ``duration_s``; with ``pid``, also the CPU that process spent per request."""
     body = CHAT_STREAM if stream else CHAT
     await run_load("127.0.0.1", port, "/v1/chat/completions", body, concurrency, min(0.5, duration_s), 100_000)
+    cpu_before = cpu_seconds(pid)
     samples, elapsed = await run_load(
         "127.0.0.1", port, "/v1/chat/completions", body, concurrency, duration_s, 1_000_000
     )
-    return summarise(samples, elapsed)
+    out = summarise(samples, elapsed)
+    if pid is not None and samples:
+        # Contention-proof: what one request costs the router's core, and the rate one core could give.
+        per_request = (cpu_seconds(pid) - cpu_before) / len(samples)
+        out["router_cpu_us_per_req"] = round(per_request * 1e6, 1)
+        out["router_rps_per_core"] = round(1 / per_request, 1) if per_request else None
+    return out
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -117,9 +133,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         "chunk_delay_max_ms",
         "chunk_extra_gap_max_ms",
     ]
-    print(" | ".join(f"{c:>10}" for c in cols))
+    print(" | ".join(f"{c[:12]:>12}" for c in cols))
     for r in rows:
-        print(" | ".join(f"{r.get(c, '') if r.get(c) is not None else '':>10}" for c in cols))
+        print(" | ".join(f"{r.get(c) if r.get(c) is not None else '':>12}" for c in cols))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.client_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.client_core})
+    load_before = os.getloadavg()[0]
     logs = Path(tempfile.mkdtemp(prefix="router-bench-"))
     echo_port, router_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -174,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=(logs / "router.log").open("wb"),
             )
         )
+        router_pid = procs[-1].pid  # taskset execs python: the same process
         wait_ready(f"http://127.0.0.1:{echo_port}/ready")
         wait_ready(f"http://127.0.0.1:{router_port}/ready")
         rows: list[dict[str, Any]] = []
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             for stream in (False, True):
                 for conc in (1, 16):
-                    for target, port in (("direct", echo_port), ("router", router_port)):
-                        row = runner.run(measure(port, stream, conc, args.duration))
+                    for target, port, pid in (("direct", echo_port, None), ("router", router_port, router_pid)):
+                        row = runner.run(measure(port, stream, conc, args.duration, pid))
                         rows.append({"target": target, "stream": stream, "conc": conc, **row})
                         print(f"  {target:6} stream={stream!s:5} c={conc:<2} {row}", file=sys.stderr, flush=True)
     finally:
@@ -204,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_chunk_delay_ms": row("router", True, 1)["chunk_delay_max_ms"],
         "max_chunk_delay_ms_c16": row("router", True, 16)["chunk_delay_max_ms"],
         "router_rps_c16": row("router", False, 16)["rps"],
+        "router_cpu_us_per_req_c16": row("router", False, 16).get("router_cpu_us_per_req"),
+        "router_rps_per_core_c16": row("router", False, 16).get("router_rps_per_core"),
         "direct_rps_c16": row("direct", False, 16)["rps"],
     }
     verdict = {
@@ -241,5 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in figures.items():
         mark = "" if key not in verdict else ("  ok" if verdict[key] else "  MISSED")
         print(f"{key:>26}: {value}{mark}")
-    print(f"\nwritten: {args.out}")
+    print(f"\nload average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"written: {args.out}")
     return 0

@@ -68,13 +68,15 @@ def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
     state.on_eject = on_eject
     headers = pod_headers(settings)
     config = ProxyConfig(
-        first_byte_s=settings.first_byte_timeout_s,
-        idle_s=settings.idle_timeout_s,
         retries=settings.retries,
         pod_headers=((b"content-type", b"application/json"), *headers),
     )
     decider = Decider(state, metrics, settings.routing_policy)
-    pool = UpstreamPool(connect_timeout_s=settings.connect_timeout_s)
+    pool = UpstreamPool(
+        connect_timeout_s=settings.connect_timeout_s,
+        first_byte_s=settings.first_byte_timeout_s,
+        idle_s=settings.idle_timeout_s,
+    )
     proxy = Proxy(state, decider, metrics, pool, config)
     return Runtime(settings, state, metrics, pool, proxy, headers)
 

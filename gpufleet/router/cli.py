@@ -22,6 +22,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+def lean_logging() -> None:
+    """Our JSON lines never show the caller, thread or process: skip collecting them for every
+    record (a routing decision is logged per request, so this is on the hot path)."""
+    import logging
+
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]  # no caller lookup (documented speed-up)
+
+
 def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -31,6 +42,7 @@ def run_router(args: argparse.Namespace) -> int:
 
     settings = load_router_settings(**_overrides(args))
     setup_logging("router", settings.log_level)
+    lean_logging()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

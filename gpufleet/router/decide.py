@@ -39,6 +39,22 @@ class Decider:
         snap = self.state.snapshot(exclude)
         decision = self.policy(RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence), snap)
         choice = decision.choice
+        if log.isEnabledFor(logging.INFO):
+            self._log(request_id, model, group, exclusive, attempt, decision)
+        self.metrics.decision(
+            self.policy_name,
+            decision.outcome.value,
+            decision.reason if decision.routed else "",  # refusal reasons carry free text
+            choice.pod if choice else "",
+            choice.device if choice else "",
+        )
+        return decision
+
+    def _log(
+        self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision
+    ) -> None:
+        """One structured line per decision."""
+        choice = decision.choice
         extra = {
             "request_id": request_id,
             "model": model,
@@ -54,14 +70,6 @@ class Decider:
         if attempt:
             extra["attempt"] = attempt
         log.info("route", extra=extra)
-        self.metrics.decision(
-            self.policy_name,
-            decision.outcome.value,
-            decision.reason if decision.routed else "",  # refusal reasons carry free text
-            choice.pod if choice else "",
-            choice.device if choice else "",
-        )
-        return decision
 
     def refusal(self, decision: Decision, group: str, exclusive: str | None) -> GpufleetError:
         outcome = decision.outcome

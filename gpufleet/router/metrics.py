@@ -31,7 +31,7 @@ class RouterMetrics:
         self.inflight = Gauge("gpufleet_router_requests_running", "Requests being proxied", registry=r)
         self.ttfb = Histogram(
             "gpufleet_router_time_to_first_byte_seconds",
-            "From request to the pod's first byte",
+            "From request to the first chunk of a stream",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -53,8 +53,6 @@ _JSON = (b"content-type", b"application/json")
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    first_byte_s: float
-    idle_s: float
     retries: int
     pod_headers: tuple[tuple[bytes, bytes], ...] = ()
 
@@ -161,6 +159,8 @@ class Proxy:
         self.metrics = metrics
         self.pool = pool
         self.config = config
+        self.running = 0  # requests being proxied; read by the metrics gauge at scrape time
+        metrics.inflight.set_function(lambda: self.running)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -172,7 +172,7 @@ class Proxy:
                 status[0] = message["status"]
             await send(message)
 
-        self.metrics.inflight.inc()
+        self.running += 1
         try:
             await self._handle(scope, receive, tracked_send, started)
         except Exception:
@@ -180,7 +180,7 @@ class Proxy:
             if not status[0]:
                 await send_error(tracked_send, InternalError("the router failed to handle this request"))
         finally:
-            self.metrics.inflight.dec()
+            self.running -= 1
             self.metrics.request_done(endpoint, status[0], time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
@@ -255,12 +255,10 @@ class Proxy:
         """Relay one attempt; True when the pod answered 200 in full. Raises _Retryable before the first byte."""
         headers = [*self.config.pod_headers, (b"x-request-id", request_id.encode())]
         try:
-            async with asyncio.timeout(self.config.first_byte_s):
-                response = await self.pool.request(base_url, path, headers, payload)
-        except TimeoutError:
-            raise _Retryable("first_byte_timeout", f"no answer within {self.config.first_byte_s}s") from None
+            response = await self.pool.request(base_url, path, headers, payload)
         except UpstreamConnectionError as exc:
-            raise _Retryable("connect" if exc.connect else "read", str(exc)) from None
+            kind = "first_byte_timeout" if exc.timeout else ("connect" if exc.connect else "read")
+            raise _Retryable(kind, str(exc)) from None
         try:
             return await self._relay(response, stream, ticket, receive, send, started, path)
         finally:
@@ -276,7 +274,7 @@ class Proxy:
         if status in RETRY_STATUSES:
             try:
                 data = await self._read_all(response)
-            except (TimeoutError, UpstreamConnectionError):
+            except UpstreamConnectionError:
                 data = b""
             raise _Retryable(
                 f"status_{status}", f"pod answered {status}", response=(status, out, data),
@@ -288,18 +286,16 @@ class Proxy:
         if not sse:
             try:
                 data = await self._read_all(response)
-            except (TimeoutError, UpstreamConnectionError) as exc:
-                raise _Retryable("read", f"{type(exc).__name__}: {exc}") from None
+            except UpstreamConnectionError as exc:
+                raise _Retryable("read", str(exc)) from None
             out.append((b"content-length", str(len(data)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": out})
-            self.metrics.first_byte(endpoint, time.perf_counter() - started)
             await send({"type": "http.response.body", "body": data})
             return status == 200
         try:
-            async with asyncio.timeout(self.config.idle_s):
-                first = await response.next_chunk()
-        except (TimeoutError, UpstreamConnectionError) as exc:
-            raise _Retryable("read", f"{type(exc).__name__}: {exc}") from None
+            first = await response.next_chunk()
+        except UpstreamConnectionError as exc:
+            raise _Retryable("read", str(exc)) from None
         await send({"type": "http.response.start", "status": status, "headers": out})
         self.metrics.first_byte(endpoint, time.perf_counter() - started)
         if first is None:
@@ -317,12 +313,11 @@ class Proxy:
         try:
             while not gone.done():
                 try:
-                    async with asyncio.timeout(self.config.idle_s):
-                        chunk = await response.next_chunk()
-                except (TimeoutError, UpstreamConnectionError) as exc:
-                    kind = "idle_timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+                    chunk = await response.next_chunk()
+                except UpstreamConnectionError as exc:
+                    kind = "idle_timeout" if exc.timeout else "stream_broken"
                     self.metrics.upstream_failures.labels(ticket.pod, kind).inc()
-                    self.state.failed(ticket.pod, f"mid-stream: {type(exc).__name__}")
+                    self.state.failed(ticket.pod, f"mid-stream: {exc}")
                     log.warning("stream from pod broke", extra={"pod": ticket.pod, "kind": kind})
                     tail = _sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))
                     break
@@ -338,5 +333,4 @@ class Proxy:
     async def _read_all(self, response: UpstreamResponse) -> bytes:
         if response.complete:  # the usual case: the whole answer came with its headers
             return response.take_all()
-        async with asyncio.timeout(self.config.idle_s):
-            return await response.read_all()
+        return await response.read_all()

@@ -113,6 +113,8 @@ class FleetState:
         self.expected: dict[str, _Expectation] = {}
         self.sequence = 0
         self.service_s: float | None = None  # learned time one request holds a worker (EWMA)
+        self._costs_for: float | None = None
+        self._costs = self.costs
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
 
     # --- discovery ----------------------------------------------------------------------------
@@ -238,7 +240,11 @@ class FleetState:
     def costs_now(self) -> Costs:
         if self.service_s is None:
             return self.costs
-        return dataclasses.replace(self.costs, service_s=self.service_s)
+        seen = self._costs_for
+        if seen is None or abs(self.service_s - seen) > 0.05 * seen:  # rebuilt only when it moves 5%
+            self._costs_for = self.service_s
+            self._costs = dataclasses.replace(self.costs, service_s=round(self.service_s, 4))
+        return self._costs
 
     def failed(self, pod: str, error: str) -> bool:
         """A request to ``pod`` failed before its first byte; True when that ejects it."""

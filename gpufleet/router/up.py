@@ -219,11 +219,13 @@ def up(overrides: dict[str, Any]) -> int:
     from gpufleet.pod_server.demo_models import build_demo_models
     from gpufleet.pod_server.settings import load_settings
     from gpufleet.router.app import create_app
+    from gpufleet.router.cli import lean_logging
     from gpufleet.router.settings import load_router_settings
 
     pod_settings = load_settings()
     up_settings = UpSettings()
     setup_logging("router", pod_settings.log_level)
+    lean_logging()
     devices = pod_settings.devices
     manifest = pod_settings.model_groups
     if manifest is None:  # build once here, so the children do not race to build them

@@ -3,7 +3,9 @@
 httpx costs milliseconds per request on a small shared CPU; the proxy needs well under one.
 This client does only what forwarding needs: write one request (headers and body in one
 ``write``, TCP_NODELAY on), parse the answer with ``httptools`` (C), and hand body chunks
-to the caller the moment they arrive. Timeouts are the caller's (``asyncio.timeout``).
+to the caller the moment they arrive. First-byte and idle timeouts are enforced by one
+sweeper task for all answers in flight (a timer per request or per chunk costs more than
+the forwarding itself); it fails a late answer with ``UpstreamError(timeout=True)``.
 
 Idle connections are kept per pod for less than the pod server's own keep-alive (uvicorn
 closes after 5 s), and one that fails before any byte of the answer came back is retried
@@ -27,11 +29,12 @@ HIGH_WATER = 1 << 20  # pause reading from the pod past this much unread body
 
 
 class UpstreamError(Exception):
-    """The connection failed; ``connected`` tells whether it failed before connecting."""
+    """The exchange failed: before connecting (``connect``), by a timeout, or the connection broke."""
 
-    def __init__(self, message: str, *, connect: bool = False) -> None:
+    def __init__(self, message: str, *, connect: bool = False, timeout: bool = False) -> None:
         super().__init__(message)
         self.connect = connect
+        self.timeout = timeout
 
 
 class _Conn(asyncio.Protocol):
@@ -54,6 +57,7 @@ class _Conn(asyncio.Protocol):
         if response is None:  # the pod spoke out of turn: the connection is unusable
             self.close()
             return
+        response.last_activity = time.monotonic()
         try:
             response.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -82,6 +86,7 @@ class UpstreamResponse:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.got_bytes = False
+        self.started = self.last_activity = time.monotonic()
         self._headers_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -122,13 +127,22 @@ class UpstreamResponse:
             w.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
-        if self._complete:
+        if self._complete or self._error is not None:
             return
         self._error = error
         if not self._headers_done.done():
             self._headers_done.set_exception(error)
             self._headers_done.exception()  # retrieved: a caller that timed out must not log it
         self._wake()
+
+    def _timeout(self, message: str) -> None:
+        self._fail(UpstreamError(message, timeout=True))
+        self.conn.close()
+
+    @property
+    def waiting_on_pod(self) -> bool:
+        """Data is expected and nothing holds it back on our side."""
+        return not self._complete and self._error is None and not self._paused
 
     async def wait_headers(self) -> None:
         await self._headers_done
@@ -179,6 +193,7 @@ class UpstreamResponse:
     def release(self) -> None:
         """Done with this answer: keep the connection if it is reusable, else close it."""
         conn = self.conn
+        conn.pool._active.discard(self)
         if conn.response is self:
             conn.response = None
         if self._complete and self._error is None and self.keep_alive and not conn.closed:
@@ -188,11 +203,34 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    def __init__(self, *, connect_timeout_s: float, max_idle_per_pod: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        first_byte_s: float = 300.0,
+        idle_s: float = 60.0,
+        max_idle_per_pod: int = 256,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.first_byte_s = first_byte_s
+        self.idle_s = idle_s
+        self.sweep_s = max(0.05, min(0.5, first_byte_s / 4, idle_s / 4))
         self.max_idle_per_pod = max_idle_per_pod
         self._idle_conns: dict[tuple[str, int], collections.deque[_Conn]] = {}
         self._targets: dict[str, tuple[str, int, bytes]] = {}
+        self._active: set[UpstreamResponse] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            now = time.monotonic()
+            for r in list(self._active):
+                if not r._headers_done.done():
+                    if now - r.started > self.first_byte_s:
+                        r._timeout(f"no answer within {self.first_byte_s:g}s")
+                elif r.waiting_on_pod and now - r.last_activity > self.idle_s:
+                    r._timeout(f"no data for {self.idle_s:g}s")
 
     def _target(self, base_url: str) -> tuple[str, int, bytes]:
         t = self._targets.get(base_url)
@@ -246,6 +284,8 @@ class UpstreamPool:
             head += [k, b": ", v, b"\r\n"]
         head.append(b"\r\n")
         data = b"".join(head) + body
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="upstream-timeouts")
         for _ in range(2):
             conn = self._take(key)
             reused = conn is not None
@@ -253,17 +293,20 @@ class UpstreamPool:
                 conn = await self._connect(key)
             response = UpstreamResponse(conn)
             conn.response = response
+            self._active.add(response)
             assert conn.transport is not None
             conn.transport.write(data)
             try:
                 await response.wait_headers()
-            except UpstreamError:
+            except UpstreamError as exc:
+                self._active.discard(response)
                 conn.close()
-                if reused and not response.got_bytes:
+                if reused and not response.got_bytes and not exc.timeout:
                     continue  # a keep-alive connection the pod had just closed: try a fresh one
                 raise
             except BaseException:
-                conn.close()  # cancelled (a timeout): the connection is mid-answer, unusable
+                self._active.discard(response)
+                conn.close()  # cancelled: the connection is mid-answer, unusable
                 raise
             return response
         raise UpstreamError("pod closed the connection twice before answering")
@@ -281,6 +324,9 @@ class UpstreamPool:
         return json.loads(data)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle_conns.values():
             for conn in idle:
                 conn.close()
