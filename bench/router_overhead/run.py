@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from bench.router_overhead.echo_backend import loop_factory
 from bench.router_overhead.loadgen import Sample, run_load
@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             for stream in (False, True):
                 for conc in (1, 16):
                     for target, port, pid in (("direct", echo_port, None), ("router", router_port, router_pid)):
-                        row = runner.run(measure(port, stream, conc, args.duration, pid))
-                        rows.append({"target": target, "stream": stream, "conc": conc, **row})
-                        print(f"  {target:6} stream={stream!s:5} c={conc:<2} {row}", file=sys.stderr, flush=True)
+                        figures = runner.run(measure(port, stream, conc, args.duration, pid))
+                        rows.append({"target": target, "stream": stream, "conc": conc, **figures})
+                        print(f"  {target:6} stream={stream!s:5} c={conc:<2} {figures}", file=sys.stderr, flush=True)
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)

@@ -30,7 +30,7 @@ def lean_logging() -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]  # no caller lookup (documented speed-up)
+    logging._srcfile = None  # no caller lookup (a documented speed-up)
 
 
 def run_router(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ class Decider:
     ) -> None:
         """One structured line per decision."""
         choice = decision.choice
-        extra = {
+        extra: dict[str, object] = {
             "request_id": request_id,
             "model": model,
             "group": group,
