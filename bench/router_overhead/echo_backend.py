@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable
 
-MODELS = {"echo-chat": "echo", "echo-embed": "echo"}
+MODELS = {"echo-chat": "echo", "echo-embed": "echo", "echo-busy": "echo"}  # echo-busy: always 429
 
 
 def _status(name: str) -> bytes:
@@ -119,7 +119,10 @@ class EchoProtocol(asyncio.Protocol):
     def _answer(self, method: str, path: str, body: bytes) -> None:
         assert self.transport is not None
         write = self.transport.write
-        if method == "POST" and path == "/v1/completions" and b'"stream":true' not in body.replace(b" ", b""):
+        if method == "POST" and b'"echo-busy"' in body:
+            err = b'{"error":{"message":"queue full","type":"rate_limit_error","param":null,"code":"queue_full"}}'
+            write(_response(b"429 Too Many Requests", err, b"retry-after: 3\r\n"))
+        elif method == "POST" and path == "/v1/completions" and b'"stream":true' not in body.replace(b" ", b""):
             # Completions echo the body the pod received, so tests can see what the router forwarded.
             write(_response(b"200 OK", b'{"object":"text_completion","received":' + body + b"}", _SERVED))
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):

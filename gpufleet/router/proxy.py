@@ -242,7 +242,7 @@ class Proxy:
         assert last is not None
         if last.response is not None:
             code, headers, data = last.response
-            headers = [*headers, (b"content-length", str(len(data)).encode()), (b"x-served-by-pod", last_pod.encode())]
+            headers = [*headers, (b"content-length", str(len(data)).encode())]  # x-served-by-pod is in already
             await send({"type": "http.response.start", "status": code, "headers": headers})
             await send({"type": "http.response.body", "body": data})
             return

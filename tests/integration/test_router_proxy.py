@@ -131,6 +131,16 @@ def test_headers_request_id_and_errors(router: ServerProcess) -> None:
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_full_pod_is_retried_once_then_its_429_passes_through(router: ServerProcess) -> None:
+    r = httpx.post(router.url + "/v1/chat/completions", json={**CHAT, "model": "echo-busy"}, headers=AUTH)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["error"]["code"] == "queue_full"
+    assert r.headers.get_list("x-served-by-pod") in (["echo-0"], ["echo-1"])
+    # Back-pressure is not a failure: neither pod is ejected for it.
+    pods = httpx.get(router.url + "/api/fleet", headers=AUTH).json()["pods"]
+    assert not any(p["ejected"] for p in pods.values())
+
+
 def test_api_key_on_everything_but_health(router: ServerProcess) -> None:
     r = httpx.post(router.url + "/v1/chat/completions", json=CHAT)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -139,7 +149,7 @@ def test_api_key_on_everything_but_health(router: ServerProcess) -> None:
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(router.url + path).status_code == 200
     assert {m["id"] for m in httpx.get(router.url + "/v1/models", headers=AUTH).json()["data"]} == {
-        "echo-chat", "echo-embed"
+        "echo-chat", "echo-embed", "echo-busy"
     }
 
 
