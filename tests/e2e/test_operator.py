@@ -158,7 +158,9 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
         sets += ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
     if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelgroups.gpufleet.io"):
-        sets.append("crds.install=false")  # left by an earlier install (it is kept on uninstall)
+        # Left by an earlier release (the chart keeps it on uninstall): bring it up to date.
+        sets.append("crds.install=false")
+        f.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modelgroup.yaml"))
     args = ["install", f.release, str(CHART), "-n", f.system_ns, "--wait", "--timeout", "120s"]
     for s in sets:
         args += ["--set", s]
