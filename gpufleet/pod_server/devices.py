@@ -22,17 +22,18 @@ def cuda_device_count() -> int:
 
 def parse_device_list(raw: list[str], *, cuda_count: int | None = None) -> list[str]:
     """Normalise and validate ``DEVICES``; raises ValueError naming the bad entry."""
-    if cuda_count is None:
-        cuda_count = cuda_device_count()
     if not raw:
-        return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu:0"]
+        count = cuda_device_count() if cuda_count is None else cuda_count
+        return [f"cuda:{i}" for i in range(count)] or ["cpu:0"]
     out: list[str] = []
     for item in raw:
         m = _DEVICE.match(item.strip().lower())
         if not m:
             raise ValueError(f"DEVICES: {item!r} is not a device; use cuda:N or cpu:N")
         kind, index = m.group(1), int(m.group(2) or 0)
-        if kind == "cuda" and index >= cuda_count:
+        if kind == "cuda" and cuda_count is None:
+            cuda_count = cuda_device_count()  # importing torch is slow: only when a GPU is named
+        if kind == "cuda" and index >= (cuda_count or 0):
             seen = f"{cuda_count} visible CUDA device(s)" if cuda_count else "no visible CUDA device"
             raise ValueError(f"DEVICES: {item!r} is unavailable: this machine has {seen}")
         name = f"{kind}:{index}"
