@@ -59,6 +59,7 @@ class PodRecord:
     queue_doc: dict[str, Any] | None = None
     queue_at: float | None = None
     annotated: bool = False  # its status comes from a Kubernetes annotation
+    confirmed: bool = True  # False after an ejection until a new status document arrives
     name: str = ""  # unique routing name, set by FleetState
 
     @property
@@ -69,7 +70,13 @@ class PodRecord:
 
     @property
     def ready(self) -> bool:
-        return self.discovered_ready and self.status is not None and self.status.ready and self.url is not None
+        return (
+            self.discovered_ready
+            and self.confirmed
+            and self.status is not None
+            and self.status.ready
+            and self.url is not None
+        )
 
 
 @dataclass
@@ -164,7 +171,7 @@ class FleetState:
             return
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
-        rec.status, rec.status_at = doc, now
+        rec.status, rec.status_at, rec.confirmed = doc, now, True
         rec.annotated = rec.annotated or not contact
         if renamed:
             self._reindex()
@@ -193,7 +200,7 @@ class FleetState:
         """A poll of the pod failed (refused, timed out, bad answer)."""
         rec = self.pods.get(pod_id)
         if rec is not None and rec.outlier.failure(self.clock(), error):
-            self.on_eject(rec.name, True)
+            self._ejected(rec)
 
     def _contact(self, rec: PodRecord, now: float) -> None:
         rec.contact_at = now
@@ -253,8 +260,15 @@ class FleetState:
             return False
         ejected = rec.outlier.failure(self.clock(), error)
         if ejected:
-            self.on_eject(rec.name, True)
+            self._ejected(rec)
         return ejected
+
+    def _ejected(self, rec: PodRecord) -> None:
+        # Whatever comes back after an ejection (a restarted process, say) must show a fresh
+        # status document, ready, before it is routed to again. In Kubernetes the Pod's own
+        # readiness already says that.
+        rec.confirmed = rec.annotated
+        self.on_eject(rec.name, True)
 
     # --- views ---------------------------------------------------------------------------------
 

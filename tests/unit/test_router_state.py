@@ -180,7 +180,13 @@ def test_poll_failures_eject_and_a_success_after_cool_down_readmits() -> None:
     assert not state.routable(state.by_name["pod-a"])
     clock.advance(2)
     state.observe_queue("http://pod-a:8000", {"devices": {}})
-    assert state.routable(state.by_name["pod-a"]) and events[-1] == ("pod-a", False)
+    assert state.by_name["pod-a"].outlier.admitted and events[-1] == ("pod-a", False)
+    # Back in rotation only once a fresh status document says it is ready (it may have restarted).
+    assert not state.routable(state.by_name["pod-a"])
+    state.observe_status("http://pod-a:8000", status("pod-a", ready=False))
+    assert not state.routable(state.by_name["pod-a"])
+    state.observe_status("http://pod-a:8000", status("pod-a"))
+    assert state.routable(state.by_name["pod-a"])
 
 
 def test_request_failures_eject_too() -> None:
