@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gpufleet.api.errors import ModelNotFound, Unavailable
 from gpufleet.router import fleet_api
 from gpufleet.router.decide import Decider
+from gpufleet.router.decision_log import flush_periodically, install_batching
 from gpufleet.router.discovery import Discovery, make_discovery, pod_headers
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once
@@ -114,6 +115,9 @@ def create_app(
             asyncio.create_task(found.run(runtime.state, pool), name="discovery"),
             asyncio.create_task(every(settings.queue_interval_s, poll_queues, "queue poll"), name="queues"),
         ]
+        batching = install_batching()
+        if batching is not None:
+            tasks.append(asyncio.create_task(flush_periodically(batching), name="decision-log"))
         app.state.runtime = runtime
         gc.freeze()  # start-up objects never die: keep them out of every later collection
         log.info(

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 
 from gpufleet.api.errors import GpufleetError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
 from gpufleet.routing.alternatives import POLICIES, Policy
 from gpufleet.routing.policy import Decision, Outcome, RouteRequest
 
-log = logging.getLogger("gpufleet.router.route")
+log = logging.getLogger(ROUTE_LOGGER)
 MAX_LOGGED_CANDIDATES = 8
 
 

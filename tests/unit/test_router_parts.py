@@ -279,3 +279,31 @@ def test_model_cards_union() -> None:
     cards = fleet_api.model_cards([fleet_api.PodDoc("a", None, "u", "ready", a),
                                    fleet_api.PodDoc("b", None, "u", "ready", b)])
     assert [c["id"] for c in cards] == ["x", "y", "z"]
+
+
+# --- decision log ---------------------------------------------------------------------------------
+
+
+def test_decision_lines_are_json_and_written_in_batches() -> None:
+    import io
+    import logging
+
+    from gpufleet.logs import JsonFormatter
+    from gpufleet.router.decision_log import BatchingHandler
+
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, JsonFormatter("router"), capacity=3)
+    logger = logging.getLogger("test.router.decisions")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    for i in range(2):
+        logger.info("route", extra={"request_id": f"r{i}", "pod": "pod-a"})
+    assert stream.getvalue() == ""  # gathered, not yet written
+    logger.info("route", extra={"request_id": "r2", "pod": "pod-a"})
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ["r0", "r1", "r2"]
+    assert json.loads(lines[0])["msg"] == "route" and json.loads(lines[0])["component"] == "router"
+    logger.info("route", extra={"request_id": "r3"})
+    handler.flush()
+    assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "r3"
