@@ -12,6 +12,8 @@ import asyncio
 import logging
 from typing import TextIO
 
+from gpufleet.logs import JsonFormatter
+
 ROUTE_LOGGER = "gpufleet.router.route"
 FLUSH_EVERY_S = 0.1
 
@@ -47,9 +49,12 @@ class BatchingHandler(logging.Handler):
 
 def install_batching() -> BatchingHandler | None:
     """Route the decision logger through a batching handler that shares the root handler's
-    stream and formatter (as ``setup_logging`` made them). None when there is no such handler."""
+    stream and formatter, as ``setup_logging`` made them; None (nothing changed) without one."""
     root = logging.getLogger()
-    base = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
+    base = next(
+        (h for h in root.handlers if isinstance(h, logging.StreamHandler) and isinstance(h.formatter, JsonFormatter)),
+        None,
+    )
     if base is None:
         return None
     handler = BatchingHandler(base.stream, base.formatter)
@@ -59,10 +64,19 @@ def install_batching() -> BatchingHandler | None:
     return handler
 
 
+def uninstall_batching(handler: BatchingHandler) -> None:
+    handler.flush()
+    logger = logging.getLogger(ROUTE_LOGGER)
+    if handler in logger.handlers:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
 async def flush_periodically(handler: BatchingHandler) -> None:
+    """Flush every ``FLUSH_EVERY_S`` until cancelled; then flush the rest and restore the logger."""
     try:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             handler.flush()
     finally:
-        handler.flush()
+        uninstall_batching(handler)
