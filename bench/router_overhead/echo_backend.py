@@ -19,7 +19,8 @@ import json
 import time
 from collections.abc import Callable
 
-MODELS = {"echo-chat": "echo", "echo-embed": "echo", "echo-busy": "echo"}  # echo-busy: always 429
+# echo-busy always answers 429; echo-abort streams two events, then drops the connection.
+MODELS = {"echo-chat": "echo", "echo-embed": "echo", "echo-busy": "echo", "echo-abort": "echo"}
 
 
 def _status(name: str) -> bytes:
@@ -128,7 +129,7 @@ class EchoProtocol(asyncio.Protocol):
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             if b'"stream":true' in body.replace(b" ", b""):
                 self.busy = True
-                self.task = asyncio.ensure_future(self._stream())
+                self.task = asyncio.ensure_future(self._stream(abort_after=2 if b'"echo-abort"' in body else None))
                 return
             write(_response(b"200 OK", _COMPLETION, _SERVED))
         elif method == "POST" and path == "/v1/embeddings":
@@ -144,7 +145,7 @@ class EchoProtocol(asyncio.Protocol):
         else:
             write(_response(b"404 Not Found", b'{"error":{"message":"no such route","type":"invalid_request_error"}}'))
 
-    async def _stream(self) -> None:
+    async def _stream(self, abort_after: int | None = None) -> None:
         assert self.transport is not None
         t = self.transport
         t.write(
@@ -155,6 +156,9 @@ class EchoProtocol(asyncio.Protocol):
             if i and self.server.gap_s:
                 await asyncio.sleep(self.server.gap_s)
             if t.is_closing():
+                return
+            if i == abort_after:
+                t.abort()
                 return
             event = (
                 b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}],"i":'

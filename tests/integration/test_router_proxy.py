@@ -115,6 +115,15 @@ def test_sse_chunks_pass_through_as_they_are_sent(router: ServerProcess) -> None
     assert max(delays) < 0.04, delays
 
 
+def test_a_pod_failing_mid_stream_ends_the_stream_with_an_error_event(router: ServerProcess) -> None:
+    body = {"model": "echo-abort", "stream": True, "messages": []}
+    with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200  # committed at the first chunk
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) == 4, events  # two chunks, the error, [DONE]
+    assert '"upstream_error"' in events[2] and events[3] == "data: [DONE]"
+
+
 def test_headers_request_id_and_errors(router: ServerProcess) -> None:
     r = httpx.post(router.url + "/v1/chat/completions", json=CHAT, headers={**AUTH, "x-request-id": "rid-1"})
     assert r.status_code == 200
@@ -149,7 +158,7 @@ def test_api_key_on_everything_but_health(router: ServerProcess) -> None:
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(router.url + path).status_code == 200
     assert {m["id"] for m in httpx.get(router.url + "/v1/models", headers=AUTH).json()["data"]} == {
-        "echo-chat", "echo-embed", "echo-busy"
+        "echo-chat", "echo-embed", "echo-busy", "echo-abort"
     }
 
 
