@@ -46,7 +46,7 @@ def test_up_runs_one_pod_per_device_and_stops_them_all(demo_models: Path, tmp_pa
         assert up.proc.wait(60) == 0
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive
-        log = up.log_tail()
-        assert "[2/2]" in log and "stopped" in log
+        log = up.log_path.read_text()
+        assert "[2/2]" in log and log.rstrip().endswith("gpufleet up: stopped")
     finally:
         up.stop()
