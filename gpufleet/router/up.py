@@ -135,7 +135,7 @@ class Supervisor:
                     try:
                         if http.get(c.url + "/ready").status_code == 200:
                             c.ready_at = time.monotonic()
-                            done = len(self.children) - len(pending) + 1
+                            done = sum(1 for x in self.children if x.ready_at is not None)
                             say(f"[{done}/{len(self.children)}] {c.name} ready ({c.ready_at - started:.1f}s)")
                     except httpx.HTTPError:
                         pass
