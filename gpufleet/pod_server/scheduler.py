@@ -67,6 +67,7 @@ class DeviceScheduler:
         self._cond = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self.active = 0  # requests running on the device
+        self.acquiring = 0  # taken off the queue, waiting for their group (or switching to it)
         self.switching_to: str | None = None
         self._switch_waiters = 0
         self.failed: dict[str, tuple[float, str]] = {}  # group -> (monotonic time, error)
@@ -84,7 +85,7 @@ class DeviceScheduler:
         """Stop taking work, let accepted jobs finish (bounded), then stop the workers."""
         self.closing = True
         deadline = time.monotonic() + timeout_s
-        while (self._queue.qsize() or self.active) and time.monotonic() < deadline:
+        while self.load and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # shutdown polling with a deadline, not synchronisation
         for t in self._tasks:
             t.cancel()
@@ -103,7 +104,8 @@ class DeviceScheduler:
 
     @property
     def load(self) -> int:
-        return self.queued + self.active
+        # Requests a worker holds while a switch runs count too, or a switching device looks idle.
+        return self.queued + self.acquiring + self.active
 
     def failed_groups(self) -> dict[str, str]:
         now = time.monotonic()
@@ -134,6 +136,7 @@ class DeviceScheduler:
             job = await self._queue.get()
             if job.future.cancelled():
                 continue
+            self.acquiring += 1
             try:
                 job.switched = await self._acquire(job.group)
             except Exception as exc:
@@ -141,6 +144,8 @@ class DeviceScheduler:
                     job.future.set_exception(exc)
                 self.hooks.on_change()
                 continue
+            finally:
+                self.acquiring -= 1
             job.started_at = time.monotonic()
             try:
                 result = await asyncio.get_running_loop().run_in_executor(

@@ -165,9 +165,9 @@ class PodService:
         waiting = running = 0
         for device, s in self.schedulers.items():
             labels = m.labels(device)
-            m.queue_depth.labels(**labels).set(s.queued)
+            m.queue_depth.labels(**labels).set(s.queued + s.acquiring)
             m.running.labels(**labels).set(s.active)
-            waiting += s.queued
+            waiting += s.queued + s.acquiring
             running += s.active
         m.vllm_waiting.set(waiting)
         m.vllm_running.set(running)
@@ -276,7 +276,9 @@ class PodService:
         return {
             "devices": {
                 device: {
-                    "queue_size": s.queued,
+                    # Requests waiting for their group to be switched in are waiting too.
+                    "queue_size": s.queued + s.acquiring,
+                    "waiting_for_switch": s.acquiring,
                     "queue_limit": s.queue_limit,
                     "busy_workers": min(s.active, s.workers),
                     "idle_workers": max(0, s.workers - s.active),
@@ -286,6 +288,6 @@ class PodService:
                 }
                 for device, s in self.schedulers.items()
             },
-            "total_queued": sum(s.queued for s in self.schedulers.values()),
+            "total_queued": sum(s.queued + s.acquiring for s in self.schedulers.values()),
             "total_running": sum(s.active for s in self.schedulers.values()),
         }

@@ -57,6 +57,7 @@ async def test_switch_waits_for_in_flight_requests(demo_models: Path) -> None:
     # The second worker is free, yet beta must not replace alpha under a running request.
     await _until(lambda: s._switch_waiters == 1)
     assert s.residency.current_group == "alpha" and not second.future.done()
+    assert s.load == 2  # the waiting request counts as load, though it left the queue
     third = s.submit("alpha", lambda models: "late-alpha")
     await asyncio.sleep(0)  # let the worker look at it; it must queue behind the switch
     release.set()
