@@ -212,3 +212,21 @@ def fast_load_model(spec: ModelSpec, device: str, *, staging: Staging = "direct"
         },
     )
     return loaded
+
+
+LoadMethod = Literal["auto", "fast", "from_pretrained"]
+
+
+def select_loader(method: LoadMethod) -> Any:
+    """The loader for the LOAD_METHOD setting.
+
+    ``auto`` uses the fast path on CUDA devices, where it saves a full host-side copy of the
+    weights, and ``from_pretrained`` on CPU devices, where reading cold files was measured
+    faster that way (bench/results/switch_cost.json)."""
+
+    def load(spec: ModelSpec, device: str) -> LoadedModel:
+        if method == "fast" or (method == "auto" and is_cuda(device)):
+            return fast_load_model(spec, device)
+        return load_model(spec, device)
+
+    return load

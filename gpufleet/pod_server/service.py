@@ -11,7 +11,8 @@ from typing import Any
 from gpufleet.api.errors import InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
-from gpufleet.pod_server.inference import LoadedModel, load_model
+from gpufleet.pod_server.fast_load import select_loader
+from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 from gpufleet.pod_server.scheduler import DeviceScheduler, Job, SchedulerHooks, Work
@@ -28,7 +29,7 @@ class PodService:
         groups: ModelGroupsFile,
         metrics: PodMetrics,
         *,
-        loader: Callable[..., LoadedModel] = load_model,
+        loader: Callable[..., LoadedModel] | None = None,
     ) -> None:
         self.settings = settings
         self.groups = groups
@@ -37,6 +38,7 @@ class PodService:
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
         self.ready = False
         self.schedulers: dict[str, DeviceScheduler] = {}
+        loader = loader or select_loader(settings.load_method)
         for device in settings.devices:
             hooks = SchedulerHooks(
                 on_switch=self._on_switch, on_load_failed=self._on_load_failed, on_change=self._on_change

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -31,6 +31,9 @@ class PodServerSettings(BaseSettings):
     model_load_timeout_s: float = Field(default=300.0, gt=0, description="A group load taking longer fails.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
     max_tokens_default: int = Field(default=64, ge=1, le=4096, description="max_tokens when a request gives none.")
+    load_method: Literal["auto", "fast", "from_pretrained"] = Field(
+        default="auto", description="How weights are read from disk: auto = fast path on GPUs only."
+    )
     failed_load_retry_s: float = Field(default=30.0, ge=0, description="A failed group is retried after this.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
