@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpufleet.api.errors import ConfigError
 from gpufleet.api.modelgroup import DEFAULT_IMAGE
 from gpufleet.operator.builders import BuildOptions
+from gpufleet.settings_support import parse_settings, split_csv
 
 
 class OperatorSettings(BaseSettings):
@@ -32,12 +32,7 @@ class OperatorSettings(BaseSettings):
     health_port: int = Field(default=8080, ge=0, le=65535, description="Port of GET /healthz; 0: no endpoint.")
     log_level: str = "INFO"
 
-    @field_validator("namespaces", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
-        return v
+    _split = field_validator("namespaces", mode="before")(split_csv)
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(
@@ -49,9 +44,4 @@ class OperatorSettings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> OperatorSettings:
-    try:
-        return OperatorSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "GPUFLEET_OPERATOR_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None
+    return parse_settings(OperatorSettings, **{k: v for k, v in overrides.items() if v is not None})

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpufleet.api.errors import ConfigError
 from gpufleet.pod_server.devices import parse_device_list
+from gpufleet.settings_support import parse_settings, split_csv
 
 
 class PodServerSettings(BaseSettings):
@@ -52,12 +52,7 @@ class PodServerSettings(BaseSettings):
     status_heartbeat_s: float = Field(default=60.0, gt=0, description="Annotation rewrite interval without changes.")
     log_level: str = "INFO"
 
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
-        return v
+    _split = field_validator("devices", mode="before")(split_csv)
 
     @model_validator(mode="after")
     def _devices(self) -> PodServerSettings:
@@ -66,12 +61,4 @@ class PodServerSettings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> PodServerSettings:
-    """Parse settings, turning a validation error into one clear message naming the setting."""
-    try:
-        return PodServerSettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise ConfigError(f"{name}: {first['msg']} (got {first.get('input')!r})") from None
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_settings(PodServerSettings, **overrides)

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpufleet.api.errors import ConfigError
 from gpufleet.api.labels import COMPONENT_POD_SERVER, LABEL_COMPONENT
+from gpufleet.settings_support import parse_settings, split_csv
 
 PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex"]
-
-
-def _split(v: Any) -> Any:
-    if isinstance(v, str):
-        return [part.strip() for part in v.split(",") if part.strip()]
-    return v
 
 
 class RouterSettings(BaseSettings):
@@ -56,7 +50,7 @@ class RouterSettings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
     log_level: str = "INFO"
 
-    _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(_split)
+    _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(split_csv)
 
     @model_validator(mode="after")
     def _check(self) -> RouterSettings:
@@ -70,12 +64,4 @@ class RouterSettings(BaseSettings):
 
 
 def load_router_settings(**overrides: Any) -> RouterSettings:
-    """Parse settings, turning a validation error into one clear message naming the setting."""
-    try:
-        return RouterSettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        return_input = first.get("input")
-        raise ConfigError(f"{name}: {msg}" + (f" (got {return_input!r})" if first["loc"] else "")) from None
+    return parse_settings(RouterSettings, **overrides)

@@ -10,12 +10,15 @@ from pydantic_settings import BaseSettings
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.router.settings import RouterSettings
+from gpufleet.router.up import UpSettings
 
 pytestmark = pytest.mark.unit
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("settings", [PodServerSettings, RouterSettings, OperatorSettings])
+@pytest.mark.parametrize("settings", [PodServerSettings, RouterSettings, UpSettings, OperatorSettings])
 def test_every_setting_is_in_the_readme(settings: type[BaseSettings]) -> None:
-    missing = [name.upper() for name in settings.model_fields if f"`{name.upper()}`" not in README]
+    prefix = str(settings.model_config.get("env_prefix") or "")
+    names = [f"{prefix}{name}".upper() for name in settings.model_fields]
+    missing = [name for name in names if f"`{name}`" not in README]
     assert not missing, f"undocumented settings of {settings.__name__}: {missing}"
