@@ -62,6 +62,7 @@ def _train_tokenizer(out: Path) -> None:
         vocab_size=512,
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # our own progress lines say what is happening
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -97,6 +98,17 @@ def build_demo_models(
     root: Path, *, context: int = 256, progress: Callable[[str], None] = print, force: bool = False
 ) -> Path:
     """Build every demo model under ``root`` (skipping what exists) and write model_groups.json."""
+    from transformers.utils import logging as hf_logging
+
+    # Per-shard bars for sub-megabyte files are noise; loads afterwards keep theirs.
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(root, context, progress, force)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _build(root: Path, context: int, progress: Callable[[str], None], force: bool) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "model_groups.json"
     marker = root / f".built-v{BUILD_VERSION}"
