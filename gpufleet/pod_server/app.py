@@ -74,15 +74,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await handlers(request).chat(body)
+        return await handlers(request).chat(body, _request_id(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await handlers(request).completion(body)
+        return await handlers(request).completion(body, _request_id(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        return await handlers(request).embeddings(body)
+        return await handlers(request).embeddings(body, _request_id(request))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -135,6 +135,11 @@ def _routes(app: FastAPI) -> None:
             m.gpu_mem_used.labels(**labels).set(r.memory_used * 1024**3)
             m.gpu_mem_total.labels(**labels).set(r.memory_total * 1024**3)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _request_id(request: Request) -> str | None:
+    # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
+    return request.scope.get("state", {}).get("request_id")
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

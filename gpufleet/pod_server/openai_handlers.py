@@ -83,20 +83,20 @@ class OpenAIHandlers:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest) -> Any:
+    async def chat(self, req: ChatCompletionRequest, request_id: str | None = None) -> Any:
         spec = self._spec(req.model, ("chat", "completion"), "/v1/chat/completions")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await self.tokenizers.encode_chat(spec, messages)
         prepared = await self._prepare(spec, ids, req)
-        return await self._generate(prepared, req, kind="chat")
+        return await self._generate(prepared, req, "chat", request_id)
 
-    async def completion(self, req: CompletionRequest) -> Any:
+    async def completion(self, req: CompletionRequest, request_id: str | None = None) -> Any:
         spec = self._spec(req.model, ("chat", "completion"), "/v1/completions")
         ids = await self.tokenizers.encode(spec, req.prompt_text())
         prepared = await self._prepare(spec, ids, req)
-        return await self._generate(prepared, req, kind="completion")
+        return await self._generate(prepared, req, "completion", request_id)
 
-    async def embeddings(self, req: EmbeddingRequest) -> JSONResponse:
+    async def embeddings(self, req: EmbeddingRequest, request_id: str | None = None) -> JSONResponse:
         spec = self._spec(req.model, ("embedding",), "/v1/embeddings")
         started = time.monotonic()
         texts = req.inputs()
@@ -104,7 +104,7 @@ class OpenAIHandlers:
         def work(models: dict[str, LoadedModel]) -> tuple[list[list[float]], int]:
             return models[spec.id].embed(texts)
 
-        device, job = self.service.dispatch(spec.id, req.exclusive_gpu, work)
+        device, job = self.service.dispatch(spec.id, req.exclusive_gpu, work, request_id)
         group = self.service.group_for(spec.id)
         try:
             vectors, tokens = await job.future
@@ -124,7 +124,9 @@ class OpenAIHandlers:
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def _generate(self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest, kind: str) -> Any:
+    async def _generate(
+        self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest, kind: str, request_id: str | None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         channel: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -134,7 +136,7 @@ class OpenAIHandlers:
             for delta in models[p.spec.id].generate(p.prompt_ids, p.params, cancel):
                 loop.call_soon_threadsafe(channel.put_nowait, delta)
 
-        device, job = self.service.dispatch(p.spec.id, req.exclusive_gpu, work)
+        device, job = self.service.dispatch(p.spec.id, req.exclusive_gpu, work, request_id)
         job.future.add_done_callback(lambda _: channel.put_nowait(_END))
         first = await channel.get()
         if first is _END:

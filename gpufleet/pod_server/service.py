@@ -116,18 +116,22 @@ class PodService:
     def choose(self, group: str, exclusive: str | None) -> Decision:
         return choose_device(RouteRequest(group=group, exclusive=exclusive), self.snapshot())
 
-    def dispatch(self, model_id: str, exclusive: str | None, work: Work) -> tuple[str, Job]:
+    def dispatch(
+        self, model_id: str, exclusive: str | None, work: Work, request_id: str | None = None
+    ) -> tuple[str, Job]:
         """Queue ``work`` on the best device for the model's group; returns (device, job)."""
         group = self.group_for(model_id)
         decision = self.choose(group, exclusive)
         log.info(
             "dispatch",
             extra={
+                "request_id": request_id,
                 "model": model_id,
                 "group": group,
                 "device": decision.choice.device if decision.choice else None,
                 "outcome": decision.outcome.value,
                 "reason": decision.reason,
+                "candidates": [(c.key, c.cost_s, c.note) for c in decision.candidates],
             },
         )
         if not decision.routed or decision.choice is None:

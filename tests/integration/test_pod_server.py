@@ -259,3 +259,14 @@ def test_full_queue_gives_429_and_every_request_an_answer(tiny_queue_server: Ser
     limited = next(r for r in rs if r.status_code == 429)
     assert int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_each_dispatch_is_one_structured_log_line(server: ServerProcess, client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", json=chat("tiny-chat"), headers={"x-request-id": "rid-dispatch-1"})
+    assert r.headers["x-request-id"] == "rid-dispatch-1"
+    lines = [json.loads(line) for line in server.log_tail(200_000).splitlines() if "rid-dispatch-1" in line]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["msg"] == "dispatch" and line["model"] == "tiny-chat" and line["group"] == "alpha"
+    assert line["device"] == r.headers["x-served-by-device"]
+    assert line["reason"] and line["candidates"]
