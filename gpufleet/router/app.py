@@ -130,7 +130,7 @@ def create_app(
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            pool.close()
+            await pool.close()
 
     api = FastAPI(title="gpufleet router", lifespan=lifespan)
     install_error_handlers(api)

@@ -273,7 +273,7 @@ class Proxy:
         out.append((b"x-served-by-pod", ticket.pod.encode()))
         if status in RETRY_STATUSES:
             try:
-                data = await self._read_all(response)
+                data = await response.read_all()
             except UpstreamConnectionError:
                 data = b""
             raise _Retryable(
@@ -285,7 +285,7 @@ class Proxy:
         sse = stream and status == 200 and (response.header(b"content-type") or b"").startswith(b"text/event-stream")
         if not sse:
             try:
-                data = await self._read_all(response)
+                data = await response.read_all()
             except UpstreamConnectionError as exc:
                 raise _Retryable("read", str(exc)) from None
             out.append((b"content-length", str(len(data)).encode()))
@@ -329,8 +329,3 @@ class Proxy:
         finally:
             gone.cancel()
         return complete
-
-    async def _read_all(self, response: UpstreamResponse) -> bytes:
-        if response.complete:  # the usual case: the whole answer came with its headers
-            return response.take_all()
-        return await response.read_all()

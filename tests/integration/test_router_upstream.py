@@ -1,4 +1,4 @@
-"""The proxy's lean HTTP/1.1 client against tiny in-process servers on loopback."""
+"""The proxy's upstream client (aiohttp) against tiny in-process servers on loopback."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ async def test_keep_alive_reuses_one_connection() -> None:
             assert await r.read_all() == b"{}"
             r.release()
         assert connections == 1
-        pool.close()
+        await pool.close()
 
 
 async def test_a_keep_alive_connection_closed_by_the_pod_is_retried_fresh() -> None:
@@ -90,7 +90,7 @@ async def test_a_keep_alive_connection_closed_by_the_pod_is_retried_fresh() -> N
             r = await pool.request(url, "/", [], b"")
             assert await r.read_all() == b"{}"
             r.release()
-        pool.close()
+        await pool.close()
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
@@ -98,7 +98,7 @@ async def test_refused_connection_is_a_connect_error() -> None:
     with pytest.raises(UpstreamError) as info:
         await pool.request(f"http://127.0.0.1:{free_port()}", "/", [], b"")
     assert info.value.connect
-    pool.close()
+    await pool.close()
     await asyncio.sleep(0.01)
 
 
@@ -117,6 +117,8 @@ async def test_first_byte_and_idle_timeouts() -> None:
         with pytest.raises(UpstreamError) as info:
             await pool.request(url, "/", [], b"")
         assert info.value.timeout and "no answer" in str(info.value)
+    await pool.close()
+    pool = UpstreamPool(connect_timeout_s=1, first_byte_s=30, idle_s=0.2)  # the body gets the idle timeout
     async with Server(stalls_mid_stream) as url:
         r = await pool.request(url, "/", [], b"")
         assert await r.next_chunk() == b"hello"
@@ -124,7 +126,7 @@ async def test_first_byte_and_idle_timeouts() -> None:
             await r.next_chunk()
         assert info.value.timeout and "no data" in str(info.value)
         r.release()
-        pool.close()
+        await pool.close()
 
 
 async def test_chunks_are_handed_over_as_they_arrive() -> None:
@@ -145,4 +147,4 @@ async def test_chunks_are_handed_over_as_they_arrive() -> None:
         assert await r.next_chunk() == b"data: 2"
         assert await r.next_chunk() is None
         r.release()
-        pool.close()
+        await pool.close()
