@@ -212,3 +212,18 @@ def _routes(app: FastAPI) -> None:
         for s in ("ready", "ejected", "not_ready", "stale", "unknown"):
             runtime.metrics.pods.labels(s).set(counts.get(s, 0))
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def server_config(settings: RouterSettings) -> Any:
+    """The uvicorn configuration of the router, shared by `gpufleet router` and `gpufleet up`."""
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # every routing decision is already one log line
+        proxy_headers=False,
+        timeout_graceful_shutdown=30,
+    )

@@ -37,21 +37,13 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gpufleet.logs import setup_logging
-    from gpufleet.router.app import create_app
+    from gpufleet.router.app import server_config
     from gpufleet.router.settings import load_router_settings
 
     settings = load_router_settings(**_overrides(args))
     setup_logging("router", settings.log_level)
     lean_logging()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
-    )
+    uvicorn.Server(server_config(settings)).run()
     return 0
 
 

@@ -218,7 +218,7 @@ def up(overrides: dict[str, Any]) -> int:
     from gpufleet.logs import setup_logging
     from gpufleet.pod_server.demo_models import build_demo_models
     from gpufleet.pod_server.settings import load_settings
-    from gpufleet.router.app import create_app
+    from gpufleet.router.app import server_config
     from gpufleet.router.cli import lean_logging
     from gpufleet.router.settings import load_router_settings
 
@@ -258,16 +258,7 @@ def up(overrides: dict[str, Any]) -> int:
         supervisor.watch()
         url = f"http://{router_settings.host}:{router_settings.port}"
         _announce_when_ready(url, supervisor)
-        config = uvicorn.Config(
-            create_app(router_settings),
-            host=router_settings.host,
-            port=router_settings.port,
-            log_config=None,
-            access_log=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=30,
-        )
-        uvicorn.Server(config).run()  # returns on SIGINT/SIGTERM, after draining requests
+        uvicorn.Server(server_config(router_settings)).run()  # returns on SIGINT/SIGTERM, after draining requests
         return 0
     except KeyboardInterrupt:
         return 0

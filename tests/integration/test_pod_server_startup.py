@@ -12,6 +12,18 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+def _serve(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "DEVICES": "cpu:0", "MODEL_GROUPS": "/nonexistent/model_groups.json", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "serve", "--port", "0"],
+        env=full,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
@@ -22,15 +34,7 @@ pytestmark = pytest.mark.integration
     ],
 )
 def test_bad_configuration_exits_with_clear_message(env: dict[str, str], needle: str, tmp_path: Path) -> None:
-    full = {**os.environ, "DEVICES": "cpu:0", "MODEL_GROUPS": "/nonexistent/model_groups.json", **env}
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpufleet.cli", "serve", "--port", "0"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _serve(env, tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -39,14 +43,6 @@ def test_bad_configuration_exits_with_clear_message(env: dict[str, str], needle:
 def test_invalid_model_groups_names_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "model_groups.json"
     bad.write_text('{"default_group": "a", "groups": {"a": {"models": [{"id": "m", "source": "x", "task": "tts"}]}}}')
-    full = {**os.environ, "DEVICES": "cpu:0", "MODEL_GROUPS": str(bad)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpufleet.cli", "serve", "--port", "0"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _serve({"MODEL_GROUPS": str(bad)}, tmp_path)
     assert proc.returncode == 2
     assert "groups.a.models.0.task" in proc.stderr
