@@ -27,6 +27,17 @@ class DeviceStatus(BaseModel):
     switch_seconds_from_cache: float | None = None
     switch_seconds_from_disk: float | None = None
     last_switch_unix: float | None = None
+    # Memory (issue 9). Groups that can never fit here are also listed in failed_groups, so that
+    # routing's eligibility stops sending them to this device without knowing why.
+    insufficient_memory_groups: dict[str, str] = Field(
+        default_factory=dict, description="Groups that can never fit on this device -> why (bytes needed, available)."
+    )
+    memory_total_bytes: int | None = Field(default=None, description="Memory a group may use here (capped).")
+    memory_free_bytes: int | None = None
+    memory_reserved_bytes: int | None = Field(default=None, description="Kept free beside a group (reserve).")
+    memory_ledger_bytes: int | None = Field(default=None, description="Weights + KV of the resident models.")
+    prefetched_switches: int = Field(default=0, description="Switches that found their group prefetched.")
+    restore_error: str | None = Field(default=None, description="Why no group is current after a failed switch.")
 
 
 class PodStatus(BaseModel):
@@ -42,6 +53,8 @@ class PodStatus(BaseModel):
     groups: list[str] = Field(default_factory=list, description="Every group this pod can serve.")
     models: dict[str, str] = Field(default_factory=dict, description="Model id -> group id.")
     timestamp: float = Field(description="Unix time the document was made.")
+    cpu_cache_bytes: int | None = Field(default=None, description="Bytes of host copies in the pod's CPU cache.")
+    cpu_cache_limit_bytes: int | None = None
 
     def state_key(self) -> tuple[object, ...]:
         """What counts as a change worth an API write (everything but the timestamp)."""

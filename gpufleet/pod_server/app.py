@@ -36,7 +36,7 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = PodMetrics(settings.pod_name or "local", settings.pod_namespace or "")
         service = PodService(settings, groups, metrics)
-        stats = GpuStats(open_stats_source(settings.devices), settings.devices)
+        stats = GpuStats(open_stats_source(settings.devices), settings.devices, service.ledger)
         app.state.service = service
         app.state.metrics = metrics
         app.state.stats = stats
@@ -135,6 +135,7 @@ def _routes(app: FastAPI) -> None:
         m: PodMetrics = request.app.state.metrics
         stats: GpuStats = request.app.state.stats
         svc(request).refresh_kv_metrics()
+        svc(request).refresh_memory_metrics()
         for device, r in (await asyncio.to_thread(stats.sample)).items():
             labels = m.labels(device)
             m.gpu_util.labels(**labels).set(r.utilization)

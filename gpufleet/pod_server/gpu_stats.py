@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import psutil
 
+from gpufleet.pod_server.memory import MemoryLedger
+
 log = logging.getLogger(__name__)
 GB = 1024**3
 
@@ -119,9 +121,10 @@ def open_stats_source(devices: list[str]) -> StatsSource:
 class GpuStats:
     """Keeps the peak utilisation per device and renders the /api/gpu_stats document."""
 
-    def __init__(self, source: StatsSource, devices: list[str]) -> None:
+    def __init__(self, source: StatsSource, devices: list[str], ledger: MemoryLedger | None = None) -> None:
         self.source = source
         self.devices = devices
+        self.ledger = ledger  # adds the bytes the pod itself placed on each device, and its capacity
         self.peak: dict[str, float] = {d: 0.0 for d in devices}
 
     def sample(self) -> dict[str, DeviceReading]:
@@ -142,6 +145,9 @@ class GpuStats:
             }
             for d, r in readings.items()
         }
+        if self.ledger is not None:
+            for d in self.devices:
+                devices[d].update(self.ledger.device_document(d))
         doc: dict[str, Any] = {"available": any(r.available for r in readings.values()), "devices": devices}
         doc.update(devices[self.devices[0]])  # the original single-device fields, kept for old clients
         return doc

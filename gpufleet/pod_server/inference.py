@@ -6,6 +6,7 @@ blocking and runs on a device's worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -60,30 +61,84 @@ class LoadedModel:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # --- residency -------------------------------------------------------------------------
+    #
+    # A model keeps one host copy of its weights (pinned when a GPU is in play) from the moment it
+    # is cached: parking points the tensors back at it (no copy), activating copies it to the
+    # device. On CPU devices the weights themselves are the host copy and both are no-ops.
+
+    _host: dict[str, torch.Tensor] | None = None
+    host_bytes: int = 0  # what the host copy really takes (pinned blocks rounded as torch rounds them)
+
+    def _tensors(self) -> list[tuple[str, torch.nn.Parameter | torch.Tensor]]:
+        return [*self.model.named_parameters(), *self.model.named_buffers()]
+
+    @property
+    def has_host_copy(self) -> bool:
+        return self._host is not None or not is_cuda(self.device)
+
+    def ensure_host_copy(self, *, pin: bool | None = None) -> int:
+        """Make the host copy once (one pinned block for all tensors); returns its bytes."""
+        if self._host is not None:
+            return self.host_bytes
+        pin = is_cuda(self.device) if pin is None else pin
+        if not pin:
+            self.host_bytes = self.bytes
+            if not is_cuda(self.device):
+                return self.host_bytes  # the weights in host memory are the copy
+        tensors = self._tensors()
+        sizes = [_aligned(t.numel() * t.element_size()) for _, t in tensors]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+        host: dict[str, torch.Tensor] = {}
+        offset = 0
+        for (name, t), size in zip(tensors, sizes, strict=True):
+            n = t.numel() * t.element_size()
+            view = flat[offset : offset + n].view(t.dtype).view(t.shape)
+            view.copy_(t.data)
+            host[name] = view
+            offset += size
+        self._host = host
+        # torch's pinned allocator hands out power-of-two blocks: that is what the budget must count.
+        self.host_bytes = _pow2(flat.numel()) if pin else flat.numel()
+        if not is_cuda(self.device):  # loaded on the host: serve from the copy, drop the pageable tensors
+            for name, t in tensors:
+                t.data = host[name]
+        return self.host_bytes
 
     def park(self) -> None:
-        """Move the weights to host memory; pinned when they came from a GPU so the way back is fast."""
+        """Free the device's copy: the tensors point at the host copy again (made now if missing)."""
         if not is_cuda(self.device):
             return
-        self.model.to("cpu")
-        for p in self.model.parameters():
-            p.data = p.data.pin_memory()
-        for b in self.model.buffers():
-            b.data = b.data.pin_memory()
+        self.ensure_host_copy()
+        assert self._host is not None
+        for name, t in self._tensors():
+            t.data = self._host[name]
         self.device = "cpu"
 
     def activate(self, device: str) -> None:
+        """Copy the host copy to ``device`` (a CUDA device); the model is on it once this returns."""
         if not is_cuda(device):
             self.device = device
             return
         target = torch.device(device)
+        host = self._host or {name: t.data for name, t in self._tensors()}
         with torch.cuda.device(target):
-            for p in self.model.parameters():
-                p.data = p.data.to(target, non_blocking=True)
-            for b in self.model.buffers():
-                b.data = b.data.to(target, non_blocking=True)
+            for name, t in self._tensors():
+                t.data = host[name].to(target, non_blocking=True)
             torch.cuda.current_stream(target).synchronize()
         self.device = device
+
+    def clone_sharing_weights(self) -> LoadedModel:
+        """Another module tree over the same host tensors, for a second device: no second host copy."""
+        memo: dict[int, Any] = {}
+        for _, t in self._tensors():
+            fresh = t.detach()
+            memo[id(t)] = torch.nn.Parameter(fresh, requires_grad=False) if isinstance(t, torch.nn.Parameter) else fresh
+        model = copy.deepcopy(self.model, memo)
+        clone = LoadedModel(self.spec, model, copy.deepcopy(self.tokenizer), self.device)
+        if self._host is not None:
+            clone._host = self._host
+        clone.host_bytes = 0  # the copy is counted once, on the original
+        return clone
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
@@ -96,6 +151,14 @@ class LoadedModel:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
         return pooled.cpu().tolist(), [int(n) for n in enc["attention_mask"].sum(1).tolist()]
+
+
+def _aligned(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def load_model(spec: ModelSpec, device: str) -> LoadedModel:

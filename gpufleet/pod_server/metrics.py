@@ -81,6 +81,21 @@ class PodMetrics:
             buckets=SWITCH_BUCKETS,
             registry=r,
         )
+        self.prefetched_switches = Counter(
+            "gpufleet_group_switches_prefetched_total",
+            "Switches that found their group in the CPU cache because a prefetch had put it there",
+            base,
+            registry=r,
+        )
+        self.cpu_cache_bytes = Gauge(
+            "gpufleet_cpu_cache_bytes", "Bytes of host copies in the pod's CPU cache", registry=r
+        )
+        self.model_device_bytes = Gauge(
+            "gpufleet_model_device_bytes",
+            "Bytes a resident model takes on its device",
+            [*base, "model", "kind"],
+            registry=r,
+        )
         self.load_failures = Counter(
             "gpufleet_group_load_failures_total", "Failed group loads", [*base, "group"], registry=r
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +21,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.api.errors import Overloaded, Unavailable
-from gpufleet.api.model_groups import ModelGroupsFile
+from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile
 from gpufleet.pod_server.group_runtime import GroupRuntime
 from gpufleet.pod_server.inference import LoadedModel
+from gpufleet.pod_server.memory import Fit
 from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, QueueState, next_action, switch_deadline
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 
 log = logging.getLogger(__name__)
 
 RuntimeFactory = Callable[[str, str, dict[str, LoadedModel]], GroupRuntime]
+FitCheck = Callable[[str, str, GroupSpec], Fit]  # (device, group, spec) -> fit; blocking (reads headers)
+Prefetch = Callable[[str, str, GroupSpec], None]  # (device, group, spec): load into the host cache in the background
+
+
+class InsufficientDeviceMemory(Unavailable):
+    """A group that can never fit on this device (weights + KV cache + reserve > its memory)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="insufficient_device_memory")
 
 
 @dataclass(eq=False)
@@ -70,6 +81,8 @@ class DeviceScheduler:
         runtime_factory: RuntimeFactory,
         policy: QueuePolicy | None = None,
         hooks: SchedulerHooks | None = None,
+        fit_check: FitCheck | None = None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self.device = device
         self.residency = residency
@@ -82,6 +95,11 @@ class DeviceScheduler:
         self.policy = policy or QueuePolicy()
         self.hooks = hooks or SchedulerHooks()
         self._runtime_factory = runtime_factory
+        self._fit_check = fit_check
+        self._prefetch = prefetch
+        self.unfit: dict[str, Fit] = {}  # groups that can never fit on this device
+        self.prefetched_switches = 0  # switches that found their group prefetched
+        self._switch_thread: asyncio.Future[SwitchResult] | None = None  # a switch still running on a thread
         # The device's blocking work: switches, engine start/stop, embedding forward passes.
         self.executor = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix=f"dev-{device}")
         self._queue: list[Job] = []
@@ -132,8 +150,11 @@ class DeviceScheduler:
         return list(self._queue)
 
     def failed_groups(self) -> dict[str, str]:
+        """Groups this device will not take now: failed loads (retried later) and groups that never fit."""
         now = time.monotonic()
-        return {g: err for g, (at, err) in self.failed.items() if now - at < self.failed_retry_s}
+        out = {g: err for g, (at, err) in self.failed.items() if now - at < self.failed_retry_s}
+        out.update({g: fit.message(g, self.device) for g, fit in self.unfit.items()})
+        return out
 
     def retry_after_s(self) -> float:
         return max(1.0, self.queued * self.service_ewma_s / max(1, self.max_sequences))
@@ -199,6 +220,7 @@ class DeviceScheduler:
             if step.action is Action.SWITCH and step.group is not None:
                 await self._switch(step.group)
                 continue
+            self._prefetch_waiting(state.current_group)
             deadline = switch_deadline(state, self.policy)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.001
             with contextlib.suppress(TimeoutError):
@@ -220,6 +242,17 @@ class DeviceScheduler:
             self.running += job.weight
             job.admitted.set_result(runtime)
         self.hooks.on_change()
+        self._prefetch_waiting(group)
+
+    def _prefetch_waiting(self, current: str | None) -> None:
+        """Ask for the groups queued behind the current one to be loaded into the host cache."""
+        if self._prefetch is None:
+            return
+        for job in self._queue:
+            if job.group != current and job.group not in self.residency.host_cache:
+                spec = self.groups.groups.get(job.group)
+                if spec is not None and job.group not in self.failed_groups():
+                    self._prefetch(self.device, job.group, spec)
 
     async def _switch(self, group: str) -> None:
         """Make ``group`` current (nothing is running). On failure its queued jobs get the error."""
@@ -227,19 +260,48 @@ class DeviceScheduler:
         if spec is None or group in self.failed_groups():
             self._fail_queued(lambda job: job.group == group, self._failed_error(group) if spec else None)
             return
+        loop = asyncio.get_running_loop()
+        if self._fit_check is not None:
+            try:
+                fit = await loop.run_in_executor(self.executor, self._fit_check, self.device, group, spec)
+            except Exception as exc:  # an estimate that cannot be made must not block the load
+                log.warning("fit check failed", extra={"device": self.device, "group": group, "error": str(exc)})
+            else:
+                if not fit.fits:
+                    # Decided before anything moves: the current group keeps serving.
+                    self.unfit[group] = fit
+                    msg = fit.message(group, self.device)
+                    log.error("group does not fit", extra={"device": self.device, "group": group, "error": msg})
+                    self.hooks.on_load_failed(self.device, group, msg)
+                    self._fail_queued(lambda job: job.group == group, InsufficientDeviceMemory(msg))
+                    return
         self.switching_to = group
         self.hooks.on_change()
-        loop = asyncio.get_running_loop()
+        abort = threading.Event()
         try:
             if self.runtime is not None:
                 runtime, self.runtime = self.runtime, None
                 await runtime.close()  # frees the KV caches before the weights move
-            result = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, self.residency.make_current, group, spec),
-                timeout=self.load_timeout_s,
-            )
+                self.residency.ledger.clear_kv(self.device)
+            switch = loop.run_in_executor(self.executor, self.residency.make_current, group, spec, abort)
+            self._switch_thread = switch
+            try:
+                result = await asyncio.wait_for(asyncio.shield(switch), timeout=self.load_timeout_s)
+            except TimeoutError:
+                abort.set()  # the thread rolls back as soon as its blocking load returns
+                self._fail_queued(
+                    lambda job: job.group == group,
+                    Unavailable(f"model group {group!r} is unavailable: loading timed out", code="model_load_failed"),
+                )
+                # One load per device at a time: wait for the abandoned one before anything else.
+                with contextlib.suppress(Exception):
+                    await switch
+                raise
+            finally:
+                self._switch_thread = None
             models = self.residency.current
             self.runtime = await loop.run_in_executor(self.executor, self._runtime_factory, self.device, group, models)
+            self._record_kv()
         except Exception as exc:  # a group that cannot load degrades only itself
             msg = f"loading group {group!r} timed out" if isinstance(exc, TimeoutError) else str(exc)
             self.failed[group] = (time.monotonic(), msg)
@@ -257,6 +319,8 @@ class DeviceScheduler:
             self.last_switch_at = self.current_since
             self.switch_count += 1
             self.switch_s[result.source] = result.seconds
+            if result.prefetched:
+                self.prefetched_switches += 1
             for job in self._queue:
                 if job.group == group:
                     job.switched = True
@@ -266,11 +330,18 @@ class DeviceScheduler:
                     "device": self.device,
                     "group": group,
                     "source": result.source,
+                    "prefetched": result.prefetched,
                     "seconds": round(result.seconds, 4),
                     "evicted": list(result.evicted),
                 },
             )
             self.hooks.on_switch(self.device, result)
+
+    def _record_kv(self) -> None:
+        if self.runtime is None:
+            return
+        for mid, engine in self.runtime.engines.items():
+            self.residency.ledger.set_kv(self.device, mid, engine.sizing.bytes)
 
     async def _restore_runtime(self) -> None:
         """After a failed switch, serve whatever group the device still holds."""
@@ -281,6 +352,7 @@ class DeviceScheduler:
             self.runtime = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._runtime_factory, self.device, group, self.residency.current
             )
+            self._record_kv()
         except Exception as exc:
             log.error("engine restart failed", extra={"device": self.device, "group": group, "error": str(exc)})
 
@@ -294,6 +366,8 @@ class DeviceScheduler:
         self.hooks.on_change()
 
     def _failed_error(self, group: str) -> Unavailable:
+        if group in self.unfit:
+            return InsufficientDeviceMemory(self.unfit[group].message(group, self.device))
         err = self.failed.get(group, (0.0, "load failed"))[1]
         return Unavailable(f"model group {group!r} is unavailable: {err}", code="model_load_failed", retry_after_s=30)
 

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpufleet.api.errors import InvalidRequest, Overloaded, Unavailable
-from gpufleet.api.model_groups import ModelGroupsFile
+from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
+from gpufleet.pod_server.devices import is_cuda
 from gpufleet.pod_server.fast_load import select_loader
-from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime
+from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime, kv_budget_bytes
+from gpufleet.pod_server.host_cache import HostCache
 from gpufleet.pod_server.inference import LoadedModel
+from gpufleet.pod_server.memory import (
+    Fit,
+    GroupNeed,
+    MemoryLedger,
+    check_fit,
+    default_cpu_cache_bytes,
+    estimate_group_need,
+)
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
-from gpufleet.pod_server.scheduler import DeviceScheduler, Job, SchedulerHooks
+from gpufleet.pod_server.scheduler import DeviceScheduler, InsufficientDeviceMemory, Job, SchedulerHooks
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.routing.policy import Decision, DeviceState, Outcome, RouteRequest, Snapshot, choose_device
 
@@ -41,6 +53,20 @@ class PodService:
         self.ready = False
         self.schedulers: dict[str, DeviceScheduler] = {}
         loader = loader or select_loader(settings.load_method)
+        self._loader = loader
+        self.ledger = MemoryLedger(settings.devices, settings.device_memory_caps())
+        cache_bytes = settings.max_cpu_cache_gb
+        self.host_cache = HostCache(
+            settings.max_cpu_cached_models,
+            int(cache_bytes * 1e9) if cache_bytes is not None else default_cpu_cache_bytes(),
+            self.ledger,
+        )
+        self._needs: dict[tuple[str, str], GroupNeed] = {}
+        self._needs_lock = threading.Lock()
+        # One background loader for the pod: prefetches never compete with each other for disk or RAM.
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._prefetching: set[str] = set()
+        self.prefetch_loads = 0
         policy = QueuePolicy(max_wait_s=settings.switch_max_wait_s, min_residency_s=settings.switch_min_residency_s)
         for device in settings.devices:
             hooks = SchedulerHooks(
@@ -48,7 +74,9 @@ class PodService:
             )
             self.schedulers[device] = DeviceScheduler(
                 device,
-                DeviceResidency(device, settings.max_cpu_cached_models, loader),
+                DeviceResidency(
+                    device, settings.max_cpu_cached_models, loader, host_cache=self.host_cache, ledger=self.ledger
+                ),
                 groups,
                 max_sequences=settings.max_sequences_per_device,
                 workers=settings.num_workers_per_gpu,
@@ -58,6 +86,8 @@ class PodService:
                 runtime_factory=self._build_runtime,
                 policy=policy,
                 hooks=hooks,
+                fit_check=self.fit,
+                prefetch=self.prefetch if settings.prefetch else None,
             )
         for device in settings.devices:
             self.metrics.workers.labels(**metrics.labels(device)).set(settings.num_workers_per_gpu)
@@ -68,6 +98,74 @@ class PodService:
         return build_group_runtime(
             device, group, models, self.settings, self.schedulers[device].run_blocking, self.metrics
         )
+
+    # --- memory -----------------------------------------------------------------------------
+
+    def reserve_bytes(self, device: str) -> int:
+        gb = self.settings.device_memory_reserve_gb
+        return int((gb if gb is not None else (0.5 if is_cuda(device) else 0.0)) * 1e9)
+
+    def need(self, device: str, group: str, spec: GroupSpec) -> GroupNeed:
+        """What the group will take on ``device`` (estimated once per device and group; blocking)."""
+        key = (device, group)
+        with self._needs_lock:
+            known = self._needs.get(key)
+        if known is None:
+            known = estimate_group_need(
+                group,
+                spec,
+                device,
+                kv_budget_bytes(device, self.settings.kv_cache_gb),
+                self.settings.max_sequences_per_device,
+            )
+            with self._needs_lock:
+                self._needs[key] = known
+        return known
+
+    def fit(self, device: str, group: str, spec: GroupSpec) -> Fit:
+        """The fit check before a switch (blocking: reads checkpoint headers and the device's memory)."""
+        return check_fit(
+            self.need(device, group, spec), self.ledger.capacity(device).total_bytes, self.reserve_bytes(device)
+        )
+
+    def prefetch(self, device: str, group: str, spec: GroupSpec) -> None:
+        """Load a queued group into the host cache in the background, if it fits and the budget allows."""
+        if group in self._prefetching or group in self.host_cache or self.schedulers[device].closing:
+            return
+        self._prefetching.add(group)
+        try:
+            self._prefetcher.submit(self._prefetch_blocking, device, group, spec)
+        except RuntimeError:  # shutting down
+            self._prefetching.discard(group)
+
+    def _prefetch_blocking(self, device: str, group: str, spec: GroupSpec) -> None:
+        try:
+            if not self.fit(device, group, spec).fits:
+                return
+            need = self.need(device, group, spec)
+            if not self.host_cache.room_for(need.weight_bytes, len(spec.models)):
+                log.info("prefetch skipped: CPU cache full", extra={"group": group, "bytes": need.weight_bytes})
+                return
+            pin = any(is_cuda(d) for d in self.schedulers)
+            started = time.perf_counter()
+            with self.host_cache.group_lock(group):
+                if group in self.host_cache:
+                    return
+                models: dict[str, LoadedModel] = {}
+                for m in spec.models:
+                    loaded = self._loader(_host_spec(m, device), "cpu")
+                    loaded.ensure_host_copy(pin=pin)
+                    models[m.id] = loaded
+                cached, evicted = self.host_cache.insert(group, models, device=None, prefetched=True)
+            self.prefetch_loads += cached
+            log.info(
+                "group prefetched" if cached else "prefetch not cached: CPU cache full",
+                extra={"group": group, "seconds": round(time.perf_counter() - started, 3), "evicted": evicted},
+            )
+        except Exception as exc:  # a prefetch is a hint: its failure costs only the hint
+            log.warning("prefetch failed", extra={"group": group, "error": str(exc)})
+        finally:
+            self._prefetching.discard(group)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -92,6 +190,7 @@ class PodService:
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         self.ready = False
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         await asyncio.gather(*(s.drain_and_stop(timeout_s) for s in self.schedulers.values()))
 
     # --- dispatch --------------------------------------------------------------------------
@@ -158,6 +257,9 @@ class PodService:
         if d.outcome is Outcome.SATURATED:
             wait = min(s.retry_after_s() for s in self.schedulers.values())
             return Overloaded(f"every eligible device queue is full for group {group!r}", retry_after_s=wait)
+        if d.outcome is Outcome.GROUP_FAILED and all(group in s.unfit for s in self.schedulers.values()):
+            s0 = next(iter(self.schedulers.values()))
+            return InsufficientDeviceMemory(s0.unfit[group].message(group, s0.device))
         if d.outcome is Outcome.GROUP_FAILED:
             errors = {e for s in self.schedulers.values() for g, e in s.failed_groups().items() if g == group}
             detail = next(iter(errors), "load failed")
@@ -191,10 +293,21 @@ class PodService:
             used, total = used + u, total + t
         self.metrics.vllm_kv.set(used / total if total else 0.0)
 
+    def refresh_memory_metrics(self) -> None:
+        m = self.metrics
+        m.cpu_cache_bytes.set(self.host_cache.used_bytes())
+        m.model_device_bytes.clear()
+        for device in self.schedulers:
+            for mid, e in self.ledger.resident(device).items():
+                m.model_device_bytes.labels(**m.labels(device), model=mid, kind="weights").set(e.weight_bytes)
+                m.model_device_bytes.labels(**m.labels(device), model=mid, kind="kv_cache").set(e.kv_bytes)
+
     def _on_switch(self, device: str, result: SwitchResult) -> None:
         labels = self.metrics.labels(device)
         self.metrics.switches.labels(**labels, group=result.group, source=result.source).inc()
         self.metrics.switch_seconds.labels(**labels, source=result.source).observe(result.seconds)
+        if result.prefetched:
+            self.metrics.prefetched_switches.labels(**labels).inc()
         self._refresh_residency_metrics()
 
     def _on_load_failed(self, device: str, group: str, error: str) -> None:
@@ -224,6 +337,7 @@ class PodService:
         devices = []
         for device, s in self.schedulers.items():
             r = s.residency
+            mem = self.ledger.device_document(device)
             devices.append(
                 DeviceStatus(
                     device=device,
@@ -239,6 +353,13 @@ class PodService:
                     last_switch_unix=(time.time() - (time.monotonic() - s.last_switch_at))
                     if s.last_switch_at
                     else None,
+                    insufficient_memory_groups={g: f.message(g, device) for g, f in s.unfit.items()},
+                    memory_total_bytes=mem["memory_total_bytes"],
+                    memory_free_bytes=mem["memory_free_bytes"],
+                    memory_reserved_bytes=self.reserve_bytes(device),
+                    memory_ledger_bytes=mem["memory_ledger_bytes"],
+                    prefetched_switches=s.prefetched_switches,
+                    restore_error=r.restore_error,
                 )
             )
         return PodStatus(
@@ -251,45 +372,72 @@ class PodService:
             groups=sorted(self.groups.groups),
             models={m.id: g for g, spec in self.groups.groups.items() for m in spec.models},
             timestamp=time.time(),
+            cpu_cache_bytes=self.host_cache.used_bytes(),
+            cpu_cache_limit_bytes=self.host_cache.max_bytes,
         )
 
     def models_document(self) -> dict[str, Any]:
         out = []
+        host = self.ledger.host_copies()
+        resident = {d: self.ledger.resident(d) for d in self.schedulers}
         for group_id, spec in self.groups.groups.items():
             device_info = []
             for device, s in self.schedulers.items():
                 r = s.residency
+                cached = group_id in r.cached_groups()
+                unfit = s.unfit.get(group_id)
                 device_info.append(
                     {
                         "device": device,
-                        "has_group": r.current_group == group_id or group_id in r.cache,
+                        "has_group": r.current_group == group_id or cached,
                         "is_current": r.current_group == group_id,
-                        "is_cached": group_id in r.cache,
+                        "is_cached": cached,
                         "load_error": s.failed_groups().get(group_id),
+                        "fits": None if unfit is None else False,
+                        "needed_bytes": unfit.needed_bytes if unfit else None,
+                        "available_bytes": unfit.available_bytes if unfit else None,
                     }
                 )
             loaded_on = [i["device"] for i in device_info if i["is_current"]]
             failed = any(i["load_error"] for i in device_info)
+            models = []
+            for m in spec.models:
+                on_devices = {d: e for d, entries in resident.items() if (e := entries.get(m.id)) is not None}
+                models.append(
+                    {
+                        "id": m.id,
+                        "task": m.task,
+                        "source": m.source,
+                        "dtype": m.dtype,
+                        "loaded_on_devices": loaded_on,
+                        "cached_on_devices": [i["device"] for i in device_info if i["is_cached"]],
+                        "status": "loaded" if loaded_on else ("failed" if failed else "available"),
+                        # Measured bytes: per device where resident, and its one host copy in the CPU cache.
+                        "weight_bytes": next((e.weight_bytes for e in on_devices.values()), None),
+                        "host_copy_bytes": host.get(m.id),
+                        "memory": [
+                            {"device": d, "weight_bytes": e.weight_bytes, "kv_cache_bytes": e.kv_bytes}
+                            for d, e in on_devices.items()
+                        ],
+                    }
+                )
             out.append(
                 {
                     "group_id": group_id,
                     "is_default": group_id == self.groups.default_group,
                     "device_info": device_info,
-                    "models": [
-                        {
-                            "id": m.id,
-                            "task": m.task,
-                            "source": m.source,
-                            "dtype": m.dtype,
-                            "loaded_on_devices": loaded_on,
-                            "cached_on_devices": [i["device"] for i in device_info if i["is_cached"]],
-                            "status": "loaded" if loaded_on else ("failed" if failed else "available"),
-                        }
-                        for m in spec.models
-                    ],
+                    "models": models,
                 }
             )
-        return {"model_groups": out}
+        return {
+            "model_groups": out,
+            "cpu_cache": {
+                "used_bytes": self.host_cache.used_bytes(),
+                "limit_bytes": self.host_cache.max_bytes,
+                "max_models": self.host_cache.max_models,
+                "groups": self.host_cache.groups(),
+            },
+        }
 
     def queue_document(self) -> dict[str, Any]:
         devices: dict[str, Any] = {}
@@ -316,3 +464,10 @@ class PodService:
             "total_queued": sum(s.queued for s in self.schedulers.values()),
             "total_running": sum(s.running for s in self.schedulers.values()),
         }
+
+
+def _host_spec(spec: ModelSpec, device: str) -> ModelSpec:
+    """The spec to load a host copy for ``device`` with: the dtype the device would load it in."""
+    if spec.dtype == "auto" and is_cuda(device):
+        return spec.model_copy(update={"dtype": "bfloat16"})
+    return spec

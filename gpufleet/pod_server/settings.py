@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpufleet.pod_server.devices import parse_device_list
+from gpufleet.pod_server.memory import parse_device_memory
 from gpufleet.settings_support import parse_settings, split_csv
 
 
@@ -46,6 +47,26 @@ class PodServerSettings(BaseSettings):
     max_cpu_cached_models: int = Field(
         default=4, ge=0, le=1024, description="Models parked in each device's CPU cache."
     )
+    max_cpu_cache_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Bytes of host copies in the pod's CPU cache (shared by its devices); default: half the "
+        "host RAM available at start-up.",
+    )
+    device_memory_gb: str | None = Field(
+        default=None,
+        description="Caps the memory a device may use, in GB: one number for every device, or per device "
+        "(cpu:0=0.06,cuda:1=70). Default: the device's own memory (host RAM for CPU devices).",
+    )
+    device_memory_reserve_gb: float | None = Field(
+        default=None,
+        ge=0,
+        description="Memory per device kept free beside a group's weights and KV cache (CUDA context, allocator "
+        "slack); default: 0.5 GB on a GPU, 0 on a CPU device.",
+    )
+    prefetch: bool = Field(
+        default=True, description="Load groups queued behind the current one into the CPU cache in the background."
+    )
     lazy_load_model: bool = Field(default=False, description="Load the default group on first use, not at start-up.")
     model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
     max_queue_per_device: int = Field(default=256, ge=1, le=100_000, description="Requests waiting per device.")
@@ -80,7 +101,11 @@ class PodServerSettings(BaseSettings):
     @model_validator(mode="after")
     def _devices(self) -> PodServerSettings:
         self.devices = parse_device_list(self.devices)
+        parse_device_memory(self.device_memory_gb, self.devices)  # refused at start-up, by name
         return self
+
+    def device_memory_caps(self) -> dict[str, int]:
+        return parse_device_memory(self.device_memory_gb, self.devices)
 
 
 def load_settings(**overrides: Any) -> PodServerSettings:
