@@ -142,3 +142,143 @@ async def test_interleaved_groups_switch_a_few_times_not_per_request(demo_models
     await asyncio.wait_for(asyncio.gather(*(run(j) for j in jobs)), 60)
     assert s.switch_count <= 4, s.switch_count
     await s.drain_and_stop(5)
+
+
+def _two_groups(demo_models: Path) -> ModelGroupsFile:
+    doc = load_model_groups(demo_models)
+    lm = {m.id: m for g in doc.groups.values() for m in g.models}
+    return ModelGroupsFile(
+        default_group="g1",
+        groups={"g1": GroupSpec(models=(lm["tiny-chat"],)), "g2": GroupSpec(models=(lm["tiny-chat-b"],))},
+    )
+
+
+async def _serves(s: DeviceScheduler, group: str) -> None:
+    job = s.submit(group)
+    runtime = await asyncio.wait_for(job.admitted, 60)
+    assert runtime.group == group and s.residency.current_group == group
+    m = next(iter(runtime.models.values()))
+    assert m.device == s.device
+    job.finish()
+
+
+async def test_a_group_that_never_fits_is_refused_before_anything_moves(demo_models: Path) -> None:
+    from gpufleet.pod_server.memory import Fit
+    from gpufleet.pod_server.scheduler import InsufficientDeviceMemory
+
+    groups = _two_groups(demo_models)
+    def fit(device: str, group: str, spec: GroupSpec) -> Fit:
+        return Fit(group != "g2", 10_000 if group == "g2" else 10, 100)
+
+    s = DeviceScheduler(
+        "cpu:0", DeviceResidency("cpu:0", 4, load_model), groups, max_sequences=4, workers=1, queue_limit=8,
+        load_timeout_s=60, failed_retry_s=60, runtime_factory=_runtime, fit_check=fit,
+    )  # fmt: skip
+    s.start()
+    await s.ensure_group("g1")
+    switches = s.switch_count
+    big = s.submit("g2")
+    with pytest.raises(InsufficientDeviceMemory, match="10000 bytes") as info:
+        await asyncio.wait_for(big.admitted, 60)
+    assert info.value.code == "insufficient_device_memory" and info.value.status_code == 503
+    assert s.switch_count == switches and "g2" in s.failed_groups()  # the router's eligibility sees it
+    with pytest.raises(InsufficientDeviceMemory):
+        s.submit("g2")  # refused at once from now on
+    await _serves(s, "g1")
+    await s.drain_and_stop(5)
+
+
+async def test_a_timed_out_load_is_never_raced_by_a_second_load(demo_models: Path) -> None:
+    import threading
+
+    groups = _two_groups(demo_models)
+    gate = threading.Event()
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def gated(spec: ModelSpec, device: str) -> LoadedModel:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            if spec.id == "tiny-chat-b":
+                gate.wait(60)  # a load that outlives its time-out
+            return load_model(spec, device)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    s = DeviceScheduler(
+        "cpu:0", DeviceResidency("cpu:0", 4, gated), groups, max_sequences=4, workers=2, queue_limit=8,
+        load_timeout_s=0.3, failed_retry_s=60, runtime_factory=_runtime,
+    )  # fmt: skip
+    s.start()
+    await s.ensure_group("g1")
+    slow = s.submit("g2")
+    with pytest.raises(Unavailable, match="timed out"):
+        await asyncio.wait_for(slow.admitted, 30)  # answered at the time-out, not when the load ends
+    waiting = s.submit("g1")  # wants the device back while the abandoned load still runs
+    await asyncio.sleep(0.2)
+    assert not waiting.admitted.done()  # nothing else touches the device until that load returns
+    gate.set()
+    runtime = await asyncio.wait_for(waiting.admitted, 60)
+    assert runtime.group == "g1" and s.residency.current_group == "g1"
+    waiting.finish()
+    assert peak[0] == 1 and "g2" in s.failed_groups()
+    await _serves(s, "g1")
+    await s.drain_and_stop(5)
+
+
+async def test_a_failed_copy_leaves_the_previous_group_current_and_serving(
+    demo_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups = _two_groups(demo_models)
+    s = _scheduler(groups)
+    s.start()
+    await s.ensure_group("g1")
+    g1 = s.residency.current["tiny-chat"]
+    await _serves(s, "g2")  # g1 parked in the cache
+
+    def copy_fails(device: str) -> None:
+        raise RuntimeError("CUDA out of memory in the host-to-device copy")
+
+    monkeypatch.setattr(g1, "activate", copy_fails)
+    job = s.submit("g1")
+    with pytest.raises(Unavailable, match="host-to-device"):
+        await asyncio.wait_for(job.admitted, 60)
+    await _serves(s, "g2")
+    await s.drain_and_stop(5)
+
+
+async def test_queued_group_is_prefetched_and_its_switch_counts_it(demo_models: Path) -> None:
+    from gpufleet.pod_server.memory import MemoryLedger
+
+    groups = _two_groups(demo_models)
+    residency = DeviceResidency("cpu:0", 4, load_model, ledger=MemoryLedger(["cpu:0"]))
+    prefetched: list[str] = []
+
+    def prefetch(device: str, group: str, spec: GroupSpec) -> None:
+        # What PodService.prefetch does, synchronously: a host copy in the cache, current nowhere.
+        if group in residency.host_cache:
+            return
+        models = {m.id: load_model(m, "cpu") for m in spec.models}
+        residency.host_cache.insert(group, models, device=None, prefetched=True)
+        prefetched.append(group)
+
+    s = DeviceScheduler(
+        "cpu:0", residency, groups, max_sequences=4, workers=1, queue_limit=8,
+        load_timeout_s=60, failed_retry_s=60, runtime_factory=_runtime, prefetch=prefetch,
+        policy=QueuePolicy(max_wait_s=60, min_residency_s=0),
+    )  # fmt: skip
+    s.start()
+    await s.ensure_group("g1")
+    holder = s.submit("g1")
+    await holder.admitted  # g1 is busy: g2 waits behind it
+    later = s.submit("g2")
+    s._prefetch_waiting("g1")  # what the pump does after each admission
+    assert prefetched == ["g2"] and not later.admitted.done()
+    holder.finish()
+    runtime = await asyncio.wait_for(later.admitted, 60)
+    assert runtime.group == "g2" and s.switch_s.get("cache") is not None and s.prefetched_switches == 1
+    later.finish()
+    await s.drain_and_stop(5)
