@@ -167,6 +167,7 @@ async def test_a_group_that_never_fits_is_refused_before_anything_moves(demo_mod
     from gpufleet.pod_server.scheduler import InsufficientDeviceMemory
 
     groups = _two_groups(demo_models)
+
     def fit(device: str, group: str, spec: GroupSpec) -> Fit:
         return Fit(group != "g2", 10_000 if group == "g2" else 10, 100)
 
