@@ -150,6 +150,44 @@ def time_cache_switch(spec: Any, other: Any, device: str, reps: int) -> dict[str
     return {"cache_s": min(cache_s), "park_s": min(park_s)}
 
 
+def time_prefetched_switch(spec: Any, other: Any, device: str, reps: int) -> dict[str, float]:
+    """The prefetch path: while another group is current, the group is loaded from storage into the
+    CPU cache (host copy, pinned on a GPU) as ``PodService`` prefetches it; the switch is then timed."""
+    from gpufleet.api.model_groups import GroupSpec
+    from gpufleet.pod_server.inference import load_model
+    from gpufleet.pod_server.residency import DeviceResidency
+
+    big, small = GroupSpec(models=(spec,)), GroupSpec(models=(other,))
+    switch_s, ready_s, prefetch_s = [], [], []
+    for _ in range(reps):
+        res = DeviceResidency(device, cache_limit_models=4, loader=load_model)
+        res.make_current("small", small)
+        if hasattr(os, "posix_fadvise"):
+            drop_from_page_cache(Path(spec.source))
+        t = time.perf_counter()  # in the pod this runs on the prefetch thread while "small" serves
+        loaded = load_model(spec, "cpu")
+        loaded.ensure_host_copy(pin=device.startswith("cuda"))
+        touch(loaded, "cpu")  # what the prefetch thread may spend; the switch must not
+        res.host_cache.insert("big", {spec.id: loaded}, device=None, prefetched=True)
+        prefetch_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        r = res.make_current("big", big)
+        _sync(device)
+        switched = time.perf_counter() - t
+        assert r.source == "cache" and r.prefetched, r
+        t = time.perf_counter()
+        touch(res.current[spec.id], device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        touch(res.current[spec.id], device)
+        again = time.perf_counter() - t
+        switch_s.append(switched)
+        ready_s.append(switched + max(0.0, first - again))
+        del res, loaded, r
+        _free(device)
+    return {"switch_s": min(switch_s), "ready_s": min(ready_s), "prefetch_s": min(prefetch_s)}
+
+
 def fit_line(points: list[tuple[float, float]]) -> dict[str, float]:
     """Least-squares seconds = fixed_s + s_per_gb * gb (non-negative parts)."""
     if len(points) == 1:
@@ -207,6 +245,18 @@ def measure_device(device: str, model_dirs: list[tuple[str, Path]], other: Path,
             "ready_gb_s": gb / max(cs["cache_s"], 1e-9),
         }
         progress(f"switch_cost {device} {name} cache: {cs['cache_s']:.4f}s (park {cs['park_s']:.4f}s)")
+        ps = time_prefetched_switch(spec, other_spec, device, reps)
+        row["prefetched"] = {
+            "load_s": ps["switch_s"],
+            "ready_s": ps["ready_s"],
+            "prefetch_s": ps["prefetch_s"],
+            "gb": gb,
+            "ready_gb_s": gb / max(ps["ready_s"], 1e-9),
+        }
+        progress(
+            f"switch_cost {device} {name} prefetched: switch {ps['ready_s']:.4f}s "
+            f"(background prefetch {ps['prefetch_s']:.3f}s)"
+        )
         out[name] = row
     return out
 
@@ -251,6 +301,8 @@ def run(*, quick: bool, command: str) -> dict[str, Any]:
             "disk paths: from storage (page cache dropped for the weight files first); *_warm: from the page cache",
             "ready_s = the load plus touching every weight once; CPU loads are lazy memory maps",
             "a CPU device keeps cached groups in place: its cache path moves no bytes",
+            "prefetched: the group was loaded into the CPU cache in the background (prefetch_s, off the switch "
+            "path) while another group was current; ready_s is the switch itself plus first-touch faults",
             "each figure is the fastest of its repetitions (max_over_min shows the spread): this machine is shared",
         ],
     }
@@ -270,7 +322,10 @@ def _targets(doc: dict[str, Any]) -> dict[str, Any]:
             "disk_warm_fast_vs_from_pretrained_speedup": largest["from_pretrained_warm"]["ready_s"]
             / largest["fast_load_warm"]["ready_s"],
             "model_gb": largest["from_pretrained"]["gb"],
+            # Issue 9: a switch to a group queued for (prefetched) vs a cold disk switch, target >= 3x.
+            "prefetched_vs_cold_disk_speedup": min(fp, fl) / largest["prefetched"]["ready_s"],
         }
+        out[kind]["prefetch_target_met"] = out[kind]["prefetched_vs_cold_disk_speedup"] >= 3
         if kind == "cuda":
             pinned = doc["limits"]["cuda:0"]["h2d_pinned_gb_s"]
             out[kind]["cache_share_of_pinned_h2d"] = largest["cache"]["ready_gb_s"] / pinned

@@ -193,13 +193,15 @@ def read_capacity(device: str, cap_bytes: int | None) -> DeviceCapacity:
 
 
 def release_device_memory(device: str) -> None:
-    """Drop unreferenced tensors and hand cached allocator blocks back before a retry or restore."""
-    gc.collect()
-    if is_cuda(device):
-        import torch
+    """Drop unreferenced tensors and hand cached allocator blocks back before a retry or restore.
+    On CPU devices there is no allocator cache to return, and a full collection costs ~0.1 s."""
+    if not is_cuda(device):
+        return
+    import torch
 
-        with torch.cuda.device(torch.device(device)):
-            torch.cuda.empty_cache()
+    gc.collect()
+    with torch.cuda.device(torch.device(device)):
+        torch.cuda.empty_cache()
 
 
 # --- the ledger -------------------------------------------------------------------------------

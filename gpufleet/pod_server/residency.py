@@ -10,6 +10,7 @@ as soon as its blocking load returns.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -166,8 +167,10 @@ class DeviceResidency:
             return
         if self.host_cache.release(group, self.device):
             for m in models.values():
-                m.park()
-        del models  # not cached: its last references go, and the device memory with them
+                m.park()  # back onto its host copy: the device copy is freed, nothing is copied
+            return
+        del models  # not cached: its last references go, and the memory with them
+        gc.collect()  # module trees hold reference cycles: free the weights now, not at the next collection
         release_device_memory(self.device)
 
     def _rollback(self, group_id: str | None, spec: GroupSpec | None) -> None:

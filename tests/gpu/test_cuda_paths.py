@@ -34,11 +34,17 @@ def test_cache_round_trip_pins_host_memory_and_keeps_outputs(demo_models: Path) 
     groups = load_model_groups(demo_models)
     r = DeviceResidency("cuda:0", 8, load_model)
     r.make_current("alpha", groups.groups["alpha"])
-    model = r.current["tiny-chat"].model
+    chat = r.current["tiny-chat"]
+    model = chat.model
     ids = torch.tensor([[1, 2, 3]], device="cuda:0")
     before = model(input_ids=ids).logits.float().cpu()
+    on_device = torch.cuda.memory_allocated(0)
     r.make_current("beta", groups.groups["beta"])
-    assert all(p.is_pinned() for p in r.cache["alpha"]["tiny-chat"].model.parameters())
+    assert all(p.is_pinned() for p in model.parameters())  # parked onto its host copy, no copy back
+    assert chat.host_bytes >= chat.bytes and "tiny-chat" in r.ledger.host_copies()
+    r.make_current("alpha", groups.groups["alpha"])
+    assert r.make_current("beta", groups.groups["beta"]).source == "cache"
+    assert torch.cuda.memory_allocated(0) <= on_device + 64 << 20  # alpha's device copy is gone
     assert r.make_current("alpha", groups.groups["alpha"]).source == "cache"
     assert next(model.parameters()).device.type == "cuda"
     assert torch.allclose(before, model(input_ids=ids).logits.float().cpu())
