@@ -9,14 +9,8 @@ from pathlib import Path
 
 
 def configure_operator(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--namespace",
-        "-n",
-        action="append",
-        dest="namespaces",
-        default=None,
-        help="watch only this namespace (repeatable; default: GPUFLEET_OPERATOR_NAMESPACES, else all)",
-    )
+    p.add_argument("--namespace", "-n", action="append", dest="namespaces", default=None,
+                   help="watch only this namespace (repeatable; default: GPUFLEET_OPERATOR_NAMESPACES, else all)")
     p.add_argument("--resync-seconds", type=float, default=None, help="re-check interval per ModelGroup")
     p.add_argument("--health-port", type=int, default=None, help="port of GET /healthz (0: none)")
     p.add_argument("--pod-server-image", default=None, help="default pod server image")
@@ -81,11 +75,7 @@ def run_crd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [
-    (
-        "operator",
-        "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API",
-        configure_operator,
-        run_operator,
-    ),
+    ("operator", "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API", configure_operator,
+     run_operator),
     ("crd", "print the ModelGroup CustomResourceDefinition (crds/modelgroup.yaml)", configure_crd, run_crd),
 ]

@@ -78,9 +78,8 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        resp = self.api.call_api(
-            m, url, header_params=hdrs, body=data, post_params=post, _request_timeout=self.timeout_s
-        )
+        resp = self.api.call_api(m, url, header_params=hdrs, body=data, post_params=post,
+                                 _request_timeout=self.timeout_s)
         raw = resp.read()
         if not 200 <= resp.status < 300:
             raise ApiException(http_resp=resp)

@@ -98,14 +98,8 @@ def blocked_status(body: dict[str, Any], reason: str, message: str, now: str) ->
         prior = old.get(kind)
         since = prior.last_transition_time if prior is not None and prior.status == status else now
         return Condition.model_validate(
-            {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": msg,
-                "lastTransitionTime": since,
-                "observedGeneration": generation,
-            }
+            {"type": kind, "status": status, "reason": reason, "message": msg,
+             "lastTransitionTime": since, "observedGeneration": generation}
         )
 
     return before.model_copy(

@@ -53,13 +53,8 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
             )
             for info in g.get("device_info") or []:
                 merged["device_info"].append(
-                    {
-                        **info,
-                        "device": f"{p.pod}/{info['device']}",
-                        "pod": p.pod,
-                        "node": p.node,
-                        "local_device": info["device"],
-                    }
+                    {**info, "device": f"{p.pod}/{info['device']}", "pod": p.pod, "node": p.node,
+                     "local_device": info["device"]}
                 )
             for m in g.get("models") or []:
                 entry = merged["models"].setdefault(
@@ -74,9 +69,8 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
         for m in g["models"].values():
             statuses = m.pop("statuses")
             m["status"] = (
-                "loaded"
-                if m["loaded_on_devices"]
-                else ("failed" if statuses and all(s == "failed" for s in statuses) else "available")
+                "loaded" if m["loaded_on_devices"] else ("failed" if statuses and all(s == "failed" for s in statuses)
+                                                        else "available")
             )
             model_list.append(m)
         out.append({**g, "models": model_list})
@@ -90,13 +84,8 @@ def queue(docs: list[PodDoc], inflight: dict[str, int]) -> dict[str, Any]:
         doc = p.doc or {}
         for device, fields in (doc.get("devices") or {}).items():
             key = f"{p.pod}/{device}"
-            devices[key] = {
-                **fields,
-                "pod": p.pod,
-                "node": p.node,
-                "device": device,
-                "router_inflight": inflight.get(key, 0),
-            }
+            devices[key] = {**fields, "pod": p.pod, "node": p.node, "device": device,
+                            "router_inflight": inflight.get(key, 0)}
         pods[p.pod] = {
             **_pods_summary([p])[p.pod],
             "total_queued": int(doc.get("total_queued", 0)),

@@ -28,7 +28,9 @@ async def poll_status_once(
             return
         state.observe_status(pod_id, doc)
 
-    targets = [(rec.id, rec.url) for rec in state.pods.values() if rec.url and not (only_missing and rec.annotated)]
+    targets = [
+        (rec.id, rec.url) for rec in state.pods.values() if rec.url and not (only_missing and rec.annotated)
+    ]
     await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
 
 

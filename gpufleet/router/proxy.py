@@ -61,11 +61,7 @@ class _Retryable(Exception):
     """An attempt failed before the client saw a byte."""
 
     def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None,
+        self, kind: str, message: str, *, response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None,
         failure: bool = True,
     ) -> None:
         super().__init__(message)
@@ -253,16 +249,8 @@ class Proxy:
         await send_error(send, UpstreamError(f"pod {last_pod!r} failed: {last.message}", code=f"upstream_{last.kind}"))
 
     async def _forward(
-        self,
-        base_url: str,
-        path: str,
-        payload: bytes,
-        stream: bool,
-        ticket: Ticket,
-        request_id: str,
-        receive: Receive,
-        send: Send,
-        started: float,
+        self, base_url: str, path: str, payload: bytes, stream: bool, ticket: Ticket, request_id: str,
+        receive: Receive, send: Send, started: float,
     ) -> bool:
         """Relay one attempt; True when the pod answered 200 in full. Raises _Retryable before the first byte."""
         headers = [*self.config.pod_headers, (b"x-request-id", request_id.encode())]
@@ -277,13 +265,7 @@ class Proxy:
             response.release()
 
     async def _relay(
-        self,
-        response: UpstreamResponse,
-        stream: bool,
-        ticket: Ticket,
-        receive: Receive,
-        send: Send,
-        started: float,
+        self, response: UpstreamResponse, stream: bool, ticket: Ticket, receive: Receive, send: Send, started: float,
         endpoint: str,
     ) -> bool:
         status = response.status
@@ -295,9 +277,7 @@ class Proxy:
             except UpstreamConnectionError:
                 data = b""
             raise _Retryable(
-                f"status_{status}",
-                f"pod answered {status}",
-                response=(status, out, data),
+                f"status_{status}", f"pod answered {status}", response=(status, out, data),
                 failure=status in FAILURE_STATUSES,
             )
         device = response.header(b"x-served-by-device")

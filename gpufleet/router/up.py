@@ -232,7 +232,9 @@ def up(overrides: dict[str, Any]) -> int:
         manifest = build_demo_models(pod_settings.demo_models_dir, progress=lambda m: say(m))
     up_settings.up_log_dir.mkdir(parents=True, exist_ok=True)
     threads = pod_settings.torch_threads or max(1, (os.cpu_count() or 1) // len(devices))
-    ports = [(up_settings.pod_base_port + i) if up_settings.pod_base_port else free_port() for i in range(len(devices))]
+    ports = [
+        (up_settings.pod_base_port + i) if up_settings.pod_base_port else free_port() for i in range(len(devices))
+    ]
     children = [
         Child(
             pod_name(d),
@@ -243,7 +245,9 @@ def up(overrides: dict[str, Any]) -> int:
         )
         for d, port in zip(devices, ports, strict=True)
     ]
-    router_settings = load_router_settings(discovery="static", pod_urls=[c.url for c in children], **overrides)
+    router_settings = load_router_settings(
+        discovery="static", pod_urls=[c.url for c in children], **overrides
+    )
     where = f"{router_settings.host}:{router_settings.port}"
     say(f"{len(children)} pod server(s) for {', '.join(devices)}; router on {where}")
     supervisor = Supervisor(children, up_settings.up_max_restarts)

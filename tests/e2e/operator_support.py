@@ -60,18 +60,13 @@ def write_kubeconfig(path: Path, api: Api, token: str) -> Path:
     return path
 
 
-def service_account_token(
-    api: Api, namespace: str, name: str, pod: dict[str, Any] | None = None, seconds: int = 3600
-) -> str:
+def service_account_token(api: Api, namespace: str, name: str, pod: dict[str, Any] | None = None,
+                          seconds: int = 3600) -> str:
     """TokenRequest, as the kubelet does for a pod's projected token (bound to the pod if given)."""
     spec: dict[str, Any] = {"expirationSeconds": seconds}
     if pod is not None:
-        spec["boundObjectRef"] = {
-            "kind": "Pod",
-            "apiVersion": "v1",
-            "name": pod["metadata"]["name"],
-            "uid": pod["metadata"]["uid"],
-        }
+        spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod["metadata"]["name"],
+                                  "uid": pod["metadata"]["uid"]}
     body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
     out = api.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", body)
     return str(out["status"]["token"])
@@ -110,15 +105,8 @@ class _Running:
 class PodServerFarm:
     """Starts and stops pod-server processes following the pods kwok runs; see the module doc."""
 
-    def __init__(
-        self,
-        api: Api,
-        namespace: str,
-        workdir: Path,
-        path_map: dict[str, Path],
-        extra_env: dict[str, str] | None = None,
-        interval: float = 0.5,
-    ) -> None:
+    def __init__(self, api: Api, namespace: str, workdir: Path, path_map: dict[str, Path],
+                 extra_env: dict[str, str] | None = None, interval: float = 0.5) -> None:
         self.api = api
         self.namespace = namespace
         self.workdir = workdir
@@ -193,7 +181,7 @@ class PodServerFarm:
     def host_path(self, path: str, mounts: dict[str, Path]) -> str:
         for prefix, host in [*sorted(mounts.items(), key=lambda kv: -len(kv[0])), *self.path_map.items()]:
             if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
-                return str(host) + path[len(prefix.rstrip("/")) :]
+                return str(host) + path[len(prefix.rstrip("/")):]
         return path
 
     def _start(self, pod: dict[str, Any]) -> None:
@@ -215,15 +203,13 @@ class PodServerFarm:
         env = {k: self.host_path(v, mounts) for k, v in resolve_env(pod, container).items()}
         gpus = int((container.get("resources") or {}).get("limits", {}).get(labels.GPU_RESOURCE, "1"))
         token = service_account_token(self.api, meta["namespace"], spec["serviceAccountName"], pod)
-        env.update(
-            {
-                "HOST": ip,  # the container would bind 0.0.0.0 in its own network namespace
-                "DEVICES": ",".join(f"cpu:{i}" for i in range(gpus)),  # each "GPU" simulated by a CPU device
-                "TORCH_THREADS": "1",
-                "KUBECONFIG": str(write_kubeconfig(root / "kubeconfig", self.api, token)),
-                **self.extra_env,
-            }
-        )
+        env.update({
+            "HOST": ip,  # the container would bind 0.0.0.0 in its own network namespace
+            "DEVICES": ",".join(f"cpu:{i}" for i in range(gpus)),  # each "GPU" simulated by a CPU device
+            "TORCH_THREADS": "1",
+            "KUBECONFIG": str(write_kubeconfig(root / "kubeconfig", self.api, token)),
+            **self.extra_env,
+        })
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")}
         command = [*(container.get("command") or [])[1:], *(container.get("args") or [])]  # after "gpufleet"
         argv = [sys.executable, "-m", "gpufleet.cli", *command]
@@ -260,11 +246,8 @@ class LocalComponent:
         namespace = self.deployment["metadata"]["namespace"]
         sa = template["spec"]["serviceAccountName"]
         token = service_account_token(self.api, namespace, sa)
-        fake_pod = {
-            "metadata": {"name": self.name, "namespace": namespace, "uid": ""},
-            "spec": template["spec"],
-            "status": {"podIP": "127.0.0.1"},
-        }
+        fake_pod = {"metadata": {"name": self.name, "namespace": namespace, "uid": ""}, "spec": template["spec"],
+                    "status": {"podIP": "127.0.0.1"}}
         env = resolve_env(fake_pod, container)
         env["KUBECONFIG"] = str(write_kubeconfig(self.workdir / f"{self.name}.kubeconfig", self.api, token))
         env.update(self.overrides)
@@ -282,9 +265,8 @@ class LocalComponent:
         return self.proc.log_path.read_text(errors="replace") if self.proc else ""
 
 
-def wait_until(
-    check: Any, timeout: float, what: str, watch: list[procs.Process] | None = None, interval: float = 0.5
-) -> None:
+def wait_until(check: Any, timeout: float, what: str, watch: list[procs.Process] | None = None,
+               interval: float = 0.5) -> None:
     procs.wait_until(check, timeout, what, watch or [], interval)
 
 

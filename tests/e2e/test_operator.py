@@ -70,9 +70,8 @@ class Fleet:
 
     # ---- tools ---------------------------------------------------------------------------
 
-    def run(
-        self, tool: str, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, tool: str, *args: str, check: bool = True, stdin: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
         argv = [which(tool, self.bin_dir), "--kubeconfig", self.c.kubeconfig, *args]
         result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -105,10 +104,8 @@ class Fleet:
     def ready(self, name: str) -> bool:
         group = self.group(name)
         status = group.get("status") or {}
-        return (
-            self.condition(name, "Ready").get("status") == "True"
-            and status.get("observedGeneration") == group["metadata"]["generation"]
-        )
+        return (self.condition(name, "Ready").get("status") == "True"
+                and status.get("observedGeneration") == group["metadata"]["generation"])
 
     def watched(self) -> list[procs.Process]:
         return [p.proc for p in (self.operator, self.router) if p and p.proc]
@@ -151,14 +148,8 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         c.add_gpu_node(name, gpus=4, labels={labels.GPU_PRODUCT_LABEL: "NVIDIA-H100-80GB-HBM3"})
         f.nodes.append(name)
     for ns, restricted in ((f.system_ns, True), (f.ns, True)):
-        body = {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {
-                "name": ns,
-                "labels": {"pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"},
-            },
-        }
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"}}}
         c.api.create("/api/v1/namespaces", body)
     sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns}}}"]
     if c.existing:  # never manage other people's ModelGroups
@@ -179,25 +170,14 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
     health_port, router_port = _free_port(), _free_port()
     f.health_url = f"http://127.0.0.1:{health_port}/healthz"
     f.router_url = f"http://127.0.0.1:{router_port}"
-    f.operator = LocalComponent(
-        c.api,
-        operator_deployment,
-        f.workdir / "operator",
-        {
-            "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
-            "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
-            "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
-        },
-    )
-    f.router = LocalComponent(
-        c.api,
-        router_deployment,
-        f.workdir / "router",
-        {
-            "HOST": "127.0.0.1",
-            "PORT": str(router_port),
-        },
-    )
+    f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
+        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
+        "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
+    })
+    f.router = LocalComponent(c.api, router_deployment, f.workdir / "router", {
+        "HOST": "127.0.0.1", "PORT": str(router_port),
+    })
     f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
     with f.operator, f.router, f.farm:
         print(f"\n[e2e] {f.release} installed, operator/router started in {time.monotonic() - t0:.1f}s")
@@ -213,7 +193,6 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
 
 # ---- the tests, in order: they share one installation ------------------------------------------
 
-
 def test_chart_installed_least_privilege_workloads(fleet: Fleet) -> None:
     """helm install gave the CRD, the RBAC and the Deployments; their pods would pass the
     `restricted` standard (server-side dry run of a pod from each Deployment's template)."""
@@ -222,19 +201,11 @@ def test_chart_installed_least_privilege_workloads(fleet: Fleet) -> None:
     for component in ("operator", "router"):
         path = f"/apis/apps/v1/namespaces/{fleet.system_ns}/deployments/{fleet.release}-gpufleet-{component}"
         dep = fleet.api.get(path)
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"dry-run-{component}"},
-            "spec": dep["spec"]["template"]["spec"],
-        }
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"dry-run-{component}"},
+               "spec": dep["spec"]["template"]["spec"]}
         fleet.api.request("POST", f"/api/v1/namespaces/{fleet.system_ns}/pods?dryRun=All", pod)
-    bad = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "dry-run-root"},
-        "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"runAsUser": 0}}]},
-    }
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dry-run-root"},
+           "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"runAsUser": 0}}]}}
     result = fleet.kubectl("create", "--dry-run=server", "-n", fleet.ns, "-f", "-", stdin=json.dumps(bad), check=False)
     assert result.returncode != 0 and "restricted" in result.stderr  # the namespace does enforce it
 
@@ -250,15 +221,10 @@ INVALID = [
 
 
 @pytest.mark.parametrize(("name", "spec", "message"), INVALID, ids=[i[0][:20] for i in INVALID])
-def test_invalid_modelgroup_is_rejected_by_the_api_server(
-    fleet: Fleet, name: str, spec: dict[str, Any], message: str
-) -> None:
-    doc = {
-        "apiVersion": "gpufleet.io/v1alpha1",
-        "kind": "ModelGroup",
-        "metadata": {"name": name},
-        "spec": {"models": [{"id": "m", "source": "/m"}], **spec},
-    }
+def test_invalid_modelgroup_is_rejected_by_the_api_server(fleet: Fleet, name: str, spec: dict[str, Any],
+                                                         message: str) -> None:
+    doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": name},
+           "spec": {"models": [{"id": "m", "source": "/m"}], **spec}}
     result = fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump(doc), check=False)
     assert result.returncode != 0, result.stdout
     assert message in result.stderr, result.stderr
@@ -268,15 +234,13 @@ def test_invalid_modelgroup_is_rejected_by_the_api_server(
 def test_example_becomes_ready_on_gpu_nodes(fleet: Fleet) -> None:
     t0 = time.monotonic()
     fleet.kubectl("apply", "-n", fleet.ns, "-f", str(EXAMPLE))
-    fleet.wait(lambda: fleet.ready("alpha") and fleet.ready("beta"), "ModelGroups alpha and beta Ready", READY_TIMEOUT)
+    fleet.wait(lambda: fleet.ready("alpha") and fleet.ready("beta"), "ModelGroups alpha and beta Ready",
+               READY_TIMEOUT)
     print(f"\n[e2e] example Ready in {time.monotonic() - t0:.1f}s")
     status = fleet.group("alpha")["status"]
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Ready": "True",
-        "Progressing": "False",
-        "Degraded": "False",
-    }
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False",
+                                                                      "Degraded": "False"}
     pods = fleet.pods("alpha")
     assert sorted(p["metadata"]["name"] for p in pods) == ["alpha-0", "alpha-1"]
     for pod in pods:
@@ -311,17 +275,13 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
 
         fleet.wait(knows_all, "router lists every model", 60)
         for _ in range(3):
-            r = client.post(
-                "/v1/chat/completions",
-                json={"model": "tiny-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]},
-            )
+            r = client.post("/v1/chat/completions", json={"model": "tiny-chat", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hello"}]})
             assert r.status_code == 200, r.text
             assert served_by(r) in {"alpha-0", "alpha-1"}
             assert r.json()["choices"][0]["message"]["role"] == "assistant"
-        r = client.post(
-            "/v1/chat/completions",
-            json={"model": "tiny-chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
-        )
+        r = client.post("/v1/chat/completions", json={"model": "tiny-chat-b", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and served_by(r) == "beta-0", r.text
         r = client.post("/v1/completions", json={"model": "tiny-complete-b", "prompt": "The quick", "max_tokens": 4})
         assert r.status_code == 200 and served_by(r) == "beta-0", r.text
@@ -331,17 +291,14 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
 def test_applying_again_changes_nothing(fleet: Fleet) -> None:
     def snapshot() -> dict[str, str]:
         out = {}
-        for kind, path in (
-            ("sa", "/api/v1/namespaces/{ns}/serviceaccounts/alpha-pod-server"),
-            ("rb", "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/alpha-pod-server"),
-            ("cm", "/api/v1/namespaces/{ns}/configmaps/alpha-model-groups"),
-            ("svc", "/api/v1/namespaces/{ns}/services/alpha"),
-        ):
+        for kind, path in (("sa", "/api/v1/namespaces/{ns}/serviceaccounts/alpha-pod-server"),
+                           ("rb", "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/alpha-pod-server"),
+                           ("cm", "/api/v1/namespaces/{ns}/configmaps/alpha-model-groups"),
+                           ("svc", "/api/v1/namespaces/{ns}/services/alpha")):
             obj = fleet.api.get(path.format(ns=fleet.ns))
             out[kind] = obj["metadata"]["resourceVersion"]
-        out["sts-generation"] = str(
-            fleet.api.get(f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets/alpha")["metadata"]["generation"]
-        )
+        out["sts-generation"] = str(fleet.api.get(f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets/alpha")
+                                    ["metadata"]["generation"])
         out["pods"] = ",".join(sorted(p["metadata"]["uid"] for p in fleet.pods("alpha")))
         return out
 
@@ -359,12 +316,8 @@ def test_deleted_pod_comes_back(fleet: Fleet) -> None:
     def replaced() -> bool:
         pods = {p["metadata"]["name"]: p for p in fleet.pods("alpha")}
         new = pods.get("alpha-0")
-        return bool(
-            new
-            and new["metadata"]["uid"] != old["metadata"]["uid"]
-            and fleet.ready("alpha")
-            and fleet.group("alpha")["status"]["readyReplicas"] == 2
-        )
+        return bool(new and new["metadata"]["uid"] != old["metadata"]["uid"] and fleet.ready("alpha")
+                    and fleet.group("alpha")["status"]["readyReplicas"] == 2)
 
     fleet.wait(replaced, "alpha-0 recreated and alpha Ready again", READY_TIMEOUT)
 
@@ -376,16 +329,8 @@ def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
     svc = f"/api/v1/namespaces/{ns}/services/beta"
     original = fleet.api.get(cm)["data"]
     fleet.kubectl("scale", "statefulset", "beta", "-n", ns, "--replicas=3")
-    fleet.kubectl(
-        "patch",
-        "configmap",
-        "beta-model-groups",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        json.dumps({"data": {"model_groups.json": "{}"}}),
-    )
+    fleet.kubectl("patch", "configmap", "beta-model-groups", "-n", ns, "--type=merge",
+                  "-p", json.dumps({"data": {"model_groups.json": "{}"}}))
     fleet.api.delete(svc)
     fleet.wait(lambda: fleet.api.get(sts)["spec"]["replicas"] == 1, "StatefulSet replicas put back", 30)
     fleet.wait(lambda: fleet.api.get(cm)["data"] == original, "ConfigMap put back", 30)
@@ -395,32 +340,24 @@ def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
 
 
 def test_gpus_per_pod_is_immutable(fleet: Fleet) -> None:
-    result = fleet.kubectl(
-        "patch", "mg", "alpha", "-n", fleet.ns, "--type=merge", "-p", '{"spec": {"gpusPerPod": 2}}', check=False
-    )
+    result = fleet.kubectl("patch", "mg", "alpha", "-n", fleet.ns, "--type=merge",
+                           "-p", '{"spec": {"gpusPerPod": 2}}', check=False)
     assert result.returncode != 0 and "gpusPerPod is immutable" in result.stderr, result.stderr
 
 
 def test_scale_subresource(fleet: Fleet) -> None:
     fleet.kubectl("scale", "mg", "beta", "-n", fleet.ns, "--replicas=0")
-    fleet.wait(
-        lambda: not fleet.pods("beta") and fleet.condition("beta", "Ready").get("reason") == "ScaledToZero",
-        "beta scaled to zero",
-        60,
-    )
+    fleet.wait(lambda: not fleet.pods("beta") and fleet.condition("beta", "Ready").get("reason") == "ScaledToZero",
+               "beta scaled to zero", 60)
 
 
 def test_deleting_the_modelgroup_removes_what_it_owns(fleet: Fleet) -> None:
     fleet.kubectl("delete", "mg", "alpha", "-n", fleet.ns)
     selector = f"{labels.LABEL_MODEL_GROUP}=alpha"
-    paths = [
-        f"/api/v1/namespaces/{fleet.ns}/pods",
-        f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets",
-        f"/api/v1/namespaces/{fleet.ns}/services",
-        f"/api/v1/namespaces/{fleet.ns}/configmaps",
-        f"/api/v1/namespaces/{fleet.ns}/serviceaccounts",
-        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{fleet.ns}/rolebindings",
-    ]
+    paths = [f"/api/v1/namespaces/{fleet.ns}/pods", f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets",
+             f"/api/v1/namespaces/{fleet.ns}/services", f"/api/v1/namespaces/{fleet.ns}/configmaps",
+             f"/api/v1/namespaces/{fleet.ns}/serviceaccounts",
+             f"/apis/rbac.authorization.k8s.io/v1/namespaces/{fleet.ns}/rolebindings"]
 
     def gone() -> bool:
         return all(not fleet.api.get(f"{p}?labelSelector={selector}")["items"] for p in paths)
@@ -442,72 +379,31 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     the tokens of these ServiceAccounts. Here: nothing more (impersonation)."""
     ns, sys_ns, release = fleet.ns, fleet.system_ns, fleet.release
     operator = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-operator"
-    allowed = [
-        "watch modelgroups.gpufleet.io",
-        "patch modelgroups.gpufleet.io:status",
-        "update modelgroups.gpufleet.io:finalizers",
-        "create statefulsets.apps",
-        "patch statefulsets.apps",
-        "create configmaps",
-        "patch configmaps",
-        "create services",
-        "create serviceaccounts",
-        "create rolebindings",
-        "list pods",
-        "watch pods",
-        "create events",
-        f"bind clusterroles/{release}-gpufleet-pod-server",
-    ]
-    denied = [
-        "delete pods",
-        "create pods",
-        "patch pods",
-        "get pods:log",
-        "create pods:exec",
-        "get secrets",
-        "list secrets",
-        "delete statefulsets.apps",
-        "update statefulsets.apps",
-        "delete configmaps",
-        "delete modelgroups.gpufleet.io",
-        "update modelgroups.gpufleet.io",
-        "create modelgroups.gpufleet.io",
-        "update modelgroups.gpufleet.io:status",
-        "create deployments.apps",
-        "create roles",
-        "create clusterrolebindings",
-        "bind clusterroles/cluster-admin",
-        "bind clusterroles/admin",
-        "escalate clusterroles",
-        "patch nodes",
-        "create namespaces",
-        "impersonate serviceaccounts",
-        "create serviceaccounts:token",
-        "patch customresourcedefinitions.apiextensions.k8s.io",
-    ]
+    allowed = ["watch modelgroups.gpufleet.io", "patch modelgroups.gpufleet.io:status",
+               "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
+               "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
+               "create rolebindings", "list pods", "watch pods", "create events",
+               f"bind clusterroles/{release}-gpufleet-pod-server"]
+    denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
+              "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",
+              "delete modelgroups.gpufleet.io", "update modelgroups.gpufleet.io", "create modelgroups.gpufleet.io",
+              "update modelgroups.gpufleet.io:status", "create deployments.apps", "create roles",
+              "create clusterrolebindings", "bind clusterroles/cluster-admin", "bind clusterroles/admin",
+              "escalate clusterroles", "patch nodes", "create namespaces", "impersonate serviceaccounts",
+              "create serviceaccounts:token", "patch customresourcedefinitions.apiextensions.k8s.io"]
     pod_server = f"system:serviceaccount:{ns}:beta-pod-server"
     router = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-router"
     expect = [(operator, rule, ns, True) for rule in allowed] + [(operator, rule, ns, False) for rule in denied]
     expect += [(pod_server, "patch pods", ns, True), (pod_server, "patch pods", sys_ns, False)]
-    pod_server_denied = [
-        "delete pods",
-        "create pods",
-        "list pods",
-        "patch pods:status",
-        "get secrets",
-        "patch modelgroups.gpufleet.io",
-        "create serviceaccounts:token",
-    ]
+    pod_server_denied = ["delete pods", "create pods", "list pods", "patch pods:status", "get secrets",
+                         "patch modelgroups.gpufleet.io", "create serviceaccounts:token"]
     expect += [(pod_server, rule, ns, False) for rule in pod_server_denied]
     expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False)]
     expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))
-    wrong = [
-        f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
-        for (who, rule, where, want), got in zip(expect, answers, strict=True)
-        if got != want
-    ]
+    wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
+             for (who, rule, where, want), got in zip(expect, answers, strict=True) if got != want]
     assert not wrong, wrong
 
 

@@ -221,12 +221,8 @@ def test_sigkill_under_load_loses_no_request_that_had_not_started_streaming(flee
                     with lock:
                         failures.append(f"{r.status_code} {r.text}")
             else:
-                body = {
-                    "model": "tiny-chat",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 16,
-                    "stream": True,
-                }
+                body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+                        "stream": True}
                 with fleet.http.stream("POST", "/v1/chat/completions", json=body) as r:
                     text = "".join(r.iter_text())
                 if r.status_code != 200:

@@ -27,16 +27,8 @@ class Echo:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.router_overhead.echo_backend",
-                "--port",
-                str(self.port),
-                "--name",
-                name,
-                *extra,
-            ],
+            [sys.executable, "-m", "bench.router_overhead.echo_backend", "--port", str(self.port), "--name", name,
+             *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -166,27 +158,20 @@ def test_api_key_on_everything_but_health(router: ServerProcess) -> None:
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(router.url + path).status_code == 200
     assert {m["id"] for m in httpx.get(router.url + "/v1/models", headers=AUTH).json()["data"]} == {
-        "echo-chat",
-        "echo-embed",
-        "echo-busy",
-        "echo-abort",
+        "echo-chat", "echo-embed", "echo-busy", "echo-abort"
     }
 
 
 def test_exclusive_target_is_rewritten_to_the_pod_device(router: ServerProcess) -> None:
     for target, sent in (("echo-1/cpu:0", "cpu:0"), ("echo-1", None)):
         r = httpx.post(
-            router.url + "/v1/completions",
-            json={"model": "echo-chat", "prompt": "x", "exclusive_gpu": target},
+            router.url + "/v1/completions", json={"model": "echo-chat", "prompt": "x", "exclusive_gpu": target},
             headers=AUTH,
         )
         assert r.status_code == 200 and r.headers["x-served-by-pod"] == "echo-1"
         assert r.json()["received"].get("exclusive_gpu") == sent
-    r = httpx.post(
-        router.url + "/v1/completions",
-        json={"model": "echo-chat", "prompt": "x", "exclusive_gpu": "cpu:0"},
-        headers=AUTH,
-    )
+    r = httpx.post(router.url + "/v1/completions", json={"model": "echo-chat", "prompt": "x", "exclusive_gpu": "cpu:0"},
+                   headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "exclusive_gpu"  # two pods have a cpu:0
     # Without a target the body goes through untouched, byte for byte.
     raw = b'{"model": "echo-chat",   "prompt": "x"}'
@@ -199,11 +184,7 @@ def test_a_dead_pod_costs_a_retry_not_an_error(echoes: tuple[Path, list[Echo]]) 
     # Two extra backends the router polls only rarely, so it still believes in the one we kill.
     pair = [Echo(log_dir, f"victim-{i}") for i in range(2)]
     router = start_router(
-        log_dir,
-        [e.url for e in pair],
-        name="router-retry",
-        STATUS_INTERVAL_S="60",
-        QUEUE_INTERVAL_S="60",
+        log_dir, [e.url for e in pair], name="router-retry", STATUS_INTERVAL_S="60", QUEUE_INTERVAL_S="60",
         EJECT_AFTER_FAILURES="2",
     )
     try:

@@ -109,11 +109,8 @@ def _walk_models(model: type[pydantic.BaseModel], schema: dict[str, Any], where:
                     key = {"minLength": "minItems", "maxLength": "maxItems"}.get(key, key)
                 assert prop.get(key) == value, f"{here}: {key}"
                 checked.append(f"{here}:{key}")
-        nested = [
-            a
-            for a in get_args(field.annotation) or (field.annotation,)
-            if isinstance(a, type) and issubclass(a, pydantic.BaseModel)
-        ]
+        nested = [a for a in get_args(field.annotation) or (field.annotation,)
+                  if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
         for sub in nested:
             node = prop["items"] if prop["type"] == "array" else prop
             _walk_models(sub, node, here, checked)

@@ -73,31 +73,16 @@ def named(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, A
 VARIANTS = {
     "defaults": (),
     "namespaced": ("operator.watchNamespaces={ml,team-b}",),
-    "everything": (
-        "ingress.enabled=true",
-        "ingress.className=nginx",
-        "serviceMonitor.enabled=true",
-        "router.apiKeySecret.name=gpufleet-key",
-        "router.namespaces={ml}",
-        "image.registry=",
-    ),
+    "everything": ("ingress.enabled=true", "ingress.className=nginx", "serviceMonitor.enabled=true",
+                   "router.apiKeySecret.name=gpufleet-key", "router.namespaces={ml}", "image.registry="),
     "operator-elsewhere": ("operator.replicas=0", "router.replicas=0", "crds.install=false"),
 }
 
 
 # ---- Pod Security Standard "restricted" (v1.30+ rules), checked offline -----------------
 
-ALLOWED_VOLUMES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-    "name",
-}
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                   "secret", "name"}
 
 
 def restricted_violations(pod: dict[str, Any]) -> list[str]:
@@ -135,7 +120,6 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
 
 
 # ---- tests ------------------------------------------------------------------------------------
-
 
 @needs_helm
 def test_lint() -> None:
@@ -226,11 +210,8 @@ def test_namespaced_mode_binds_per_namespace() -> None:
     docs = render(*VARIANTS["namespaced"])
     bindings = {(b["metadata"]["namespace"], b["metadata"]["name"]) for b in of_kind(docs, "RoleBinding")}
     for ns in ("ml", "team-b"):
-        assert {
-            (ns, "rel-gpufleet-operator"),
-            (ns, "rel-gpufleet-operator-bind-pod-server"),
-            (ns, "rel-gpufleet-router"),
-        } <= bindings
+        assert {(ns, "rel-gpufleet-operator"), (ns, "rel-gpufleet-operator-bind-pod-server"),
+                (ns, "rel-gpufleet-router")} <= bindings
     assert of_kind(docs, "ClusterRoleBinding") == []  # nothing cluster-wide in namespaced mode
     env = _env(named(docs, "Deployment", "rel-gpufleet-operator"))
     assert env["GPUFLEET_OPERATOR_NAMESPACES"] == "ml,team-b"
@@ -238,10 +219,8 @@ def test_namespaced_mode_binds_per_namespace() -> None:
 
 
 def _env(deployment: dict[str, Any]) -> dict[str, Any]:
-    return {
-        e["name"]: e.get("value", e.get("valueFrom"))
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    return {e["name"]: e.get("value", e.get("valueFrom"))
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 @needs_helm
@@ -276,23 +255,15 @@ def test_optional_parts() -> None:
     assert of_kind(docs, "ServiceMonitor")
     key = _env(named(docs, "Deployment", "rel-gpufleet-router"))["API_KEY"]
     assert key == {"secretKeyRef": {"name": "gpufleet-key", "key": "api-key"}}
-    assert (
-        named(docs, "Deployment", "rel-gpufleet-router")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert named(docs, "Deployment", "rel-gpufleet-router")["spec"]["template"]["spec"]["containers"][0]["image"] \
         == "gpufleet/gpufleet:0.1.0"
-    )
     assert not of_kind(render(), "Ingress") and not of_kind(render(), "ServiceMonitor")
 
 
 @needs_helm
 @pytest.mark.parametrize(
-    "bad",
-    [
-        "operator.replicas=2",
-        "router.policy=random",
-        "nope=1",
-        "router.namespaces={Bad_NS}",
-        "serviceMonitor.interval=soon",
-    ],
+    "bad", ["operator.replicas=2", "router.policy=random", "nope=1", "router.namespaces={Bad_NS}",
+            "serviceMonitor.interval=soon"],
 )
 def test_values_schema_rejects(bad: str) -> None:
     result = helm("template", "rel", str(CHART), "--set", bad, check=False)

@@ -57,14 +57,8 @@ def test_children_are_owned_labelled_and_valid() -> None:
         meta = child["metadata"]
         assert meta["namespace"] == "ml"
         assert meta["ownerReferences"] == [
-            {
-                "apiVersion": "gpufleet.io/v1alpha1",
-                "kind": "ModelGroup",
-                "name": "alpha",
-                "uid": "uid-1",
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
+            {"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "name": "alpha", "uid": "uid-1",
+             "controller": True, "blockOwnerDeletion": True}
         ]
         assert meta["labels"][labels.LABEL_MODEL_GROUP] == "alpha"
         assert meta["labels"][labels.LABEL_MANAGED_BY] == labels.MANAGED_BY
@@ -132,9 +126,8 @@ def test_configmap_is_a_one_group_model_groups_file() -> None:
 
 def test_model_change_rolls_pods_but_replica_change_does_not() -> None:
     def config_hash(r: ModelGroupRef) -> str:
-        return str(
-            build_statefulset(r, OPTIONS)["spec"]["template"]["metadata"]["annotations"][labels.CONFIG_HASH_ANNOTATION]
-        )
+        return str(build_statefulset(r, OPTIONS)["spec"]["template"]["metadata"]["annotations"][
+            labels.CONFIG_HASH_ANNOTATION])
 
     base = config_hash(ref())
     assert config_hash(ref(replicas=5)) == base
@@ -165,11 +158,9 @@ def test_restricted_pod_security() -> None:
 
 def test_scheduling_fields_pass_through() -> None:
     sts = build_statefulset(
-        ref(
-            nodeSelector={"nvidia.com/gpu.product": "L4"},
+        ref(nodeSelector={"nvidia.com/gpu.product": "L4"},
             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            affinity={"nodeAffinity": {"x": 1}},
-        ),
+            affinity={"nodeAffinity": {"x": 1}}),
         OPTIONS,
     )
     spec = pod_spec(sts)
@@ -195,13 +186,10 @@ def test_spec_hash_changes_only_with_content() -> None:
 
 # ---- drift --------------------------------------------------------------------------------
 
-
 def test_drift_ignores_server_additions_and_canonical_quantities() -> None:
     want = {"spec": {"replicas": 1, "res": {"cpu": "1000m", "mem": "1Gi"}, "env": [{"name": "A", "value": "1"}]}}
-    have = {
-        "spec": {"replicas": 1, "res": {"cpu": "1", "mem": "1Gi"}, "env": [{"name": "A", "value": "1"}], "extra": True},
-        "status": {},
-    }
+    have = {"spec": {"replicas": 1, "res": {"cpu": "1", "mem": "1Gi"}, "env": [{"name": "A", "value": "1"}],
+                     "extra": True}, "status": {}}
     assert drift(want, have) == []
 
 

@@ -169,12 +169,9 @@ def test_api_rejection_of_a_child_is_an_invalid_spec(kube: FakeKube) -> None:
 
 
 def test_a_name_taken_by_someone_else_is_not_touched(kube: FakeKube) -> None:
-    kube.objects[CM] = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "alpha-model-groups", "namespace": "ml", "resourceVersion": "1"},
-        "data": {"theirs": "yes"},
-    }
+    kube.objects[CM] = {"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "alpha-model-groups", "namespace": "ml", "resourceVersion": "1"},
+                        "data": {"theirs": "yes"}}
     result = Reconciler(kube, BuildOptions()).reconcile(current(kube), pods=[])
     assert isinstance(result.blocked, NotOwned)
     assert kube.objects[CM]["data"] == {"theirs": "yes"}
@@ -186,15 +183,10 @@ def test_status_follows_pods_without_touching_children(kube: FakeKube) -> None:
     rec = Reconciler(kube, BuildOptions())
     rec.reconcile(current(kube), pods=[])
     kube.writes.clear()
-    ann = (
-        '{"pod": "alpha-0", "ready": true, "groups": ["alpha"], "timestamp": 1,'
-        ' "devices": [{"device": "cuda:0", "current_group": "alpha"}]}'
-    )
-    pod = {
-        "metadata": {"name": "alpha-0", "annotations": {labels.STATUS_ANNOTATION: ann}},
-        "spec": {"nodeName": "gpu-0"},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-    }
+    ann = ('{"pod": "alpha-0", "ready": true, "groups": ["alpha"], "timestamp": 1,'
+           ' "devices": [{"device": "cuda:0", "current_group": "alpha"}]}')
+    pod = {"metadata": {"name": "alpha-0", "annotations": {labels.STATUS_ANNOTATION: ann}},
+           "spec": {"nodeName": "gpu-0"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     kube.objects[STS]["status"] = {"observedGeneration": 1, "currentRevision": "a", "updateRevision": "a"}
     kube.objects[STS]["metadata"]["generation"] = 1
     result = rec.refresh_status(current(kube), pods=[pod])

@@ -18,25 +18,11 @@ SPEC2 = ModelGroupSpec.model_validate({"replicas": 2, "models": [{"id": "m", "so
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
 
 
-def annotation(
-    name: str,
-    *,
-    ready: bool = True,
-    current: str | None = "alpha",
-    cached: tuple[str, ...] = (),
-    failed: tuple[str, ...] = (),
-) -> str:
-    doc = PodStatus(
-        pod=name,
-        namespace="ml",
-        node="gpu-0",
-        ready=ready,
-        groups=["alpha"],
-        timestamp=1.0,
-        devices=[
-            DeviceStatus(device="cuda:0", current_group=current, cached_groups=list(cached), failed_groups=list(failed))
-        ],
-    )
+def annotation(name: str, *, ready: bool = True, current: str | None = "alpha", cached: tuple[str, ...] = (),
+               failed: tuple[str, ...] = ()) -> str:
+    doc = PodStatus(pod=name, namespace="ml", node="gpu-0", ready=ready, groups=["alpha"], timestamp=1.0,
+                    devices=[DeviceStatus(device="cuda:0", current_group=current, cached_groups=list(cached),
+                                          failed_groups=list(failed))])
     return doc.model_dump_json()
 
 
@@ -51,16 +37,9 @@ def pod(name: str, *, ready: bool = True, ann: str | None = None, node: str = "g
 def sts(
     generation: int = 1, observed: int = 1, current: str = "r1", update: str = "r1", replicas: int = 2
 ) -> dict[str, Any]:
-    return {
-        "metadata": {"generation": generation},
-        "spec": {"replicas": replicas},
-        "status": {
-            "observedGeneration": observed,
-            "currentRevision": current,
-            "updateRevision": update,
-            "updatedReplicas": replicas,
-        },
-    }
+    return {"metadata": {"generation": generation}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": observed, "currentRevision": current, "updateRevision": update,
+                       "updatedReplicas": replicas}}
 
 
 def conds(status: ModelGroupStatus) -> dict[str, tuple[str, str]]:
@@ -71,25 +50,17 @@ def test_all_ready() -> None:
     pods = [pod("alpha-0", ann=annotation("alpha-0")), pod("alpha-1", ann=annotation("alpha-1"))]
     st = compute_status("alpha", 4, SPEC2, sts(), pods, None, T0)
     assert (st.replicas, st.ready_replicas, st.observed_generation) == (2, 2, 4)
-    assert conds(st) == {
-        "Ready": ("True", "AllReplicasReady"),
-        "Progressing": ("False", "Complete"),
-        "Degraded": ("False", "AsExpected"),
-    }
-    assert [(p.pod, p.device, p.state) for p in st.placements] == [
-        ("alpha-0", "cuda:0", "current"),
-        ("alpha-1", "cuda:0", "current"),
-    ]
+    assert conds(st) == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Complete"),
+                         "Degraded": ("False", "AsExpected")}
+    assert [(p.pod, p.device, p.state) for p in st.placements] == [("alpha-0", "cuda:0", "current"),
+                                                                    ("alpha-1", "cuda:0", "current")]
     assert st.selector == "gpufleet.io/component=pod-server,gpufleet.io/model-group=alpha"
     assert all(c.observed_generation == 4 for c in st.conditions)
 
 
 def test_kube_ready_is_not_enough_without_the_pod_servers_word() -> None:
-    pods = [
-        pod("alpha-0", ann=annotation("alpha-0")),
-        pod("alpha-1"),
-        pod("alpha-2", ann=annotation("alpha-2", ready=False)),
-    ]
+    pods = [pod("alpha-0", ann=annotation("alpha-0")), pod("alpha-1"),
+            pod("alpha-2", ann=annotation("alpha-2", ready=False))]
     st = compute_status("alpha", 1, SPEC2, sts(), pods, None, T0)
     assert st.ready_replicas == 1
     assert conds(st)["Ready"] == ("False", "ReplicasNotReady")
@@ -102,30 +73,17 @@ def test_annotation_of_another_pod_is_ignored() -> None:
 
 
 def test_cached_placements_and_terminating_pods() -> None:
-    pods = [
-        pod("alpha-0", ann=annotation("alpha-0", current="beta", cached=("alpha",))),
-        pod("alpha-1", ann=annotation("alpha-1"), metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"}),
-    ]
+    pods = [pod("alpha-0", ann=annotation("alpha-0", current="beta", cached=("alpha",))),
+            pod("alpha-1", ann=annotation("alpha-1"), metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"})]
     st = compute_status("alpha", 1, SPEC2, sts(), pods, None, T0)
     assert st.replicas == 1
     assert [(p.pod, p.state) for p in st.placements] == [("alpha-0", "cached")]
 
 
 def test_unschedulable_is_degraded_with_the_schedulers_message() -> None:
-    stuck = pod(
-        "alpha-1",
-        ready=False,
-        status={
-            "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
-                }
-            ]
-        },
-    )
+    stuck = pod("alpha-1", ready=False, status={"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]})
     st = compute_status("alpha", 1, SPEC2, sts(), [pod("alpha-0", ann=annotation("alpha-0")), stuck], None, T0)
     degraded = next(c for c in st.conditions if c.type == "Degraded")
     assert (degraded.status, degraded.reason) == ("True", "Unschedulable")
@@ -133,11 +91,8 @@ def test_unschedulable_is_degraded_with_the_schedulers_message() -> None:
 
 
 def test_crashloop_and_load_failures_are_degraded() -> None:
-    crash = pod(
-        "alpha-0",
-        ready=False,
-        status={"containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}}]},
-    )
+    crash = pod("alpha-0", ready=False, status={"containerStatuses": [
+        {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}}]})
     failed = pod("alpha-1", ann=annotation("alpha-1", current=None, failed=("alpha",)))
     st = compute_status("alpha", 1, SPEC2, sts(), [crash, failed], None, T0)
     degraded = next(c for c in st.conditions if c.type == "Degraded")

@@ -70,39 +70,20 @@ def test_exclusive_never_falls_back() -> None:
     ("devices", "expected", "reason"),
     [
         # current beats cached beats a switch from disk, all idle
-        (
-            [
-                dev("a", current_group="beta"),
-                dev("b", current_group="x", cached_groups=frozenset({"alpha"})),
-                dev("c", current_group="alpha"),
-            ],
-            "c/cuda:0",
-            "any:affinity_current",
-        ),
-        (
-            [dev("a", current_group="beta"), dev("b", current_group="x", cached_groups=frozenset({"alpha"}))],
-            "b/cuda:0",
-            "any:affinity_cached",
-        ),
+        ([dev("a", current_group="beta"), dev("b", current_group="x", cached_groups=frozenset({"alpha"})),
+          dev("c", current_group="alpha")], "c/cuda:0", "any:affinity_current"),
+        ([dev("a", current_group="beta"), dev("b", current_group="x", cached_groups=frozenset({"alpha"}))],
+         "b/cuda:0", "any:affinity_cached"),
         # a group loaded nowhere goes where the switch costs least: an empty device
-        (
-            [dev("a", current_group="beta"), dev("b", current_group=None, switch_s_from_disk=1.0)],
-            "b/cuda:0",
-            "any:switch",
-        ),
+        ([dev("a", current_group="beta"), dev("b", current_group=None, switch_s_from_disk=1.0)],
+         "b/cuda:0", "any:switch"),
         # a measured switch time counts: the faster disk wins
         ([dev("a", switch_s_from_disk=9.0), dev("b", switch_s_from_disk=2.0)], "b/cuda:0", "any:switch"),
         # the shorter expected wait wins; at equal cost, the fewer requests
-        (
-            [dev("a", current_group="alpha", load=2), dev("b", current_group="alpha", load=1)],
-            "b/cuda:0",
-            "any:affinity_current",
-        ),
-        (
-            [dev("a", current_group="alpha", load=2, workers=2), dev("b", current_group="alpha", load=1)],
-            "b/cuda:0",
-            "any:affinity_current,least_load",
-        ),
+        ([dev("a", current_group="alpha", load=2), dev("b", current_group="alpha", load=1)],
+         "b/cuda:0", "any:affinity_current"),
+        ([dev("a", current_group="alpha", load=2, workers=2), dev("b", current_group="alpha", load=1)],
+         "b/cuda:0", "any:affinity_current,least_load"),
     ],
 )
 def test_affinity_order(devices: list[DeviceState], expected: str, reason: str) -> None:

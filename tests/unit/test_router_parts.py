@@ -160,16 +160,8 @@ def test_decisions_are_counted() -> None:
 # --- Kubernetes pods ----------------------------------------------------------------------------
 
 
-def k8s_pod(
-    name: str = "pod-a",
-    *,
-    ready: bool = True,
-    ip: str | None = "10.0.0.5",
-    annotation: Any = "doc",
-    deleting: bool = False,
-    port: int | None = 8080,
-    namespace: str = "ml",
-) -> dict[str, Any]:
+def k8s_pod(name: str = "pod-a", *, ready: bool = True, ip: str | None = "10.0.0.5", annotation: Any = "doc",
+            deleting: bool = False, port: int | None = 8080, namespace: str = "ml") -> dict[str, Any]:
     doc = _pod(name).model_dump_json() if annotation == "doc" else annotation
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "annotations": {}}
     if doc is not None:
@@ -249,50 +241,24 @@ def test_gpu_stats_names_pod_and_device() -> None:
     assert doc["devices"]["pod-a/cpu:0"]["node"] == "node-1"
     assert doc["utilization"] == 1.0 and doc["memory_used"] == 2.0  # the first device's fields, at the top
     assert doc["available"] is False
-    assert doc["pods"]["pod-b"] == {
-        "node": None,
-        "url": "http://b",
-        "state": "ejected",
-        "reachable": False,
-        "error": "ReadError",
-    }
+    assert doc["pods"]["pod-b"] == {"node": None, "url": "http://b", "state": "ejected", "reachable": False,
+                                    "error": "ReadError"}
 
 
 def test_models_merge_device_info_across_pods() -> None:
     def models_doc(current: bool) -> dict[str, Any]:
-        return {
-            "model_groups": [
-                {
-                    "group_id": "alpha",
-                    "is_default": True,
-                    "device_info": [
-                        {
-                            "device": "cpu:0",
-                            "has_group": current,
-                            "is_current": current,
-                            "is_cached": False,
-                            "load_error": None,
-                        }
-                    ],
-                    "models": [
-                        {
-                            "id": "m",
-                            "task": "chat",
-                            "loaded_on_devices": ["cpu:0"] if current else [],
-                            "cached_on_devices": [],
-                            "status": "loaded" if current else "available",
-                        }
-                    ],
-                }
-            ]
-        }
+        return {"model_groups": [{
+            "group_id": "alpha", "is_default": True,
+            "device_info": [{"device": "cpu:0", "has_group": current, "is_current": current, "is_cached": False,
+                             "load_error": None}],
+            "models": [{"id": "m", "task": "chat", "loaded_on_devices": ["cpu:0"] if current else [],
+                        "cached_on_devices": [], "status": "loaded" if current else "available"}],
+        }]}
 
-    doc = fleet_api.models(
-        [
-            fleet_api.PodDoc("pod-a", None, "u", "ready", models_doc(True)),
-            fleet_api.PodDoc("pod-b", None, "u", "ready", models_doc(False)),
-        ]
-    )
+    doc = fleet_api.models([
+        fleet_api.PodDoc("pod-a", None, "u", "ready", models_doc(True)),
+        fleet_api.PodDoc("pod-b", None, "u", "ready", models_doc(False)),
+    ])
     (group,) = doc["model_groups"]
     assert [i["device"] for i in group["device_info"]] == ["pod-a/cpu:0", "pod-b/cpu:0"]
     assert group["device_info"][1]["local_device"] == "cpu:0" and group["device_info"][1]["pod"] == "pod-b"
@@ -310,9 +276,8 @@ def test_queue_per_pod_and_device() -> None:
 def test_model_cards_union() -> None:
     a = {"data": [{"id": "x", "group": "alpha"}, {"id": "y", "group": "alpha"}]}
     b = {"data": [{"id": "y", "group": "alpha"}, {"id": "z", "group": "beta"}]}
-    cards = fleet_api.model_cards(
-        [fleet_api.PodDoc("a", None, "u", "ready", a), fleet_api.PodDoc("b", None, "u", "ready", b)]
-    )
+    cards = fleet_api.model_cards([fleet_api.PodDoc("a", None, "u", "ready", a),
+                                   fleet_api.PodDoc("b", None, "u", "ready", b)])
     assert [c["id"] for c in cards] == ["x", "y", "z"]
 
 

@@ -76,7 +76,9 @@ def test_load_is_own_inflight_plus_what_others_sent() -> None:
     state.begin("pod-a", "cpu:0", "alpha")
     assert devices(state)["pod-a/cpu:0"].load == 2  # type: ignore[attr-defined]
     # The pod reports 5 queued or running: 3 of them came from elsewhere.
-    state.observe_queue("http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 4, "busy_workers": 1}}})
+    state.observe_queue(
+        "http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 4, "busy_workers": 1}}}
+    )
     assert devices(state)["pod-a/cpu:0"].load == 5  # type: ignore[attr-defined]
     state.finish(t1)
     state.finish(t1)  # finishing twice counts once
