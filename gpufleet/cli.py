@@ -84,7 +84,7 @@ def build_parser(
 def _extra_commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]]:
     """Commands of the other components, registered by their own modules."""
     found = []
-    for module in ("gpufleet.router.cli", "gpufleet.operator.cli"):
+    for module in ("gpufleet.router.cli", "gpufleet.operator.cli", "gpufleet.local.cli"):
         try:
             mod = __import__(module, fromlist=["COMMANDS"])
         except ModuleNotFoundError as exc:
