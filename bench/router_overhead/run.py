@@ -26,9 +26,9 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
-from bench.router_overhead.echo_backend import loop_factory
 from bench.router_overhead.loadgen import Sample, run_load
 from gpufleet.local.processes import free_port, http_ok, wait_until
+from tests.support.echo_backend import loop_factory
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "router_overhead.json"
 TARGETS = {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "max_chunk_delay_ms": 5.0, "router_rps_c16": 1500.0}
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "bench.router_overhead.echo_backend",
+                        "tests.support.echo_backend",
                         "--port",
                         str(echo_port),
                         "--chunks",
