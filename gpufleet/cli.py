@@ -1,4 +1,8 @@
-"""The ``gpufleet`` command: one entry point for every component."""
+"""The ``gpufleet`` command: one entry point for every component.
+
+Each component's modules are imported only when its command runs, so ``gpufleet router --help``
+works in an install with the ``router`` extra alone (no torch) and a missing extra is one line.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,21 @@ from gpufleet.api.errors import ConfigError
 Command = Callable[[argparse.Namespace], int]
 
 
+# The extra that brings each command's libraries (pyproject.toml).
+EXTRA_OF = {"serve": "pod-server", "demo-models": "pod-server", "router": "router", "operator": "operator", "up": "all"}
+
+
 def _fail(exc: ConfigError) -> int:
     print(f"gpufleet: configuration error: {exc.message}", file=sys.stderr)
+    return 2
+
+
+def _missing(command: str, exc: ModuleNotFoundError) -> int:
+    extra = EXTRA_OF.get(command, "all")
+    print(
+        f"gpufleet {command}: {exc.name} is not installed; pip install 'gpufleet[{extra}]' brings it",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -101,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         return _fail(exc)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "gpufleet":
+            raise
+        return _missing(args.command, exc)
     except KeyboardInterrupt:
         return 130
 
