@@ -36,7 +36,9 @@ rm -rf "$solo"
 
 step "ruff"
 .venv/bin/ruff check gpufleet tests bench
-step "mypy (strict on the contract and the pure modules)"
+step "import contracts (lint-imports; the layers are in pyproject.toml)"
+.venv/bin/lint-imports --no-cache
+step "mypy (strict on the whole package)"
 .venv/bin/mypy
 step "pytest"
 # Warnings are errors (pyproject); -p no:cacheprovider keeps the clone clean.

@@ -31,14 +31,18 @@ def test_control_plane_imports_no_torch_transformers_or_pod_server(package: str)
             from gpufleet.router.app import create_app
             from gpufleet.router.settings import load_router_settings
             create_app(load_router_settings(pod_urls=["http://127.0.0.1:9"]))
-        from gpufleet.cli import build_parser, _extra_commands
-        build_parser(_extra_commands())
         heavy = {HEAVY!r}
-        print(sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy))))
+        def loaded():
+            return sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy)))
+        before = loaded()
+        from gpufleet.cli import build_parser
+        build_parser()  # every command registered (their cli modules are stdlib only), none run
+        after = [m for m in loaded() if m not in ("gpufleet.pod_server", "gpufleet.pod_server.cli")]
+        print(before, after)
         """
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "[]", f"{package} loaded: {proc.stdout.strip()}"
+    assert proc.stdout.strip() == "[] []", f"{package} (then the command line) loaded: {proc.stdout.strip()}"
 
 
 def test_a_missing_extra_is_one_line_naming_it() -> None:
