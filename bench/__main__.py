@@ -23,7 +23,7 @@ PARTS = ("switch_cost", "routing_quality", "throughput", "replay")
 DESCRIPTIONS = {
     "switch_cost": "time to make a group current from disk and from the CPU cache, per GB, vs copy bandwidth",
     "routing_quality": "simulated routing over the real policy vs round robin, least load, LRU multiplexing",
-    "throughput": "requests/s and tokens/s by workers, devices, and through the router",
+    "throughput": "tokens/s and time to first token at concurrency 1-64: serve, up, batch-1 loop, transformers CB",
     "replay": "a scaled-down trace replayed on gpufleet up per policy, beside the simulator",
 }
 
@@ -124,6 +124,11 @@ def _targets_overview() -> list[str]:
         )
     else:
         out.append("- CPU-cache path on a GPU ≥ 70% of pinned H2D: not measured here (no GPU); run bench/gpu.")
+    tp = read_result("throughput")
+    if tp and "lines" in tp:
+        from bench.throughput import overview
+
+        out += overview(tp)
     rp = read_result("replay")
     if rp:
         pairs = ", ".join(f"{p} {v['real']['switches']}/{v['sim']['switches']}" for p, v in rp["policies"].items())
