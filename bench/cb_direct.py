@@ -62,6 +62,7 @@ class Manager:
     num_blocks: int
     page_size: int
     max_concurrency: int
+    attn_implementation: str  # what the manager switched the model to
 
 
 def start_manager(
@@ -86,15 +87,16 @@ def start_manager(
     blocks = blocks_for(max_concurrency, prompt_tokens + max_new_tokens, page_size)
     cfg = cb_config(
         num_blocks=blocks,
-        # room to prefill every sequence's prompt in one step, and never below one decode step of all
-        max_batch_tokens=max(max_concurrency, min(max_concurrency * prompt_tokens, 16384)),
+        # room to prefill every prompt in one step, up to the library's own default (its attention mask
+        # grows with this times the cache), and never below one decode step of every sequence
+        max_batch_tokens=max(max_concurrency, min(max_concurrency * prompt_tokens, 8192)),
         max_requests_per_batch=max_concurrency,
         page_size=page_size,
     )
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
     with torch.inference_mode():
         manager.start()
-    return Manager(manager, blocks, page_size, max_concurrency)
+    return Manager(manager, blocks, page_size, max_concurrency, str(model.config._attn_implementation))
 
 
 def stop_manager(m: Manager, timeout_s: float = 30.0) -> None:

@@ -153,7 +153,7 @@ def in_process_line(
         mgr = cb_direct.start_manager(
             m.model, max_new_tokens=MAX_TOKENS, max_concurrency=max(concurrency), prompt_tokens=len(prompt)
         )
-        extra = {"num_blocks": mgr.num_blocks, "page_size": mgr.page_size}
+        extra = {"num_blocks": mgr.num_blocks, "page_size": mgr.page_size, "attention": mgr.attn_implementation}
         try:
 
             def measure(c: int, stop_at: float) -> list[Record]:
