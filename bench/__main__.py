@@ -124,6 +124,18 @@ def _targets_overview() -> list[str]:
         )
     else:
         out.append("- CPU-cache path on a GPU ≥ 70% of pinned H2D: not measured here (no GPU); run bench/gpu.")
+    if gpu and gpu.get("cb_sweep") and not gpu.get("dry_run"):
+        models = gpu["cb_sweep"].get("models", {})
+        cells = []
+        for name, m in models.items():
+            top = max(m.get("points", []), key=lambda p: p["concurrency"], default=None)
+            if top:
+                cells.append(
+                    f"{name} {top['tokens_per_s'] or 0:,.0f} tokens/s at c={top['concurrency']} "
+                    f"({top.get('vs_c1') or 0:.1f}x c=1)"
+                )
+        shown = "; ".join(cells) or "no point measured"
+        out.append(f"- Continuous batching on the GPU ({gpu.get('device')}): {shown}.")
     tp = read_result("throughput")
     if tp and "lines" in tp:
         from bench.throughput import overview

@@ -37,9 +37,15 @@ def kv_bytes_per_block(config: Any, dtype_bytes: int, page_size: int = PAGE_SIZE
 
 
 def cb_config(
-    *, num_blocks: int, max_batch_tokens: int, max_requests_per_batch: int, page_size: int = PAGE_SIZE
+    *,
+    num_blocks: int,
+    max_batch_tokens: int,
+    max_requests_per_batch: int,
+    page_size: int = PAGE_SIZE,
+    auto_switch_to_flash: bool | None = None,
 ) -> Any:
-    """A ContinuousBatchingConfig for the installed transformers, whichever name its page size has."""
+    """A ContinuousBatchingConfig for the installed transformers, whichever name its page size has
+    (fields this version lacks are left out)."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
@@ -51,6 +57,8 @@ def cb_config(
         "max_requests_per_batch": max_requests_per_batch,
         "scheduler_type": "fifo",
     }
+    if auto_switch_to_flash is not None:
+        kw["auto_switch_to_flash"] = auto_switch_to_flash
     return ContinuousBatchingConfig(**{k: v for k, v in kw.items() if k in names})
 
 
@@ -85,15 +93,23 @@ def start_manager(
         pad_token_id=model.generation_config.pad_token_id,
     )
     blocks = blocks_for(max_concurrency, prompt_tokens + max_new_tokens, page_size)
-    cfg = cb_config(
-        num_blocks=blocks,
-        # room to prefill every prompt in one step, up to the library's own default (its attention mask
-        # grows with this times the cache), and never below one decode step of every sequence
-        max_batch_tokens=max(max_concurrency, min(max_concurrency * prompt_tokens, 8192)),
-        max_requests_per_batch=max_concurrency,
-        page_size=page_size,
-    )
-    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
+
+    def config(auto_switch_to_flash: bool | None) -> Any:
+        return cb_config(
+            num_blocks=blocks,
+            # room to prefill every prompt in one step, up to the library's own default (its attention
+            # mask grows with this times the cache), and never below one decode step of every sequence
+            max_batch_tokens=max(max_concurrency, min(max_concurrency * prompt_tokens, 8192)),
+            max_requests_per_batch=max_concurrency,
+            page_size=page_size,
+            auto_switch_to_flash=auto_switch_to_flash,
+        )
+
+    try:
+        manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=config(None))
+    except Exception:
+        # A flash kernel the library found but cannot load (offline hub kernels): the default attention.
+        manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=config(False))
     with torch.inference_mode():
         manager.start()
     return Manager(manager, blocks, page_size, max_concurrency, str(model.config._attn_implementation))
