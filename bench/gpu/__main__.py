@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             return False
 
     models: dict[str, Path] = {}
-    if "limits" in sections:
+    if sections & {"limits", "switch"}:  # the switch section compares with the copy bandwidth
         attempt("limits", 30, section_limits, doc)
     if "cb" in sections:
         attempt("continuous batching sweep", 90, section_cb, doc, args.cb_seconds, args.cb_warmup)
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if models and "limits" in doc and "switch" in sections:
         attempt("switch times", 150, section_switch, doc, models)
     if "server" not in sections:
-        pass
+        pass  # not asked for
     elif models and all(pkgs.get(PACKAGES[m]) for m in SERVER_NEEDS):
         attempt("gpu_stats and throughput", 100, section_stats_and_throughput, doc, models, args.seconds)
     elif models:
