@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOKENS_LIMIT = 4096
+MAX_CHOICES = 16
 
 
 class _Body(BaseModel):
@@ -38,6 +39,7 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt.")
 
     @field_validator("stop")
     @classmethod
@@ -69,13 +71,25 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def wants_logprobs(self) -> str | None:
+        """The logprobs field a request sets, by name (refused: the engine returns none yet)."""
+        if self.logprobs:
+            return "logprobs"
+        return "top_logprobs" if self.top_logprobs else None
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def wants_logprobs(self) -> str | None:
+        return "logprobs" if self.logprobs is not None else None
 
     @field_validator("prompt")
     @classmethod

@@ -16,12 +16,13 @@ from gpufleet.api.errors import ModelNotFound
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
+from gpufleet.pod_server.handlers import OpenAIHandlers
 from gpufleet.pod_server.metrics import PodMetrics
-from gpufleet.pod_server.openai_handlers import OpenAIHandlers
 from gpufleet.pod_server.service import PodService
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.pod_server.status_publisher import run_status_publisher
 from gpufleet.pod_server.tokenizers import TokenizerCache
+from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.middleware import GuardMiddleware
 
@@ -39,7 +40,10 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
         app.state.service = service
         app.state.metrics = metrics
         app.state.stats = stats
-        app.state.handlers = OpenAIHandlers(service, TokenizerCache(), metrics, settings.max_tokens_default)
+        tokenizers = TokenizerCache()
+        app.state.handlers = OpenAIHandlers(
+            service, Validator(groups, tokenizers, settings.max_tokens_default), metrics
+        )
         await service.start()
         background: list[asyncio.Task[Any]] = []
         if not settings.lazy_load_model:
@@ -54,6 +58,7 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await service.stop()
+            tokenizers.close()
             stats.source.close()
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
@@ -74,15 +79,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await handlers(request).chat(body, _request_id(request))
+        return await handlers(request).chat(body, request.receive, _request_id(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await handlers(request).completion(body, _request_id(request))
+        return await handlers(request).completion(body, request.receive, _request_id(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        return await handlers(request).embeddings(body, _request_id(request))
+        return await handlers(request).embeddings(body, request.receive, _request_id(request))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -129,6 +134,7 @@ def _routes(app: FastAPI) -> None:
     async def metrics(request: Request) -> Response:
         m: PodMetrics = request.app.state.metrics
         stats: GpuStats = request.app.state.stats
+        svc(request).refresh_kv_metrics()
         for device, r in (await asyncio.to_thread(stats.sample)).items():
             labels = m.labels(device)
             m.gpu_util.labels(**labels).set(r.utilization)

@@ -1,15 +1,13 @@
-"""Real inference with torch + transformers: loading, token-by-token generation, embeddings.
+"""Real models with torch + transformers: loading, residency moves, embeddings.
 
-Everything here is blocking and runs on a device's worker threads, never on the event loop.
+Generation runs in the continuous-batching engine (``engine/batching.py``). Everything here is
+blocking and runs on a device's worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,22 +28,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Delta:
-    text: str
-    finish_reason: str | None = None
-    tokens: int = 0  # tokens generated since the previous delta
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -103,53 +85,9 @@ class LoadedModel:
             torch.cuda.current_stream(target).synchronize()
         self.device = device
 
-    # --- tokens ----------------------------------------------------------------------------
-
-    # --- generation ------------------------------------------------------------------------
-
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Delta]:
-        """Yield text deltas one token at a time; the last delta carries the finish reason."""
-        dev = torch.device(torch_device(self.device))
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(params.seed if params.seed is not None else time.monotonic_ns() & 0xFFFFFFFF)
-        input_ids = torch.tensor([prompt_ids], device=dev)
-        eos = self.tokenizer.eos_token_id
-        past: Any = None
-        produced: list[int] = []
-        emitted = ""
-        pending = 0
-        for _ in range(params.max_new_tokens):
-            if cancel.is_set():
-                yield Delta("", "cancelled", pending)
-                return
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            next_id = _sample(out.logits[0, -1].float(), params, gen)
-            if next_id == eos:
-                yield Delta("", "stop", pending)
-                return
-            produced.append(next_id)
-            pending += 1
-            text = self.tokenizer.decode(produced, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                # Part of a multi-byte character: wait for the rest before emitting.
-                input_ids = torch.tensor([[next_id]], device=dev)
-                continue
-            hit = _first_stop(text, params.stop)
-            if hit is not None:
-                yield Delta(text[len(emitted) : hit], "stop", pending)
-                return
-            delta, emitted = text[len(emitted) :], text
-            if delta:
-                yield Delta(delta, None, pending)
-                pending = 0
-            input_ids = torch.tensor([[next_id]], device=dev)
-        yield Delta("", "length", pending)
-
-    @torch.inference_mode()
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Mean-pooled, L2-normalised sentence embeddings and the prompt token count."""
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Mean-pooled, L2-normalised sentence embeddings and each input's token count."""
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
         ).to(torch_device(self.device))
@@ -157,25 +95,7 @@ class LoadedModel:
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-        return pooled.cpu().tolist(), int(enc["attention_mask"].sum().item())
-
-
-def _sample(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:
-    if params.temperature <= 1e-5:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
-        return int(idx[choice].item())
-    return int(torch.multinomial(probs, 1, generator=gen).item())
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+        return pooled.cpu().tolist(), [int(n) for n in enc["attention_mask"].sum(1).tolist()]
 
 
 def load_model(spec: ModelSpec, device: str) -> LoadedModel:

@@ -48,10 +48,19 @@ class PodMetrics:
         )
         self.prompt_tokens = Counter("gpufleet_prompt_tokens_total", "Prompt tokens", [*base, "model"], registry=r)
         self.generation_tokens = Counter(
-            "gpufleet_generation_tokens_total", "Generated tokens", [*base, "model"], registry=r
+            "gpufleet_generation_tokens_total",
+            "Tokens generated, delivered or not (a cancelled or stopped sequence's too)",
+            [*base, "model"],
+            registry=r,
         )
+        self.completion_tokens = Counter(
+            "gpufleet_completion_tokens_total", "Generated tokens delivered to clients", [*base, "model"], registry=r
+        )
+        self.max_sequences = Gauge("gpufleet_max_sequences", "Sequences a device batches at once", base, registry=r)
+        self.kv_blocks_used = Gauge("gpufleet_kv_cache_blocks_used", "KV cache blocks in use", base, registry=r)
+        self.kv_blocks_total = Gauge("gpufleet_kv_cache_blocks_total", "KV cache blocks", base, registry=r)
         self.queue_depth = Gauge("gpufleet_queue_depth", "Requests waiting per device", base, registry=r)
-        self.running = Gauge("gpufleet_requests_running", "Requests running per device", base, registry=r)
+        self.running = Gauge("gpufleet_requests_running", "Sequences running per device (batched)", base, registry=r)
         self.workers = Gauge("gpufleet_workers", "Workers per device", base, registry=r)
         self.group_current = Gauge(
             "gpufleet_group_current", "1 when the group is current on the device", [*base, "group"], registry=r
@@ -81,7 +90,7 @@ class PodMetrics:
         # The model server protocol of the Gateway API Inference Extension (pod-wide).
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running", registry=r)
-        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0 here: no paged cache)", registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage of the pod's engines (0..1)", registry=r)
         self.vllm_lora = Gauge(
             "vllm:lora_requests_info",
             "Current groups as running adapters, so adapter-affinity scorers prefer pods holding the group",

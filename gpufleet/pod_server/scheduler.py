@@ -1,37 +1,51 @@
-"""One device's bounded queue, its workers, and the rule that a switch waits for in-flight work.
+"""One device's bounded queue, its admission into the running batch, and its group switches.
 
-Workers are asyncio tasks; the blocking model work runs on the device's own thread pool
-(one thread per worker) so a slow device never stalls the event loop or another device.
+A request is a :class:`Job`: queued, then admitted (it gets the current group's runtime and
+holds ``weight`` of the device's sequence slots), then finished by whoever consumes it. What
+runs next is decided by ``queue_order.next_action`` (serve the current group's work, batched,
+before switching; bounded waits so no group starves); this module is the I/O around it: one
+pump task per device, switches on the device's own thread pool, engines started and stopped
+with the group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.api.errors import Overloaded, Unavailable
 from gpufleet.api.model_groups import ModelGroupsFile
+from gpufleet.pod_server.group_runtime import GroupRuntime
 from gpufleet.pod_server.inference import LoadedModel
-from gpufleet.pod_server.residency import DeviceResidency, GroupLoadError, SwitchResult
+from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, QueueState, next_action, switch_deadline
+from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[dict[str, LoadedModel]], Any]
+RuntimeFactory = Callable[[str, str, dict[str, LoadedModel]], GroupRuntime]
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     group: str
-    work: Work
-    future: asyncio.Future[Any]
+    weight: int  # sequence slots it holds while running (0: only waits for its group, e.g. preload)
+    admitted: asyncio.Future[GroupRuntime]
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
-    switched: bool = False  # this job made its group current (a group switch)
+    switched: bool = False  # this job's group was switched in for it
+    _release: Callable[[Job], None] | None = None
+
+    def finish(self) -> None:
+        """Give the job's slots back (idempotent); a queued job leaves the queue."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
 
 
 @dataclass
@@ -48,30 +62,38 @@ class DeviceScheduler:
         residency: DeviceResidency,
         groups: ModelGroupsFile,
         *,
+        max_sequences: int,
         workers: int,
         queue_limit: int,
         load_timeout_s: float,
         failed_retry_s: float,
+        runtime_factory: RuntimeFactory,
+        policy: QueuePolicy | None = None,
         hooks: SchedulerHooks | None = None,
     ) -> None:
         self.device = device
         self.residency = residency
         self.groups = groups
+        self.max_sequences = max_sequences
         self.workers = workers
         self.queue_limit = queue_limit
         self.load_timeout_s = load_timeout_s
         self.failed_retry_s = failed_retry_s
+        self.policy = policy or QueuePolicy()
         self.hooks = hooks or SchedulerHooks()
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_limit)
-        self._executor = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix=f"dev-{device}")
-        self._cond = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.active = 0  # requests running on the device
-        self.acquiring = 0  # taken off the queue, waiting for their group (or switching to it)
+        self._runtime_factory = runtime_factory
+        # The device's blocking work: switches, engine start/stop, embedding forward passes.
+        self.executor = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix=f"dev-{device}")
+        self._queue: list[Job] = []
+        self._wake = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self.runtime: GroupRuntime | None = None
+        self.running = 0  # slots held by admitted jobs
         self.switching_to: str | None = None
-        self._switch_waiters = 0
+        self.current_since: float | None = None
         self.failed: dict[str, tuple[float, str]] = {}  # group -> (monotonic time, error)
         self.last_switch_at: float | None = None
+        self.switch_count = 0
         self.switch_s: dict[str, float] = {}  # "cache" / "disk" -> last measured seconds
         self.service_ewma_s = 0.25
         self.closing = False
@@ -79,146 +101,165 @@ class DeviceScheduler:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._worker(i), name=f"{self.device}-w{i}") for i in range(self.workers)]
+        self._pump = asyncio.create_task(self._run(), name=f"{self.device}-pump")
 
     async def drain_and_stop(self, timeout_s: float) -> None:
-        """Stop taking work, let accepted jobs finish (bounded), then stop the workers."""
+        """Stop taking work, let admitted jobs finish (bounded), refuse what is queued, free the engines."""
         self.closing = True
+        self._fail_queued(lambda job: True, Unavailable("server is shutting down", retry_after_s=1))
         deadline = time.monotonic() + timeout_s
-        while self.load and time.monotonic() < deadline:
+        while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # shutdown polling with a deadline, not synchronisation
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(Unavailable("server is shutting down", retry_after_s=1))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        if self.runtime is not None:
+            runtime, self.runtime = self.runtime, None
+            await runtime.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- state for the dispatcher and the /api surface -------------------------------------
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def load(self) -> int:
-        # Requests a worker holds while a switch runs count too, or a switching device looks idle.
-        return self.queued + self.acquiring + self.active
+        return self.queued + self.running
+
+    def jobs(self) -> list[Job]:
+        return list(self._queue)
 
     def failed_groups(self) -> dict[str, str]:
         now = time.monotonic()
         return {g: err for g, (at, err) in self.failed.items() if now - at < self.failed_retry_s}
 
     def retry_after_s(self) -> float:
-        return max(1.0, self.load * self.service_ewma_s / max(1, self.workers))
+        return max(1.0, self.queued * self.service_ewma_s / max(1, self.max_sequences))
+
+    def queue_state(self, now: float | None = None) -> QueueState:
+        by_group: dict[str, GroupQueue] = {}
+        for job in self._queue:
+            if job.group not in by_group:
+                by_group[job.group] = GroupQueue(job.group, 0, job.enqueued_at, max(1, job.weight))
+            g = by_group[job.group]
+            by_group[job.group] = GroupQueue(g.group, g.waiting + 1, g.oldest_at, g.head_weight)
+        return QueueState(
+            current_group=self.residency.current_group,
+            running=self.running,
+            capacity=self.max_sequences,
+            queues=tuple(by_group.values()),
+            now=time.monotonic() if now is None else now,
+            current_since=self.current_since,
+        )
 
     # --- submitting ------------------------------------------------------------------------
 
-    def submit(self, group: str, work: Work) -> Job:
+    def submit(self, group: str, weight: int = 1) -> Job:
         if self.closing:
             raise Unavailable("server is shutting down", retry_after_s=1)
-        job = Job(group, work, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise Overloaded(
-                f"queue of {self.device} is full ({self.queue_limit} waiting)", retry_after_s=self.retry_after_s()
-            ) from None
-        self.hooks.on_change()
-        return job
-
-    # --- workers ---------------------------------------------------------------------------
-
-    async def _worker(self, index: int) -> None:
-        while True:
-            job = await self._queue.get()
-            if job.future.cancelled():
-                continue
-            self.acquiring += 1
-            try:
-                job.switched = await self._acquire(job.group)
-            except Exception as exc:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                self.hooks.on_change()
-                continue
-            finally:
-                self.acquiring -= 1
-            job.started_at = time.monotonic()
-            try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, job.work, self.residency.current
-                )
-                if not job.future.done():
-                    job.future.set_result(result)
-            except Exception as exc:
-                log.exception("request failed on device", extra={"device": self.device, "group": job.group})
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            finally:
-                spent = time.monotonic() - job.started_at
-                self.service_ewma_s = 0.8 * self.service_ewma_s + 0.2 * spent
-                await self._release()
-
-    async def _acquire(self, group: str) -> bool:
-        """Wait until ``group`` is current and hold a slot; True when this call switched groups."""
         if group in self.failed_groups():
             raise self._failed_error(group)
-        async with self._cond:
-            waiting_to_switch = False
-            try:
-                while True:
-                    resident = self.switching_to is None and self.residency.current_group == group
-                    if resident and waiting_to_switch:  # someone else brought our group in
-                        waiting_to_switch = False
-                        self._switch_waiters -= 1
-                    # Once a switch is wanted the current group takes no new work, so a steady
-                    # stream of requests for the old group cannot starve the switch.
-                    if resident and self._switch_waiters == 0:
-                        self.active += 1
-                        return False
-                    if not resident and self.switching_to is None and self.active == 0:
-                        self.switching_to = group
-                        break
-                    if not resident and not waiting_to_switch:
-                        waiting_to_switch = True
-                        self._switch_waiters += 1
-                    await self._cond.wait()
-            finally:
-                if waiting_to_switch:
-                    self._switch_waiters -= 1
-        self.hooks.on_change()
-        try:
-            switched = await self._switch(group)
-        finally:
-            async with self._cond:
-                self.switching_to = None
-                self._cond.notify_all()
-            self.hooks.on_change()
-        async with self._cond:
-            self.active += 1
-        return switched
+        if len(self._queue) >= self.queue_limit:
+            raise Overloaded(
+                f"queue of {self.device} is full ({self.queue_limit} waiting)", retry_after_s=self.retry_after_s()
+            )
+        job = Job(group, weight, asyncio.get_running_loop().create_future(), _release=self._release)
+        self._queue.append(job)
+        self._changed()
+        return job
 
-    async def _switch(self, group: str) -> bool:
-        spec = self.groups.groups[group]
+    def _release(self, job: Job) -> None:
+        if job.started_at is None:  # still queued: a client that left costs nothing more
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+            if not job.admitted.done():
+                job.admitted.cancel()
+        else:
+            self.running -= job.weight
+            spent = time.monotonic() - job.started_at
+            self.service_ewma_s = 0.8 * self.service_ewma_s + 0.2 * spent
+        self._changed()
+
+    def _changed(self) -> None:
+        self._wake.set()
+        self.hooks.on_change()
+
+    # --- the pump ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            state = self.queue_state()
+            step = next_action(state, self.policy)
+            if step.action is Action.ADMIT:
+                self._admit()
+                continue
+            if step.action is Action.SWITCH and step.group is not None:
+                await self._switch(step.group)
+                continue
+            deadline = switch_deadline(state, self.policy)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.001
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _admit(self) -> None:
+        runtime = self.runtime
+        group = self.residency.current_group
+        assert runtime is not None and group is not None
+        for job in list(self._queue):
+            if job.group != group:
+                continue
+            if self.running > 0 and self.running + job.weight > self.max_sequences:
+                break  # in arrival order: a big request is not overtaken forever by small ones
+            self._queue.remove(job)
+            if job.admitted.done():  # cancelled meanwhile
+                continue
+            job.started_at = time.monotonic()
+            self.running += job.weight
+            job.admitted.set_result(runtime)
+        self.hooks.on_change()
+
+    async def _switch(self, group: str) -> None:
+        """Make ``group`` current (nothing is running). On failure its queued jobs get the error."""
+        spec = self.groups.groups.get(group)
+        if spec is None or group in self.failed_groups():
+            self._fail_queued(lambda job: job.group == group, self._failed_error(group) if spec else None)
+            return
+        self.switching_to = group
+        self.hooks.on_change()
         loop = asyncio.get_running_loop()
         try:
+            if self.runtime is not None:
+                runtime, self.runtime = self.runtime, None
+                await runtime.close()  # frees the KV caches before the weights move
             result = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self.residency.make_current, group, spec),
+                loop.run_in_executor(self.executor, self.residency.make_current, group, spec),
                 timeout=self.load_timeout_s,
             )
-        except (GroupLoadError, TimeoutError) as exc:
-            msg = str(exc) if isinstance(exc, GroupLoadError) else f"loading group {group!r} timed out"
+            models = self.residency.current
+            self.runtime = await loop.run_in_executor(self.executor, self._runtime_factory, self.device, group, models)
+        except Exception as exc:  # a group that cannot load degrades only itself
+            msg = f"loading group {group!r} timed out" if isinstance(exc, TimeoutError) else str(exc)
             self.failed[group] = (time.monotonic(), msg)
             log.error("group load failed", extra={"device": self.device, "group": group, "error": msg})
             self.hooks.on_load_failed(self.device, group, msg)
-            raise self._failed_error(group) from None
+            self._fail_queued(lambda job: job.group == group, self._failed_error(group))
+            await self._restore_runtime()
+            return
+        finally:
+            self.switching_to = None
+            self.hooks.on_change()
         self.failed.pop(group, None)
+        self.current_since = time.monotonic()
         if result.source != "current":
-            self.last_switch_at = time.monotonic()
+            self.last_switch_at = self.current_since
+            self.switch_count += 1
             self.switch_s[result.source] = result.seconds
+            for job in self._queue:
+                if job.group == group:
+                    job.switched = True
             log.info(
                 "group switch",
                 extra={
@@ -230,19 +271,39 @@ class DeviceScheduler:
                 },
             )
             self.hooks.on_switch(self.device, result)
-        return result.source != "current"
 
-    def _failed_error(self, group: str) -> Unavailable:
-        _, err = self.failed[group]
-        return Unavailable(f"model group {group!r} is unavailable: {err}", code="model_load_failed", retry_after_s=30)
+    async def _restore_runtime(self) -> None:
+        """After a failed switch, serve whatever group the device still holds."""
+        group = self.residency.current_group
+        if group is None or self.runtime is not None:
+            return
+        try:
+            self.runtime = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._runtime_factory, self.device, group, self.residency.current
+            )
+        except Exception as exc:
+            log.error("engine restart failed", extra={"device": self.device, "group": group, "error": str(exc)})
 
-    async def _release(self) -> None:
-        async with self._cond:
-            self.active -= 1
-            self._cond.notify_all()
+    def _fail_queued(self, which: Callable[[Job], bool], error: Exception | None) -> None:
+        err = error or Unavailable("model group is unknown", retry_after_s=30)
+        for job in [j for j in self._queue if which(j)]:
+            self._queue.remove(job)
+            job._release = None
+            if not job.admitted.done():
+                job.admitted.set_exception(err)
         self.hooks.on_change()
 
+    def _failed_error(self, group: str) -> Unavailable:
+        err = self.failed.get(group, (0.0, "load failed"))[1]
+        return Unavailable(f"model group {group!r} is unavailable: {err}", code="model_load_failed", retry_after_s=30)
+
     async def ensure_group(self, group: str) -> None:
-        """Make ``group`` current now (start-up preload), without holding a worker afterwards."""
-        await self._acquire(group)
-        await self._release()
+        """Make ``group`` current now (start-up preload), holding nothing afterwards."""
+        job = self.submit(group, weight=0)
+        try:
+            await job.admitted
+        finally:
+            job.finish()
+
+    def run_blocking(self, fn: Callable[[], Any]) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn)

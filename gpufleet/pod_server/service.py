@@ -8,14 +8,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpufleet.api.errors import InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from gpufleet.api.errors import InvalidRequest, Overloaded, Unavailable
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.pod_server.fast_load import select_loader
+from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime
 from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.metrics import PodMetrics
+from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
-from gpufleet.pod_server.scheduler import DeviceScheduler, Job, SchedulerHooks, Work
+from gpufleet.pod_server.scheduler import DeviceScheduler, Job, SchedulerHooks
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.routing.policy import Decision, DeviceState, Outcome, RouteRequest, Snapshot, choose_device
 
@@ -39,6 +41,7 @@ class PodService:
         self.ready = False
         self.schedulers: dict[str, DeviceScheduler] = {}
         loader = loader or select_loader(settings.load_method)
+        policy = QueuePolicy(max_wait_s=settings.switch_max_wait_s, min_residency_s=settings.switch_min_residency_s)
         for device in settings.devices:
             hooks = SchedulerHooks(
                 on_switch=self._on_switch, on_load_failed=self._on_load_failed, on_change=self._on_change
@@ -47,14 +50,24 @@ class PodService:
                 device,
                 DeviceResidency(device, settings.max_cpu_cached_models, loader),
                 groups,
+                max_sequences=settings.max_sequences_per_device,
                 workers=settings.num_workers_per_gpu,
                 queue_limit=settings.max_queue_per_device,
                 load_timeout_s=settings.model_load_timeout_s,
                 failed_retry_s=settings.failed_load_retry_s,
+                runtime_factory=self._build_runtime,
+                policy=policy,
                 hooks=hooks,
             )
         for device in settings.devices:
             self.metrics.workers.labels(**metrics.labels(device)).set(settings.num_workers_per_gpu)
+            self.metrics.max_sequences.labels(**metrics.labels(device)).set(settings.max_sequences_per_device)
+
+    def _build_runtime(self, device: str, group: str, models: dict[str, LoadedModel]) -> GroupRuntime:
+        """Engines for a group that just became current on ``device`` (blocking: a device thread)."""
+        return build_group_runtime(
+            device, group, models, self.settings, self.schedulers[device].run_blocking, self.metrics
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -83,12 +96,6 @@ class PodService:
 
     # --- dispatch --------------------------------------------------------------------------
 
-    def group_for(self, model_id: str) -> str:
-        group = self.groups.group_of(model_id)
-        if group is None:
-            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
-        return group
-
     def snapshot(self) -> Snapshot:
         states = []
         for device, s in self.schedulers.items():
@@ -102,7 +109,7 @@ class PodService:
                     cached_groups=frozenset(r.cached_groups()),
                     failed_groups=frozenset(s.failed_groups()),
                     healthy=not s.closing,
-                    workers=s.workers,
+                    workers=s.max_sequences,  # sequences that run at once, batched
                     queue_limit=s.queue_limit,
                     load=s.load,
                     switching_to=s.switching_to,
@@ -113,15 +120,11 @@ class PodService:
             )
         return Snapshot(tuple(states), now=time.monotonic())
 
-    def choose(self, group: str, exclusive: str | None) -> Decision:
-        return choose_device(RouteRequest(group=group, exclusive=exclusive), self.snapshot())
-
     def dispatch(
-        self, model_id: str, exclusive: str | None, work: Work, request_id: str | None = None
+        self, model_id: str, group: str, exclusive: str | None, weight: int, request_id: str | None = None
     ) -> tuple[str, Job]:
-        """Queue ``work`` on the best device for the model's group; returns (device, job)."""
-        group = self.group_for(model_id)
-        decision = self.choose(group, exclusive)
+        """Queue a request holding ``weight`` sequence slots on the best device for ``group``."""
+        decision = choose_device(RouteRequest(group=group, exclusive=exclusive), self.snapshot())
         log.info(
             "dispatch",
             extra={
@@ -139,7 +142,7 @@ class PodService:
             raise self._refusal(decision, group, exclusive)
         device = decision.choice.device
         try:
-            return device, self.schedulers[device].submit(group, work)
+            return device, self.schedulers[device].submit(group, weight)
         except Overloaded:
             self.metrics.rejected.labels(**self.metrics.const, reason="saturated").inc()
             raise
@@ -171,12 +174,22 @@ class PodService:
         waiting = running = 0
         for device, s in self.schedulers.items():
             labels = m.labels(device)
-            m.queue_depth.labels(**labels).set(s.queued + s.acquiring)
-            m.running.labels(**labels).set(s.active)
-            waiting += s.queued + s.acquiring
-            running += s.active
+            m.queue_depth.labels(**labels).set(s.queued)
+            m.running.labels(**labels).set(s.running)
+            waiting += s.queued
+            running += s.running
         m.vllm_waiting.set(waiting)
         m.vllm_running.set(running)
+
+    def refresh_kv_metrics(self) -> None:
+        """KV use is read from the engines when asked for (a scrape), not on every admission."""
+        used = total = 0
+        for device, s in self.schedulers.items():
+            u, t = s.runtime.kv_usage() if s.runtime else (0, 0)
+            self.metrics.kv_blocks_used.labels(**self.metrics.labels(device)).set(u)
+            self.metrics.kv_blocks_total.labels(**self.metrics.labels(device)).set(t)
+            used, total = used + u, total + t
+        self.metrics.vllm_kv.set(used / total if total else 0.0)
 
     def _on_switch(self, device: str, result: SwitchResult) -> None:
         labels = self.metrics.labels(device)
@@ -218,7 +231,7 @@ class PodService:
                     cached_groups=r.cached_groups(),
                     failed_groups=sorted(s.failed_groups()),
                     healthy=not s.closing,
-                    workers=s.workers,
+                    workers=s.max_sequences,
                     queue_limit=s.queue_limit,
                     switching_to=s.switching_to,
                     switch_seconds_from_cache=s.switch_s.get("cache"),
@@ -279,21 +292,27 @@ class PodService:
         return {"model_groups": out}
 
     def queue_document(self) -> dict[str, Any]:
+        devices: dict[str, Any] = {}
+        for device, s in self.schedulers.items():
+            used, total = s.runtime.kv_usage() if s.runtime else (0, 0)
+            current = s.residency.current_group
+            devices[device] = {
+                "queue_size": s.queued,
+                "waiting_for_switch": sum(1 for j in s.jobs() if j.group != current),
+                "queue_limit": s.queue_limit,
+                # A device runs up to max_sequences sequences of its current group at once, batched.
+                "running_sequences": s.running,
+                "max_sequences": s.max_sequences,
+                "busy_workers": s.running,
+                "idle_workers": max(0, s.max_sequences - s.running),
+                "workers": s.max_sequences,
+                "kv_blocks_used": used,
+                "kv_blocks_total": total,
+                "current_group": current,
+                "switching_to": s.switching_to,
+            }
         return {
-            "devices": {
-                device: {
-                    # Requests waiting for their group to be switched in are waiting too.
-                    "queue_size": s.queued + s.acquiring,
-                    "waiting_for_switch": s.acquiring,
-                    "queue_limit": s.queue_limit,
-                    "busy_workers": min(s.active, s.workers),
-                    "idle_workers": max(0, s.workers - s.active),
-                    "workers": s.workers,
-                    "current_group": s.residency.current_group,
-                    "switching_to": s.switching_to,
-                }
-                for device, s in self.schedulers.items()
-            },
-            "total_queued": sum(s.queued + s.acquiring for s in self.schedulers.values()),
-            "total_running": sum(s.active for s in self.schedulers.values()),
+            "devices": devices,
+            "total_queued": sum(s.queued for s in self.schedulers.values()),
+            "total_running": sum(s.running for s in self.schedulers.values()),
         }

@@ -20,14 +20,35 @@ class PodServerSettings(ServerSettings):
         validation_alias=AliasChoices("DEVICES", "DEVICE"),
         description="Comma-separated devices (cuda:0,cuda:1 or cpu:0,cpu:1). Default: every visible GPU, else cpu.",
     )
-    num_workers_per_gpu: int = Field(default=1, ge=1, le=64, description="Concurrent requests per device.")
+    num_workers_per_gpu: int = Field(
+        default=1, ge=1, le=64, description="Worker threads per device for its blocking work (embedding batches)."
+    )
+    max_sequences_per_device: int = Field(
+        default=64, ge=1, le=4096, description="Sequences batched at once per device (continuous batching)."
+    )
+    kv_cache_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="KV cache budget per device, shared by the current group's generative models; "
+        "default: 30% of a GPU's memory, 0.25 GB on a CPU device.",
+    )
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024, description="Inputs per embedding forward pass.")
+    embedding_batch_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="How long an embedding batch waits to fill."
+    )
+    switch_max_wait_s: float = Field(
+        default=5.0, ge=0, description="Another group's oldest request waits at most this before a switch starts."
+    )
+    switch_min_residency_s: float = Field(
+        default=2.0, ge=0, description="A group just switched in is not switched out for waiting work before this."
+    )
     default_group: str | None = Field(default=None, description="Overrides default_group of model_groups.json.")
     max_cpu_cached_models: int = Field(
         default=4, ge=0, le=1024, description="Models parked in each device's CPU cache."
     )
     lazy_load_model: bool = Field(default=False, description="Load the default group on first use, not at start-up.")
     model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
-    max_queue_per_device: int = Field(default=64, ge=1, le=100_000, description="Requests waiting per device.")
+    max_queue_per_device: int = Field(default=256, ge=1, le=100_000, description="Requests waiting per device.")
     model_load_timeout_s: float = Field(default=300.0, gt=0, description="A group load taking longer fails.")
     max_tokens_default: int = Field(default=64, ge=1, le=4096, description="max_tokens when a request gives none.")
     load_method: Literal["auto", "fast", "from_pretrained"] = Field(
@@ -38,7 +59,9 @@ class PodServerSettings(ServerSettings):
         default_factory=lambda: Path.home() / ".cache" / "gpufleet" / "demo-models",
         description="Where `gpufleet demo-models` builds the tiny models.",
     )
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: cores/devices.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads; default: (cores - 1) / CPU devices, at least 1."
+    )
     # Cluster identity, from the downward API.
     pod_name: str | None = None
     pod_namespace: str | None = None

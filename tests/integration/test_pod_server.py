@@ -236,7 +236,7 @@ def tiny_queue_server(demo_models: Path, tmp_path_factory: pytest.TempPathFactor
         demo_models,
         devices="cpu:0",
         name="tinyq",
-        num_workers_per_gpu="1",
+        max_sequences_per_device="1",
         max_queue_per_device="1",
     )
     try:

@@ -69,7 +69,7 @@ def fleet(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log_dir = tmp_path_factory.mktemp("router-fleet")
     pods = {
         name: start_pod_server(
-            log_dir, demo_models, devices="cpu:0", name=name, NUM_WORKERS_PER_GPU="1", MAX_QUEUE_PER_DEVICE="2"
+            log_dir, demo_models, devices="cpu:0", name=name, MAX_SEQUENCES_PER_DEVICE="1", MAX_QUEUE_PER_DEVICE="2"
         )
         for name in PODS
     }
@@ -162,7 +162,7 @@ def test_exclusive_routing(fleet: Fleet) -> None:
 
 
 def test_overload_gives_429_with_retry_after(fleet: Fleet) -> None:
-    # Capacity is 3 per pod (1 worker + 2 queued): 13 long requests at once cannot all fit.
+    # Capacity is 3 per pod (1 running sequence + 2 queued): 13 long requests at once cannot all fit.
     barrier = threading.Barrier(13)
 
     def one(_: int) -> httpx.Response:

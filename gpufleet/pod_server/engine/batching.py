@@ -1,0 +1,213 @@
+"""Continuous batching for one generative model on one device, on transformers' own manager.
+
+``ContinuousBatchingManager`` (paged KV cache, per-request temperature/top-p, cancellation) runs
+its step loop on a background thread; this wrapper sizes its cache explicitly, adds what the
+library lacks around it (per-request seeds and greedy rows: ``sampling``; the end of a cancelled
+request, which the library never reports), and turns each request into an async iterator of
+token steps whose closing cancels the sequence and frees its KV blocks at once.
+
+Created when a group becomes current on a device, stopped (cache freed) before it is parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from gpufleet.api.errors import Unavailable
+from gpufleet.pod_server.devices import is_cuda, torch_device
+from gpufleet.pod_server.engine import sampling
+from gpufleet.pod_server.engine.kv_sizing import KvSizing
+
+log = logging.getLogger(__name__)
+
+# A temperature/top-p the manager's base config must hold so that it builds its per-request
+# warpers at all (it skips a warper whose default is a no-op); each request sends its own values.
+_BASE_TEMPERATURE = 0.5
+_BASE_TOP_P = 0.5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """New tokens of one sequence; ``finished`` is "stop" (an end token) or "length" on the last step."""
+
+    token_ids: list[int]
+    finished: str | None = None
+
+
+class EngineError(Unavailable):
+    """The batching loop failed a request (its error is the library's)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="generation_failed", retry_after_s=1)
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        model_id: str,
+        model: Any,
+        device: str,
+        sizing: KvSizing,
+        *,
+        max_sequences: int,
+        eos_ids: Sequence[int],
+        on_tokens: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.model_id = model_id
+        self.device = device
+        self.sizing = sizing
+        self.max_sequences = max_sequences
+        self.eos_ids = sorted(set(eos_ids))
+        self._on_tokens = on_tokens  # every generated token, delivered or not (metrics)
+        self.running = 0
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=_BASE_TEMPERATURE,
+            top_p=_BASE_TOP_P,
+            top_k=0,
+            max_new_tokens=64,
+            eos_token_id=self.eos_ids or -1,
+            pad_token_id=self.eos_ids[0] if self.eos_ids else 0,
+        )
+        config = ContinuousBatchingConfig(
+            page_size=sizing.page_size,
+            num_blocks=sizing.num_blocks,
+            max_batch_tokens=sizing.max_batch_tokens,
+            max_requests_per_batch=max_sequences,
+            per_request_processors=True,
+            # Requests rarely share prompts here, and the blocks a shared prefix pins would count
+            # against a budget that is sized per sequence.
+            allow_block_sharing=False,
+            auto_switch_to_flash=False,  # keep the attention the model was loaded with
+            use_cuda_graph=False if not is_cuda(device) else None,
+        )
+        with _on_device(device):
+            self._manager = model.init_continuous_batching(
+                generation_config=generation, continuous_batching_config=config
+            )
+        sampling.install(self._manager.logit_processor)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with _on_device(self.device), torch.inference_mode():
+            self._manager.start()
+        log.info(
+            "batching engine started",
+            extra={
+                "model": self.model_id,
+                "device": self.device,
+                "kv_blocks": self.sizing.num_blocks,
+                "page_size": self.sizing.page_size,
+                "kv_mbytes": round(self.sizing.bytes / 1e6, 3),
+                "max_sequences": self.max_sequences,
+            },
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the step loop and free the KV cache (blocking: call off the event loop)."""
+        if self._manager.is_running():
+            self._manager.stop(block=True, timeout=timeout_s, hard_stop=True)
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(blocks used, blocks total) of this model's cache."""
+        processor = self._manager.batch_processor
+        total = self.sizing.num_blocks
+        if processor is None:
+            return 0, total
+        free = float(processor.cache.compute_free_capacity(relative=True))
+        return round((1.0 - free) * total), total
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
+        """Stream one sequence; leaving the iteration early (a stop string, a client gone) cancels it."""
+        request_id = f"{self.model_id}-{uuid.uuid4().hex[:16]}"
+        steps: asyncio.Queue[tuple[list[int], Any]] = asyncio.Queue()
+        seen = 0
+
+        def on_output(output: Any) -> None:  # on the event loop, batched per step by the library
+            nonlocal seen
+            new = list(output.generated_tokens[seen:])
+            seen = len(output.generated_tokens)
+            if new:
+                self._on_tokens(len(new))
+            steps.put_nowait((new, output))
+
+        greedy = params.temperature <= 1e-5
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        key = sampling.GREEDY if greedy else seed & 0x7FFFFFFF  # the library carries an int32
+        self._manager.register_result_handler(request_id, on_output)
+        self._manager.add_request(
+            list(prompt_ids),
+            request_id=request_id,
+            max_new_tokens=params.max_new_tokens,
+            streaming=True,
+            eos_token_id=self.eos_ids or -1,
+            temperature=1.0 if greedy else float(params.temperature),
+            top_p=float(params.top_p),
+            **{sampling.KEY_KWARG: key},
+        )
+        self.running += 1
+        finished = False
+        try:
+            while True:
+                new, output = await steps.get()
+                if output.error:
+                    finished = True
+                    raise EngineError(f"generation failed on {self.device}: {output.error}")
+                if output.is_finished():
+                    finished = True
+                    ended_on_eos = bool(output.generated_tokens) and output.generated_tokens[-1] in self.eos_ids
+                    yield Step(new, "stop" if ended_on_eos else "length")
+                    return
+                if new:
+                    yield Step(new)
+        finally:
+            self.running -= 1
+            if not finished:
+                self._manager.cancel_request(request_id)
+                _forget_handler(self._manager, request_id)
+
+
+def _forget_handler(manager: Any, request_id: str) -> None:
+    # A cancelled request never gets a final output, so the library never drops its handler.
+    router = getattr(manager, "output_router", None)
+    handlers = getattr(router, "result_handlers", None)
+    if router is None or handlers is None:
+        return
+    with router._lock:
+        handlers.pop(request_id, None)
+
+
+class _on_device:
+    """``torch.cuda.device(dev)`` on CUDA (the manager sizes and allocates on the current device)."""
+
+    def __init__(self, device: str) -> None:
+        self._ctx = torch.cuda.device(torch.device(torch_device(device))) if is_cuda(device) else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)

@@ -1,0 +1,140 @@
+"""Validate: an OpenAI request body becomes a plan the engine can run, or a 4xx naming the field.
+
+Everything a request can be refused for is checked here, before it takes a queue slot or
+triggers a group switch: the model and its task, the prompt against the context (tokenised off
+the event loop), the token budget, fields we do not serve. The model's group is resolved once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gpufleet.api.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from gpufleet.api.model_groups import ModelGroupsFile, ModelSpec
+from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gpufleet.pod_server.engine.batching import SamplingParams
+from gpufleet.pod_server.tokenizers import ModelInfo, TokenizerCache
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    kind: Kind
+    spec: ModelSpec
+    group: str
+    info: ModelInfo
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: tuple[str, ...]
+    n: int
+    stream: bool
+    include_usage: bool
+    exclusive: str | None
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice ``index`` of n: its own seed, so n seeded choices differ from each other yet reproduce."""
+        if index == 0 or self.params.seed is None:
+            return self.params
+        p = self.params
+        return SamplingParams(p.max_new_tokens, p.temperature, p.top_p, p.seed + index)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    spec: ModelSpec
+    group: str
+    texts: list[str]
+    exclusive: str | None
+
+
+class Validator:
+    def __init__(self, groups: ModelGroupsFile, tokenizers: TokenizerCache, max_tokens_default: int) -> None:
+        self.groups = groups
+        self.tokenizers = tokenizers
+        self.max_tokens_default = max_tokens_default
+
+    def model(self, model_id: str, tasks: tuple[str, ...], endpoint: str) -> tuple[ModelSpec, str]:
+        group = self.groups.group_of(model_id)
+        spec = self.groups.model(model_id)
+        if group is None or spec is None:
+            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+        if spec.task not in tasks:
+            raise InvalidRequest(
+                f"model {model_id!r} is a {spec.task} model and cannot serve {endpoint}",
+                param="model",
+                code="model_task_mismatch",
+            )
+        return spec, group
+
+    async def chat(self, req: ChatCompletionRequest) -> GenerationPlan:
+        spec, group = self.model(req.model, ("chat", "completion"), "/v1/chat/completions")
+        _refuse_logprobs(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await self.tokenizers.encode_chat(spec, messages)
+        return await self._plan("chat", spec, group, ids, req, "messages")
+
+    async def completion(self, req: CompletionRequest) -> GenerationPlan:
+        spec, group = self.model(req.model, ("chat", "completion"), "/v1/completions")
+        _refuse_logprobs(req)
+        ids = await self.tokenizers.encode(spec, req.prompt_text())
+        return await self._plan("completion", spec, group, ids, req, "prompt")
+
+    def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
+        spec, group = self.model(req.model, ("embedding",), "/v1/embeddings")
+        return EmbeddingPlan(spec, group, req.inputs(), req.exclusive_gpu)
+
+    async def _plan(
+        self,
+        kind: Kind,
+        spec: ModelSpec,
+        group: str,
+        prompt_ids: list[int],
+        req: ChatCompletionRequest | CompletionRequest,
+        prompt_param: str,
+    ) -> GenerationPlan:
+        info = await self.tokenizers.info(spec)
+        context = info.context_length
+        if len(prompt_ids) >= context:
+            raise ContextLengthExceeded(
+                f"prompt is {len(prompt_ids)} tokens; model {spec.id!r} has a context of {context} tokens",
+                param=prompt_param,
+            )
+        room = context - len(prompt_ids)
+        budget = req.token_budget()
+        if budget is not None and budget > room:
+            raise ContextLengthExceeded(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({budget}) exceeds the context of "
+                f"{context} tokens of model {spec.id!r}",
+                param="max_tokens",
+            )
+        params = SamplingParams(
+            max_new_tokens=budget if budget is not None else min(self.max_tokens_default, room),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+        )
+        return GenerationPlan(
+            kind=kind,
+            spec=spec,
+            group=group,
+            info=info,
+            prompt_ids=prompt_ids,
+            params=params,
+            stop=tuple(req.stop_sequences()),
+            n=req.n,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            exclusive=req.exclusive_gpu,
+        )
+
+
+def _refuse_logprobs(req: ChatCompletionRequest | CompletionRequest) -> None:
+    field = req.wants_logprobs()
+    if field is not None:
+        raise InvalidRequest(
+            f"{field} is not supported by this server: the batching engine returns no log-probabilities",
+            param=field,
+            code="unsupported_parameter",
+        )
