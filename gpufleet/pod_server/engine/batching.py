@@ -78,7 +78,7 @@ class BatchEngine:
         self.eos_ids = sorted(set(eos_ids))
         self._on_tokens = on_tokens  # every generated token, delivered or not (metrics)
         self.running = 0
-        generation = GenerationConfig(
+        generation = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=True,
             temperature=_BASE_TEMPERATURE,
             top_p=_BASE_TOP_P,
@@ -206,7 +206,7 @@ class _on_device:
 
     def __enter__(self) -> None:
         if self._ctx is not None:
-            self._ctx.__enter__()
+            self._ctx.__enter__()  # type: ignore[no-untyped-call]
 
     def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:
