@@ -63,9 +63,7 @@ class PodServerSettings(BaseSettings):
         default_factory=lambda: Path.home() / ".cache" / "gpufleet" / "demo-models",
         description="Where `gpufleet demo-models` builds the tiny models.",
     )
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads; default: (cores - 1) / CPU devices, at least 1."
-    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: cores/devices.")
     # Cluster identity, from the downward API.
     pod_name: str | None = None
     pod_namespace: str | None = None
