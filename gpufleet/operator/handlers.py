@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -131,7 +131,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         return kopf.login_via_client(**kwargs)
 
     @kopf.index("pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_servers(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> Any:
+    def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, group): _slim_pod(body)} if group else None
 
@@ -147,10 +147,12 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
                 raise kopf.PermanentError(str(result.blocked))
             raise kopf.TemporaryError(str(result.blocked), delay=15)
 
+    # kopf always passes its index ``pod_servers`` by name; the ``= None`` defaults only let these
+    # functions match kopf's handler protocols (mypy strict).
     @kopf.on.resume(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.create(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.update(*MODELGROUPS, id="reconcile", registry=registry)
-    def modelgroup_changed(body: Any, pod_servers: Any, **_: Any) -> None:
+    def modelgroup_changed(body: Any, pod_servers: Any = None, **_: Any) -> None:
         reconcile(body, pod_servers)
 
     # The periodic re-check is our own task, not a kopf timer: kopf puts a finalizer on every
@@ -177,8 +179,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         return reconciler.kube.get(group_path(namespace, name))
 
     @kopf.on.event("apps", "v1", "statefulsets", id="statefulset", labels=OWNED_LABELS, registry=registry)
-    def statefulset_changed(body: Any, namespace: str, pod_servers: Any, **_: Any) -> None:
+    def statefulset_changed(body: Any, namespace: str | None, pod_servers: Any = None, **_: Any) -> None:
         name = owner_group(body)
+        if namespace is None:  # StatefulSets are namespaced; this only narrows the type
+            return
         group = fetch_group(namespace, name) if name else None
         if group is None or group["metadata"].get("deletionTimestamp"):
             return
@@ -187,8 +191,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         _post(reconciler.kube, group, result.events)
 
     @kopf.on.event("pods", id="pod", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_changed(namespace: str, labels: dict[str, str], pod_servers: Any, **_: Any) -> None:
+    def pod_changed(namespace: str | None, labels: Mapping[str, str], pod_servers: Any = None, **_: Any) -> None:
         name = labels.get(keys.LABEL_MODEL_GROUP)
+        if namespace is None:  # Pods are namespaced; this only narrows the type
+            return
         group = fetch_group(namespace, name) if name else None
         if group is None or group["metadata"].get("deletionTimestamp"):
             return

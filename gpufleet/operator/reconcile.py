@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpufleet.api import labels
-from gpufleet.api.modelgroup import Condition, ModelGroupSpec, ModelGroupStatus
+from gpufleet.api.modelgroup import Condition, ConditionType, ModelGroupSpec, ModelGroupStatus
 from gpufleet.operator.builders import (
     BuildOptions,
     ModelGroupRef,
@@ -94,7 +94,7 @@ def blocked_status(body: dict[str, Any], reason: str, message: str, now: str) ->
     old = {c.type: c for c in before.conditions}
     generation = meta.get("generation")
 
-    def cond(kind: str, status: str, reason: str, msg: str) -> Condition:
+    def cond(kind: ConditionType, status: str, reason: str, msg: str) -> Condition:
         prior = old.get(kind)
         since = prior.last_transition_time if prior is not None and prior.status == status else now
         return Condition.model_validate(

@@ -146,7 +146,8 @@ def _routes(app: FastAPI) -> None:
 
 def _request_id(request: Request) -> str | None:
     # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
-    return request.scope.get("state", {}).get("request_id")
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid is not None else None
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

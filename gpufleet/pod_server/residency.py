@@ -106,6 +106,3 @@ class DeviceResidency:
         for m in models.values():
             m.activate(self.device)
         self.current_group, self.current = group_id, models
-
-    def forget(self, group_id: str) -> None:
-        self.cache.pop(group_id, None)

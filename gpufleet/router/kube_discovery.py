@@ -132,7 +132,8 @@ def _watch_namespace(namespace: str, selector: str, emit: Emit, stop: threading.
     api = client.CoreV1Api()
     while not stop.is_set():
         try:
-            listing = api.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+            # _preload_content=False: the raw response (its .data), not the V1PodList the stubs promise
+            listing: Any = api.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
             body = json.loads(listing.data)
             emit("RESET", namespace, body.get("items") or [])
             version = (body.get("metadata") or {}).get("resourceVersion")

@@ -97,7 +97,7 @@ async def read_body(receive: Receive) -> bytes:
 
 @dataclass(frozen=True)
 class Routing:
-    """What the router reads from a body (the fields of ``gpufleet.api.openai.RoutingFields``)."""
+    """What the router reads from a body: ``model``, ``exclusive_gpu`` and ``stream``."""
 
     model: str
     exclusive_gpu: str | None

@@ -79,7 +79,7 @@ class BatchEngine:
         self.eos_ids = sorted(set(eos_ids))
         self._on_tokens = on_tokens  # every generated token, delivered or not (metrics)
         self.running = 0
-        generation = GenerationConfig(  # type: ignore[no-untyped-call]
+        generation = GenerationConfig(
             do_sample=True,
             temperature=_BASE_TEMPERATURE,
             top_p=_BASE_TOP_P,
@@ -220,7 +220,7 @@ class _on_device:
 
     def __enter__(self) -> None:
         if self._ctx is not None:
-            self._ctx.__enter__()  # type: ignore[no-untyped-call]
+            self._ctx.__enter__()
 
     def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:
