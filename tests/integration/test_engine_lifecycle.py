@@ -27,14 +27,14 @@ def groups(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo groups plus a group whose model ends on a token named only in generation_config."""
     root = tmp_path_factory.mktemp("lifecycle")
     doc = json.loads(demo_models.read_text())
-    tokenizer_dir = Path(doc["groups"]["alpha"]["models"][0]["source"])
-    if not tokenizer_dir.is_absolute():
-        tokenizer_dir = demo_models.parent / tokenizer_dir
+    tokenizer_dir = demo_models.parent / next(
+        m["source"] for m in doc["groups"]["alpha"]["models"] if m["id"] == "tiny-chat"
+    )
     model_dir, _ = save_tiny_llama_with_end_token(root / "ends", tokenizer_dir)
     doc["groups"]["ends"] = {"models": [{"id": "tiny-ends", "source": str(model_dir), "task": "completion"}]}
     for group in doc["groups"].values():
         for m in group["models"]:
-            if not Path(m["source"]).is_absolute():
+            if (demo_models.parent / m["source"]).exists():  # a folder beside the demo file, not a package
                 m["source"] = str(demo_models.parent / m["source"])
     path = root / "model_groups.json"
     path.write_text(json.dumps(doc))
