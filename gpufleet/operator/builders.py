@@ -185,8 +185,9 @@ def build_service_account(ref: ModelGroupRef, options: BuildOptions) -> Manifest
 
 
 def build_role_binding(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
-    """Lets the pod servers write their status annotation: binds the chart's ClusterRole
-    (pods get/patch) in this namespace only. The operator needs just `bind` on that one
+    """Lets the pod servers publish their status Leases: binds the chart's ClusterRole
+    (leases create/patch; an admission policy narrows it to the pod's own Lease) in this
+    namespace only. The operator needs just `bind` on that one
     ClusterRole to create this, not the pod permissions themselves."""
     names = child_names(ref.name)
     return _finish(
@@ -210,16 +211,19 @@ def _field_env(name: str, path: str) -> Manifest:
 
 def pod_server_env(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
     """The pod server's settings (gpufleet/pod_server/settings.py) from the spec and the
-    downward API. Devices are left to the default (every visible GPU): the NVIDIA device
-    plugin makes exactly the allocated GPUs visible."""
+    downward API. DEVICES names the pod's GPUs explicitly: the NVIDIA device plugin makes
+    exactly the allocated GPUs visible, as cuda:0..N-1, and a pod server that cannot see
+    them fails its start-up instead of quietly serving on the CPU."""
     spec = ref.spec
     env: list[Manifest] = [
         _field_env("POD_NAME", "metadata.name"),
         _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_UID", "metadata.uid"),
         _field_env("NODE_NAME", "spec.nodeName"),
         _field_env("POD_IP", "status.podIP"),
         {"name": "POD_URL", "value": f"http://$(POD_IP):{POD_SERVER_PORT}"},
-        {"name": "STATUS_ANNOTATION", "value": "true"},
+        {"name": "STATUS_ANNOTATION", "value": "true"},  # publish the status document to the pod's Lease
+        {"name": "DEVICES", "value": ",".join(f"cuda:{i}" for i in range(spec.gpus_per_pod))},
         {"name": "HOST", "value": "0.0.0.0"},
         {"name": "PORT", "value": str(POD_SERVER_PORT)},
         {"name": "MODEL_GROUPS", "value": f"{MODEL_GROUPS_DIR}/{MODEL_GROUPS_FILE}"},
@@ -304,7 +308,7 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
     }
     pod_spec: Manifest = {
         "serviceAccountName": names.service_account,
-        "automountServiceAccountToken": True,  # the status annotation needs the API
+        "automountServiceAccountToken": True,  # the status Lease needs the API
         "terminationGracePeriodSeconds": 45,  # the pod server drains for up to 30 s
         "securityContext": {
             "runAsNonRoot": True,

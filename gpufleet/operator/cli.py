@@ -44,7 +44,8 @@ def run_operator(args: argparse.Namespace) -> int:
     kopf.run(
         registry=registry,
         settings=kopf_settings(settings),
-        standalone=True,  # one replica (the chart's Deployment uses Recreate): no peering objects
+        # Peering (several replicas, one acting) when configured; else standalone: no peering objects.
+        standalone=not settings.peering,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=liveness,

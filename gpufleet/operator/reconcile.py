@@ -30,11 +30,12 @@ from gpufleet.operator.builders import (
 )
 from gpufleet.operator.drift import drift
 from gpufleet.operator.kube import Kube, manifest_path, object_path
-from gpufleet.operator.status import compute_status, condition_events, status_body
+from gpufleet.operator.status import compute_status, condition_events, status_body, with_leases
 
 log = logging.getLogger(__name__)
 
 Event = tuple[str, str, str]  # (type, reason, message)
+LEASE_SELECTOR = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_POD_SERVER}"  # pod servers' status Leases
 
 
 class Blocked(Exception):
@@ -98,8 +99,14 @@ def blocked_status(body: dict[str, Any], reason: str, message: str, now: str) ->
         prior = old.get(kind)
         since = prior.last_transition_time if prior is not None and prior.status == status else now
         return Condition.model_validate(
-            {"type": kind, "status": status, "reason": reason, "message": msg,
-             "lastTransitionTime": since, "observedGeneration": generation}
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": msg,
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
         )
 
     return before.model_copy(
@@ -230,9 +237,13 @@ class Reconciler:
     ) -> None:
         meta = body["metadata"]
         if pods is None:
-            pods = self.kube.list(
+            listed = self.kube.list(
                 object_path("v1", "Pod", meta["namespace"]), label_selector=selector_string(meta["name"])
             )
+            leases = self.kube.list(
+                object_path("coordination.k8s.io/v1", "Lease", meta["namespace"]), label_selector=LEASE_SELECTOR
+            )
+            pods = with_leases(listed, {lease["metadata"]["name"]: lease for lease in leases})
         before = previous_status(body)
         status = compute_status(meta["name"], meta.get("generation"), spec, statefulset, pods, before, now_rfc3339())
         result.events.extend(condition_events(before, status))

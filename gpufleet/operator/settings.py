@@ -31,6 +31,10 @@ class OperatorSettings(BaseSettings):
     health_host: str = "0.0.0.0"
     health_port: int = Field(default=8080, ge=0, le=65535, description="Port of GET /healthz; 0: no endpoint.")
     log_level: str = "INFO"
+    peering: str | None = Field(
+        default=None,
+        description="kopf peering name: replicas sharing it elect one that acts; empty: standalone (one replica).",
+    )
 
     _split = field_validator("namespaces", mode="before")(split_csv)
 

@@ -346,6 +346,7 @@ class FleetState:
                 "url": rec.url,
                 "node": (rec.status.node if rec.status else None) or rec.node,
                 "state": self.pod_state(rec),
+                "status_from": "kubernetes" if rec.annotated else ("poll" if rec.status else None),
                 "ready": rec.ready,
                 "ejected": not rec.outlier.admitted,
                 "ejected_for_s": round(rec.outlier.ejected_until - now, 3) if rec.outlier.ejected_until else None,

@@ -36,7 +36,8 @@ import pytest
 import yaml
 from cluster import procs
 from cluster.binaries import ensure_binaries
-from operator_support import LocalComponent, PodServerFarm, try_get, which
+from cluster.kube import Api, ApiError
+from operator_support import LocalComponent, PodServerFarm, service_account_token, try_get, which
 
 from gpufleet.api import labels
 
@@ -247,7 +248,10 @@ def test_example_becomes_ready_on_gpu_nodes(fleet: Fleet) -> None:
         assert pod["spec"]["nodeName"] in fleet.nodes  # placed by kube-scheduler on a GPU node
         limits = pod["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1"
-        doc = json.loads(pod["metadata"]["annotations"][labels.STATUS_ANNOTATION])  # written by the pod server
+        assert labels.STATUS_ANNOTATION not in (pod["metadata"].get("annotations") or {})  # pods are not written
+        lease = fleet.api.get(f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases/{pod['metadata']['name']}")
+        assert [r["uid"] for r in lease["metadata"]["ownerReferences"]] == [pod["metadata"]["uid"]]
+        doc = json.loads(lease["metadata"]["annotations"][labels.STATUS_ANNOTATION])  # written by the pod server
         assert doc["pod"] == pod["metadata"]["name"] and doc["ready"] is True
         assert doc["node"] == pod["spec"]["nodeName"] and doc["url"] == f"http://{pod['status']['podIP']}:8000"
     placements = {(p["pod"], p["state"]) for p in status["placements"]}
@@ -286,6 +290,46 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
         r = client.post("/v1/completions", json={"model": "tiny-complete-b", "prompt": "The quick", "max_tokens": 4})
         assert r.status_code == 200 and served_by(r) == "beta-0", r.text
         assert r.headers.get("x-group-switch") == "false"  # beta was already resident: no load on the request path
+
+
+def test_a_pod_server_identity_can_write_only_its_own_status(fleet: Fleet) -> None:
+    """The token a pod server runs with (bound to its pod) cannot change another pod, nor
+    its own, nor another pod's status Lease; its own status still reaches the router."""
+    pods = {p["metadata"]["name"]: p for p in fleet.pods("alpha")}
+    me, other = pods["alpha-0"], pods["alpha-1"]
+    token = service_account_token(fleet.api, fleet.ns, me["spec"]["serviceAccountName"], me)
+    as_pod = Api(fleet.api.url, token, fleet.api.ca_file, insecure=fleet.api.insecure)
+    merge = "application/merge-patch+json"
+    evil = {"metadata": {"labels": {labels.LABEL_COMPONENT: labels.COMPONENT_POD_SERVER}},
+            "spec": {"containers": [{"name": "pod-server", "image": "attacker.example/evil:1"}]}}
+    for target in (other, me):
+        with pytest.raises(ApiError) as refused:
+            as_pod.request("PATCH", f"/api/v1/namespaces/{fleet.ns}/pods/{target['metadata']['name']}", evil,
+                           content_type=merge)
+        assert refused.value.status == 403, refused.value
+    assert fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/pods/alpha-1")["spec"]["containers"][0]["image"] == \
+        other["spec"]["containers"][0]["image"]
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases"
+    forged = {"metadata": {"annotations": {labels.STATUS_ANNOTATION: "{}"}}}
+    for name in ("alpha-1", "beta-0"):  # a sibling's Lease, another group's Lease
+        with pytest.raises(ApiError) as refused:
+            as_pod.request("PATCH", f"{leases}/{name}", forged, content_type=merge)
+        assert refused.value.status == 403 and "only the Lease of its own pod (alpha-0)" in str(refused.value)
+    with pytest.raises(ApiError) as refused:  # nor a new Lease under another name
+        as_pod.create(leases, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "x"}})
+    assert refused.value.status == 403, refused.value
+    unbound = Api(fleet.api.url, service_account_token(fleet.api, fleet.ns, me["spec"]["serviceAccountName"]),
+                  fleet.api.ca_file, insecure=fleet.api.insecure)
+    with pytest.raises(ApiError) as refused:  # a token bound to no pod writes no Lease at all
+        unbound.request("PATCH", f"{leases}/alpha-0", forged, content_type=merge)
+    assert refused.value.status == 403 and "its token names no pod" in str(refused.value)
+    # Its own Lease it may write (what the pod server does); the router reads status from it.
+    own = fleet.api.get(f"{leases}/alpha-0")["metadata"]["annotations"][labels.STATUS_ANNOTATION]
+    as_pod.request("PATCH", f"{leases}/alpha-0", {"metadata": {"annotations": {labels.STATUS_ANNOTATION: own}}},
+                   content_type=merge)
+    with httpx.Client(base_url=fleet.router_url, timeout=10) as client:
+        fleet.wait(lambda: client.get("/api/fleet").json()["pods"]["alpha-0"]["status_from"] == "kubernetes",
+                   "the router has alpha-0's status from its Lease", 30)
 
 
 def test_applying_again_changes_nothing(fleet: Fleet) -> None:
@@ -382,7 +426,7 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     allowed = ["watch modelgroups.gpufleet.io", "patch modelgroups.gpufleet.io:status",
                "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
                "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
-               "create rolebindings", "list pods", "watch pods", "create events",
+               "create rolebindings", "list pods", "watch pods", "watch leases.coordination.k8s.io", "create events",
                f"bind clusterroles/{release}-gpufleet-pod-server"]
     denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
               "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",
@@ -394,11 +438,15 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     pod_server = f"system:serviceaccount:{ns}:beta-pod-server"
     router = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-router"
     expect = [(operator, rule, ns, True) for rule in allowed] + [(operator, rule, ns, False) for rule in denied]
-    expect += [(pod_server, "patch pods", ns, True), (pod_server, "patch pods", sys_ns, False)]
-    pod_server_denied = ["delete pods", "create pods", "list pods", "patch pods:status", "get secrets",
-                         "patch modelgroups.gpufleet.io", "create serviceaccounts:token"]
+    expect += [(pod_server, "patch leases.coordination.k8s.io", ns, True),
+               (pod_server, "create leases.coordination.k8s.io", ns, True),
+               (pod_server, "patch leases.coordination.k8s.io", sys_ns, False)]
+    pod_server_denied = ["patch pods", "update pods", "delete pods", "create pods", "list pods", "patch pods:status",
+                         "get secrets", "delete leases.coordination.k8s.io", "patch modelgroups.gpufleet.io",
+                         "create serviceaccounts:token"]
     expect += [(pod_server, rule, ns, False) for rule in pod_server_denied]
-    expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False)]
+    expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False),
+               (router, "watch leases.coordination.k8s.io", ns, True)]
     expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))

@@ -190,6 +190,7 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
         expected |= {("", resource, v, "") for v in ("get", "create", "patch")}
     expected |= {("rbac.authorization.k8s.io", "rolebindings", v, "") for v in ("get", "create", "patch")}
     expected |= {("", "pods", "list", ""), ("", "pods", "watch", ""), ("", "events", "create", "")}
+    expected |= {("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "watch", "")}
     assert operator == expected
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-bind-pod-server")) == {
         ("rbac.authorization.k8s.io", "clusterroles", "bind", "rel-gpufleet-pod-server")
@@ -197,9 +198,17 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-crds")) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("get", "list", "watch")
     }
-    assert _rules(named(docs, "ClusterRole", "rel-gpufleet-pod-server")) == {("", "pods", "patch", "")}
+    # No permission on pods: only its status Lease (the admission policy narrows it to its own).
+    assert _rules(named(docs, "ClusterRole", "rel-gpufleet-pod-server")) == {
+        ("coordination.k8s.io", "leases", v, "") for v in ("create", "patch")
+    }
+    policy = named(docs, "ValidatingAdmissionPolicy", "rel-gpufleet-pod-server-own-lease")
+    assert "authentication.kubernetes.io/pod-name" in policy["spec"]["validations"][0]["expression"]
+    binding = named(docs, "ValidatingAdmissionPolicyBinding", "rel-gpufleet-pod-server-own-lease")
+    assert binding["spec"] == {"policyName": "rel-gpufleet-pod-server-own-lease", "validationActions": ["Deny"]}
     router = _rules(named(docs, "ClusterRole", "rel-gpufleet-router"))
-    assert router == {("", "pods", v, "") for v in ("get", "list", "watch")}
+    assert router == {(g, r, v, "") for g, r in (("", "pods"), ("coordination.k8s.io", "leases"))
+                      for v in ("get", "list", "watch")}
     for role in of_kind(docs, "ClusterRole"):
         for group, resource, verb, _ in _rules(role):
             assert "*" not in (group, resource, verb) and resource != "secrets", role["metadata"]["name"]

@@ -100,7 +100,10 @@ def test_pod_server_env_matches_its_settings() -> None:
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["POD_URL"] == "http://$(POD_IP):8000"
+    assert env["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}  # owner of the pod's status Lease
     assert env["STATUS_ANNOTATION"] == "true"
+    assert env["DEVICES"] == "cuda:0"  # the pod's GPU, named: without CUDA the server fails, not falls back
+    assert env_of(build_statefulset(ref(gpusPerPod=4), OPTIONS))["DEVICES"] == "cuda:0,cuda:1,cuda:2,cuda:3"
     # Every plain value parses with the pod server's own settings.
     plain = {k.lower(): v for k, v in env.items() if isinstance(v, str) and k.lower() in PodServerSettings.model_fields}
     settings = PodServerSettings(**{**plain, "devices": "cpu:0", "pod_url": "http://10.0.0.1:8000"})
