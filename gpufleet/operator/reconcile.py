@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,9 +73,10 @@ def group_path(namespace: str, name: str) -> str:
     return f"/apis/{labels.API_GROUP}/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}/{name}"
 
 
-def parse_spec(body: dict[str, Any]) -> ModelGroupSpec:
+def parse_spec(body: dict[str, Any], defaults: Mapping[str, Any] | None = None) -> ModelGroupSpec:
+    """The spec, with the installation's defaults for the pod-template fields it does not set."""
     try:
-        return ModelGroupSpec.model_validate(body.get("spec") or {})
+        return ModelGroupSpec.model_validate({**(defaults or {}), **(body.get("spec") or {})})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "spec"
@@ -161,7 +163,7 @@ class Reconciler:
         with self._lock(meta["namespace"], meta["name"]):
             result = Result()
             try:
-                spec = parse_spec(body)
+                spec = parse_spec(body, self.options.defaults)
             except InvalidSpec:
                 return result  # the spec handlers own that status
             names = child_names(meta["name"])
@@ -177,7 +179,7 @@ class Reconciler:
             name=meta["name"],
             namespace=meta["namespace"],
             uid=meta["uid"],
-            spec=parse_spec(body),
+            spec=parse_spec(body, self.options.defaults),
             generation=meta.get("generation"),
         )
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpufleet.api.modelgroup import DEFAULT_IMAGE
+from gpufleet.api.modelgroup import DEFAULT_IMAGE, PodTemplateFields
 from gpufleet.operator.builders import BuildOptions
 from gpufleet.settings_support import parse_settings, split_csv
 
@@ -25,6 +26,11 @@ class OperatorSettings(BaseSettings):
         description="ClusterRole (pods get/patch) bound to each group's ServiceAccount in its namespace.",
     )
     pod_server_log_level: str = "INFO"
+    pod_server_defaults: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object: defaults of a ModelGroup's pod-template fields (runtimeClassName, "
+        "imagePullSecrets, tolerations, ...) that a ModelGroup overrides field by field.",
+    )
     instance: str | None = Field(default=None, description="app.kubernetes.io/instance label of what we create.")
     resync_seconds: float = Field(default=30.0, ge=1.0, le=3600.0, description="How often each group is re-checked.")
     field_manager: str = Field(default="gpufleet-operator", min_length=1)
@@ -38,12 +44,21 @@ class OperatorSettings(BaseSettings):
 
     _split = field_validator("namespaces", mode="before")(split_csv)
 
+    @field_validator("pod_server_defaults", mode="before")
+    @classmethod
+    def _defaults(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value or "{}")
+        PodTemplateFields.model_validate(value)  # only pod-template fields, each well-formed
+        return value
+
     def build_options(self) -> BuildOptions:
         return BuildOptions(
             image=self.pod_server_image,
             pod_server_cluster_role=self.pod_server_cluster_role,
             instance=self.instance,
             log_level=self.pod_server_log_level,
+            defaults=dict(self.pod_server_defaults),
         )
 
 

@@ -218,6 +218,8 @@ INVALID = [
     ("bad-model-id", {"models": [{"id": "no spaces", "source": "/a"}]}, "spec.models[0].id"),
     ("unknown-field", {"gpus": 2}, 'unknown field "spec.gpus"'),
     ("x" * 53, {}, "at most 52 characters"),
+    ("visible-devices", {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]},
+     "*_VISIBLE_DEVICES is set by the GPU runtime"),
 ]
 
 
@@ -330,6 +332,58 @@ def test_a_pod_server_identity_can_write_only_its_own_status(fleet: Fleet) -> No
     with httpx.Client(base_url=fleet.router_url, timeout=10) as client:
         fleet.wait(lambda: client.get("/api/fleet").json()["pods"]["alpha-0"]["status_from"] == "kubernetes",
                    "the router has alpha-0's status from its Lease", 30)
+
+
+def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(fleet: Fleet) -> None:
+    """The pod-template fields of a real GPU cluster, accepted by the API server (the pod
+    passes the namespace's `restricted` standard too), scheduled and Ready; the per-pod
+    model cache claim survives the pod's replacement."""
+    fleet.api.create("/apis/node.k8s.io/v1/runtimeclasses", {
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": f"{fleet.release}-nvidia"},
+        "handler": "nvidia"})
+    storage_class = f"{fleet.release}-local"
+    fleet.api.create("/api/v1/persistentvolumes", {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{fleet.release}-pv-0"},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": storage_class,
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": "/tmp/unused"}}})
+    fleet.api.create(f"/api/v1/namespaces/{fleet.ns}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": "eyJhdXRocyI6e319"}})
+    doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": "gamma"}, "spec": {
+        "models": [{"id": "tiny-chat-g", "source": f"{IMAGE_MODELS}/tiny-chat", "task": "chat", "dtype": "float32"}],
+        "imagePullSecrets": [{"name": "regcred"}],
+        "runtimeClassName": f"{fleet.release}-nvidia",
+        "podMetadata": {"labels": {"team": "a"}},
+        "serviceAccount": {"annotations": {"example.com/identity": "gamma"}},
+        "volumes": [{"name": "weights", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumeMounts": [{"name": "weights", "mountPath": "/weights", "readOnly": True}],
+        "loadTimeoutSeconds": 600,
+        "scratch": {"sizeLimit": "5Gi"},
+        "modelCache": {"size": "10Gi", "storageClassName": storage_class},
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+    }}
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump(doc))
+    fleet.wait(lambda: fleet.ready("gamma"), "ModelGroup gamma Ready", READY_TIMEOUT)
+    [pod] = fleet.pods("gamma")
+    spec = pod["spec"]
+    assert spec["runtimeClassName"] == f"{fleet.release}-nvidia" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["labels"]["team"] == "a"
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    assert claims["model-cache"] == "model-cache-gamma-0"
+    claim_path = f"/api/v1/namespaces/{fleet.ns}/persistentvolumeclaims/model-cache-gamma-0"
+    claim = fleet.api.get(claim_path)
+    assert claim["status"]["phase"] == "Bound"
+    sa = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/serviceaccounts/gamma-pod-server")
+    assert sa["metadata"]["annotations"]["example.com/identity"] == "gamma"
+    fleet.api.delete(f"/api/v1/namespaces/{fleet.ns}/pods/gamma-0")
+
+    def replaced() -> bool:
+        pods = fleet.pods("gamma")
+        return bool(pods) and pods[0]["metadata"]["uid"] != pod["metadata"]["uid"] and fleet.ready("gamma")
+
+    fleet.wait(replaced, "gamma-0 replaced and Ready", READY_TIMEOUT)
+    assert fleet.api.get(claim_path)["metadata"]["uid"] == claim["metadata"]["uid"]  # the same cache
+    fleet.kubectl("delete", "mg", "gamma", "-n", fleet.ns, "--wait=false")
 
 
 def test_applying_again_changes_nothing(fleet: Fleet) -> None:

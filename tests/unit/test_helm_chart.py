@@ -191,6 +191,8 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     expected |= {("rbac.authorization.k8s.io", "rolebindings", v, "") for v in ("get", "create", "patch")}
     expected |= {("", "pods", "list", ""), ("", "pods", "watch", ""), ("", "events", "create", "")}
     expected |= {("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "watch", "")}
+    expected |= {("policy", "poddisruptionbudgets", v, "") for v in ("get", "create", "patch")}
+    expected |= {("", "persistentvolumeclaims", v, "") for v in ("get", "create", "patch")}
     assert operator == expected
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-bind-pod-server")) == {
         ("rbac.authorization.k8s.io", "clusterroles", "bind", "rel-gpufleet-pod-server")

@@ -102,7 +102,7 @@ CM = object_path("v1", "ConfigMap", "ml", "alpha-model-groups")
 def test_first_reconcile_creates_every_child_and_a_status(kube: FakeKube) -> None:
     result = Reconciler(kube, BuildOptions()).reconcile(current(kube), pods=[])
     kinds = [r for t, r, _ in result.events if r == "Created"]
-    assert len(kinds) == 5
+    assert len(kinds) == 6  # ServiceAccount, RoleBinding, ConfigMap, Service, PodDisruptionBudget, StatefulSet
     assert {STS, CM} <= set(kube.objects)
     status = current(kube)["status"]
     assert status["readyReplicas"] == 0
