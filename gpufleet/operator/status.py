@@ -153,6 +153,7 @@ def compute_status(
     pods: list[dict[str, Any]],
     previous: ModelGroupStatus | None,
     now: str,
+    conflict: str | None = None,
 ) -> ModelGroupStatus:
     """The ModelGroup's status from what is observed; conditions keep their transition time
     while their status does not change."""
@@ -163,6 +164,8 @@ def compute_status(
     conds = _Conds()
 
     problems: list[tuple[str, str]] = []
+    if conflict:  # some model ids are served by an earlier ModelGroup (gpufleet.operator.conflicts)
+        problems.append(("ModelIdConflict", conflict))
     unschedulable = [v for v in live if v.unschedulable]
     if unschedulable:
         v = unschedulable[0]

@@ -193,7 +193,7 @@ def apply_observation(state: FleetState, obs: PodObservation) -> None:
         if obs.id in state.pods:
             state.remove(obs.id)
         return
-    state.upsert(obs.id, obs.url, name=obs.name, node=obs.node, ready=obs.ready)
+    state.upsert(obs.id, obs.url, name=obs.name, node=obs.node, ready=obs.ready, tenant=obs.namespace)
     if obs.status_error:
         log.warning("bad status lease", extra={"pod": obs.id, "error": obs.status_error})
     if obs.status is not None:

@@ -62,9 +62,11 @@ class Fleet:
         self.release = f"gf{suffix}"
         self.system_ns = f"{self.release}-system"
         self.ns = f"{self.release}-models"
+        self.ns2 = f"{self.release}-team-b"  # a second tenant, served by the same router
         self.operator: LocalComponent | None = None
         self.router: LocalComponent | None = None
         self.farm: PodServerFarm | None = None
+        self.farm2: PodServerFarm | None = None
         self.router_url = ""
         self.health_url = ""
         self.nodes: list[str] = []
@@ -85,27 +87,27 @@ class Fleet:
     def get(self, path: str) -> dict[str, Any] | None:
         return try_get(self.api, path)
 
-    def group(self, name: str) -> dict[str, Any]:
-        obj = self.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{self.ns}/modelgroups/{name}")
+    def group(self, name: str, ns: str | None = None) -> dict[str, Any]:
+        obj = self.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{ns or self.ns}/modelgroups/{name}")
         assert obj is not None, f"ModelGroup {name} is gone"
         return obj
 
-    def pods(self, group: str) -> list[dict[str, Any]]:
+    def pods(self, group: str, ns: str | None = None) -> list[dict[str, Any]]:
         selector = f"{labels.LABEL_MODEL_GROUP}={group}"
-        path = f"/api/v1/namespaces/{self.ns}/pods?labelSelector={selector}"
+        path = f"/api/v1/namespaces/{ns or self.ns}/pods?labelSelector={selector}"
         items: list[dict[str, Any]] = self.api.get(path)["items"]
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
-    def condition(self, name: str, kind: str) -> dict[str, Any]:
-        for cond in (self.group(name).get("status") or {}).get("conditions") or []:
+    def condition(self, name: str, kind: str, ns: str | None = None) -> dict[str, Any]:
+        for cond in (self.group(name, ns).get("status") or {}).get("conditions") or []:
             if cond["type"] == kind:
                 return dict(cond)
         return {}
 
-    def ready(self, name: str) -> bool:
-        group = self.group(name)
+    def ready(self, name: str, ns: str | None = None) -> bool:
+        group = self.group(name, ns)
         status = group.get("status") or {}
-        return (self.condition(name, "Ready").get("status") == "True"
+        return (self.condition(name, "Ready", ns).get("status") == "True"
                 and status.get("observedGeneration") == group["metadata"]["generation"])
 
     def watched(self) -> list[procs.Process]:
@@ -148,13 +150,13 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         name = f"{f.release}-gpu-{i}"
         c.add_gpu_node(name, gpus=4, labels={labels.GPU_PRODUCT_LABEL: "NVIDIA-H100-80GB-HBM3"})
         f.nodes.append(name)
-    for ns, restricted in ((f.system_ns, True), (f.ns, True)):
+    for ns, restricted in ((f.system_ns, True), (f.ns, True), (f.ns2, True)):
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
             "pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"}}}
         c.api.create("/api/v1/namespaces", body)
-    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns}}}"]
+    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns},{f.ns2}}}"]
     if c.existing:  # never manage other people's ModelGroups
-        sets.append(f"operator.watchNamespaces={{{f.ns}}}")
+        sets.append(f"operator.watchNamespaces={{{f.ns},{f.ns2}}}")
     if os.environ.get("GPUFLEET_E2E_POD_SERVER_IMAGE"):
         repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
         sets += ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
@@ -180,15 +182,17 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         "HOST": "127.0.0.1", "PORT": str(router_port),
     })
     f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
-    with f.operator, f.router, f.farm:
+    f.farm2 = PodServerFarm(c.api, f.ns2, f.workdir / "pods2", {IMAGE_MODELS: demo_models.parent})
+    with f.operator, f.router, f.farm, f.farm2:
         print(f"\n[e2e] {f.release} installed, operator/router started in {time.monotonic() - t0:.1f}s")
         try:
             yield f
         finally:
             print(f"\n[e2e] pod-server processes started: {len(f.farm.started)}; errors: {f.farm.errors[-3:]}")
-            f.kubectl("delete", "mg", "--all", "-n", f.ns, "--wait=false", check=False)
+            for ns in (f.ns, f.ns2):
+                f.kubectl("delete", "mg", "--all", "-n", ns, "--wait=false", check=False)
     f.run("helm", "uninstall", f.release, "-n", f.system_ns, "--wait", "--timeout", "60s", check=False)
-    for ns in (f.ns, f.system_ns):
+    for ns in (f.ns, f.ns2, f.system_ns):
         f.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
@@ -277,7 +281,8 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
 
         def knows_all() -> bool:
             ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
-            return {"tiny-chat", "tiny-chat-b", "tiny-complete-b"} <= ids
+            # Listed namespace-qualified; requests may use the bare id while one namespace serves it.
+            return {f"{fleet.ns}/{m}" for m in ("tiny-chat", "tiny-chat-b", "tiny-complete-b")} <= ids
 
         fleet.wait(knows_all, "router lists every model", 60)
         for _ in range(3):
@@ -384,6 +389,49 @@ def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(
     fleet.wait(replaced, "gamma-0 replaced and Ready", READY_TIMEOUT)
     assert fleet.api.get(claim_path)["metadata"]["uid"] == claim["metadata"]["uid"]  # the same cache
     fleet.kubectl("delete", "mg", "gamma", "-n", fleet.ns, "--wait=false")
+
+
+def _tenant_group(name: str, *model_ids: str) -> str:
+    models = [{"id": m, "source": f"{IMAGE_MODELS}/tiny-chat", "task": "chat", "dtype": "float32"} for m in model_ids]
+    return yaml.safe_dump({"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": name},
+                           "spec": {"models": models, "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}})
+
+
+def test_same_named_groups_of_two_namespaces_are_two_groups(fleet: Fleet) -> None:
+    """team-a/chat and team-b/chat, each with a model `tiny-chat-t`: the router lists and
+    routes them apart by namespace; a model id claimed twice in one namespace degrades the
+    later ModelGroup, which serves only its other models."""
+    for ns in (fleet.ns, fleet.ns2):
+        fleet.kubectl("apply", "-n", ns, "-f", "-", stdin=_tenant_group("chat", "tiny-chat-t"))
+    fleet.wait(lambda: fleet.ready("chat") and fleet.ready("chat", fleet.ns2), "chat Ready in both namespaces",
+               READY_TIMEOUT)
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=_tenant_group("chat-dup", "tiny-chat-t", "tiny-chat-u"))
+    fleet.wait(lambda: fleet.condition("chat-dup", "Degraded").get("reason") == "ModelIdConflict",
+               "chat-dup Degraded for the duplicate model id", 60)
+    message = fleet.condition("chat-dup", "Degraded")["message"]
+    assert "model id 'tiny-chat-t' is already served by ModelGroup 'chat'" in message, message
+    assert fleet.condition("chat", "Degraded")["status"] == "False"
+    ips = {ns: fleet.pods("chat", ns)[0]["status"]["podIP"] for ns in (fleet.ns, fleet.ns2)}
+    with httpx.Client(base_url=fleet.router_url, timeout=60) as client:
+        wanted = {f"{fleet.ns}/tiny-chat-t", f"{fleet.ns2}/tiny-chat-t", f"{fleet.ns}/tiny-chat-u"}
+
+        def listed() -> bool:
+            return wanted <= {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+        fleet.wait(listed, "the router lists both namespaces' models", 90)
+        for ns, ip in ips.items():
+            r = client.post("/v1/chat/completions", json={"model": f"{ns}/tiny-chat-t", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-served-by-pod"].endswith(f"@{ip}:8000"), (ns, r.headers["x-served-by-pod"])
+        r = client.post("/v1/chat/completions", json={"model": "tiny-chat-t", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404, r.text  # two namespaces serve it: the client must say which
+        group = client.get("/api/fleet").json()["models"][f"{fleet.ns}/tiny-chat-t"]
+        assert group == f"{fleet.ns}/chat"  # not chat-dup's
+    for name in ("chat", "chat-dup"):
+        fleet.kubectl("delete", "mg", name, "-n", fleet.ns, "--wait=false")
+    fleet.kubectl("delete", "mg", "chat", "-n", fleet.ns2, "--wait=false")
 
 
 def test_applying_again_changes_nothing(fleet: Fleet) -> None:

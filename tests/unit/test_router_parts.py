@@ -242,7 +242,7 @@ def test_watch_events_update_the_fleet() -> None:
     apply_event(state, "RESET", "ml", [k8s_pod("pod-a"), k8s_pod("pod-b")], 8000, view=view)
     assert sorted(state.by_name) == ["pod-a", "pod-b"] and state.models == {}  # no status yet
     apply_event(state, "RESET", "ml", [k8s_lease("pod-a"), k8s_lease("pod-b")], 8000, resource=LEASES, view=view)
-    assert state.models == {"m": "alpha"}
+    assert state.models == {"ml/m": "ml/alpha", "m": "ml/alpha"}  # qualified by namespace; unique: an alias
     # Leases carry no contact: the status counts as fresh only once a poll answers.
     assert not state.snapshot().devices[0].fresh
     apply_event(state, "MODIFIED", "ml", k8s_pod("pod-a", ready=False), 8000, view=view)
@@ -358,3 +358,40 @@ def test_decision_lines_are_json_and_written_in_batches() -> None:
     logger.info("route", extra={"request_id": "r3"})
     handler.flush()
     assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "r3"
+
+
+def test_same_named_groups_of_two_namespaces_stay_two_groups() -> None:
+    """team-a/chat and team-b/chat: each namespace's ids are qualified by it, and a model id
+    both serve has no unqualified alias (it would be ambiguous)."""
+    state = FleetState(clock=lambda: 0.0)
+    view = ClusterView()
+    for ns, ip in (("team-a", "10.0.0.5"), ("team-b", "10.0.1.5")):
+        apply_event(state, "RESET", ns, [k8s_pod("chat-0", namespace=ns, group="chat", ip=ip)], 8000, view=view)
+        lease = k8s_lease("chat-0", namespace=ns, doc=PodStatus(
+            pod="chat-0", ready=True, groups=["chat"], models={"m": "chat", f"only-{ns}": "chat"}, timestamp=0.0,
+            devices=[DeviceStatus(device="cuda:0", current_group="chat", cached_groups=["chat"])]).model_dump_json())
+        apply_event(state, "MODIFIED", ns, lease, 8000, resource=LEASES, view=view)
+    assert state.models == {"team-a/m": "team-a/chat", "team-b/m": "team-b/chat", "team-a/only-team-a": "team-a/chat",
+                            "team-b/only-team-b": "team-b/chat", "only-team-a": "team-a/chat",
+                            "only-team-b": "team-b/chat"}
+    assert state.local_models["team-b/m"] == "m" and state.local_models["only-team-a"] == "only-team-a"
+    groups = {d.pod: d.current_group for d in state.snapshot().devices}
+    assert groups == {"chat-0@10.0.0.5:8080": "team-a/chat", "chat-0@10.0.1.5:8080": "team-b/chat"}
+    assert {rec.status.devices[0].cached_groups[0] for rec in state.pods.values() if rec.status} == {
+        "team-a/chat", "team-b/chat"}
+    decider = Decider(state, RouterMetrics(), "affinity")
+    assert decider.group_of("team-b/m") == "team-b/chat"
+    with pytest.raises(ModelNotFound):
+        decider.group_of("m")  # served in two namespaces: say which
+
+
+def test_fleet_documents_qualify_ids_by_namespace() -> None:
+    card = {"data": [{"id": "m", "object": "model"}]}
+    docs = [fleet_api.PodDoc("a", None, "u", "ready", card, tenant="team-a"),
+            fleet_api.PodDoc("b", None, "u", "ready", card, tenant="team-b")]
+    assert [c["id"] for c in fleet_api.model_cards(docs)] == ["team-a/m", "team-b/m"]
+    groups = {"model_groups": [{"group_id": "chat", "models": [{"id": "m", "status": "loaded"}]}]}
+    merged = fleet_api.models([fleet_api.PodDoc("a", None, "u", "ready", groups, tenant="team-a"),
+                               fleet_api.PodDoc("b", None, "u", "ready", groups, tenant="team-b")])
+    assert [(g["group_id"], [m["id"] for m in g["models"]]) for g in merged["model_groups"]] == [
+        ("team-a/chat", ["team-a/m"]), ("team-b/chat", ["team-b/m"])]
