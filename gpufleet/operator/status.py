@@ -145,6 +145,14 @@ def _rollout(sts: dict[str, Any] | None, desired: int) -> str | None:
     return None
 
 
+def _statefulset_caught_up(sts: dict[str, Any] | None) -> bool:
+    if sts is None:
+        return False
+    return int((sts.get("status") or {}).get("observedGeneration", 0)) >= int(
+        (sts.get("metadata") or {}).get("generation", 0)
+    )
+
+
 def compute_status(
     name: str,
     generation: int | None,
@@ -203,6 +211,12 @@ def compute_status(
     else:
         conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
 
+    # The status speaks for a generation only once the StatefulSet controller has seen the
+    # StatefulSet we made from it: until then `kubectl wait` must not take an older
+    # generation's Ready for this one.
+    observed = (
+        generation if _statefulset_caught_up(statefulset) else (previous.observed_generation if previous else None)
+    )
     before = {c.type: c for c in (previous.conditions if previous else [])}
     conditions = []
     for kind in ("Ready", "Progressing", "Degraded"):
@@ -217,12 +231,12 @@ def compute_status(
                     "reason": reason,
                     "message": message,
                     "lastTransitionTime": since,
-                    "observedGeneration": generation,
+                    "observedGeneration": observed,
                 }
             )
         )
     return ModelGroupStatus(
-        observed_generation=generation,
+        observed_generation=observed,
         replicas=len(live),
         ready_replicas=len(ready),
         selector=selector_string(name),

@@ -468,6 +468,32 @@ def test_deleted_pod_comes_back(fleet: Fleet) -> None:
     fleet.wait(replaced, "alpha-0 recreated and alpha Ready again", READY_TIMEOUT)
 
 
+def _evict(fleet: Fleet, name: str) -> int:
+    """What `kubectl drain` does for each pod: the Eviction API, which honours PodDisruptionBudgets."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": fleet.ns}}
+    try:
+        fleet.api.create(f"/api/v1/namespaces/{fleet.ns}/pods/{name}/eviction", body)
+    except ApiError as exc:
+        return exc.status
+    return 201
+
+
+def test_evictions_never_take_a_groups_last_ready_pod(fleet: Fleet) -> None:
+    pdbs = f"/apis/policy/v1/namespaces/{fleet.ns}/poddisruptionbudgets"
+
+    def allowed(name: str) -> int:
+        return int((fleet.api.get(f"{pdbs}/{name}").get("status") or {}).get("disruptionsAllowed", -1))
+
+    fleet.wait(lambda: fleet.ready("alpha") and allowed("alpha") == 1 and allowed("beta") == 0,
+               "the disruption controller counted alpha (1 allowed) and beta (0 allowed)", 60)
+    assert _evict(fleet, "beta-0") == 429  # its only pod: a drain waits instead of taking the group down
+    assert _evict(fleet, "alpha-0") == 201  # one of two may go
+    assert _evict(fleet, "alpha-1") == 429  # not the last ready one
+    assert any(p["metadata"]["name"] == "alpha-1" for p in fleet.pods("alpha"))
+    fleet.wait(lambda: fleet.ready("alpha") and fleet.group("alpha")["status"]["readyReplicas"] == 2,
+               "alpha back to 2 ready pods", READY_TIMEOUT)
+
+
 def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
     ns = fleet.ns
     sts = f"/apis/apps/v1/namespaces/{ns}/statefulsets/beta"

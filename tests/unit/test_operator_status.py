@@ -166,3 +166,14 @@ def test_status_comes_from_the_pods_own_lease_only() -> None:
               "alpha-2": _lease("alpha-2", "u2-old", annotation("alpha-2"))}  # left by the pod's predecessor
     views = [pod_view(p) for p in with_leases([forged, fresh, stale], leases)]
     assert [v.server is not None for v in views] == [False, True, False]
+
+
+def test_observed_generation_waits_for_the_statefulset_controller() -> None:
+    pods = [pod("alpha-0", ann=annotation("alpha-0")), pod("alpha-1", ann=annotation("alpha-1"))]
+    before = compute_status("alpha", 4, SPEC2, sts(), pods, None, T0)
+    # Generation 5 applied: the StatefulSet's generation moved on, its controller has not seen it yet.
+    lagging = compute_status("alpha", 5, SPEC2, sts(generation=2, observed=1), pods, before, T1)
+    assert lagging.observed_generation == 4 and all(c.observed_generation == 4 for c in lagging.conditions)
+    caught_up = compute_status("alpha", 5, SPEC2, sts(generation=2, observed=2), pods, lagging, T1)
+    assert caught_up.observed_generation == 5 and all(c.observed_generation == 5 for c in caught_up.conditions)
+    assert compute_status("alpha", 1, SPEC2, None, [], None, T0).observed_generation is None
