@@ -57,6 +57,7 @@ class BuildOptions:
     # Chart-level defaults of the pod-template fields (camelCase, as in a spec); a field a
     # ModelGroup sets replaces the default as a whole.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    run_as_user: int | None = RUN_AS_USER  # None: the platform assigns the UID (OpenShift)
 
 
 @dataclass(frozen=True)
@@ -405,9 +406,11 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
         "terminationGracePeriodSeconds": 45,  # the pod server drains for up to 30 s
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
+            **(
+                {"runAsUser": options.run_as_user, "runAsGroup": options.run_as_user, "fsGroup": options.run_as_user}
+                if options.run_as_user is not None
+                else {}
+            ),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpufleet.api.modelgroup import DEFAULT_IMAGE, PodTemplateFields
-from gpufleet.operator.builders import BuildOptions
+from gpufleet.operator.builders import RUN_AS_USER, BuildOptions
 from gpufleet.settings_support import parse_settings, split_csv
 
 
@@ -26,6 +26,9 @@ class OperatorSettings(BaseSettings):
         description="ClusterRole (pods get/patch) bound to each group's ServiceAccount in its namespace.",
     )
     pod_server_log_level: str = "INFO"
+    pod_server_run_as_user: int | None = Field(
+        default=RUN_AS_USER, ge=1, description="UID of the pod servers; empty: the platform assigns one (OpenShift)."
+    )
     pod_server_defaults: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict,
         description="JSON object: defaults of a ModelGroup's pod-template fields (runtimeClassName, "
@@ -44,6 +47,11 @@ class OperatorSettings(BaseSettings):
 
     _split = field_validator("namespaces", mode="before")(split_csv)
 
+    @field_validator("pod_server_run_as_user", mode="before")
+    @classmethod
+    def _uid(cls, value: Any) -> Any:
+        return None if value in ("", "null", "none") else value
+
     @field_validator("pod_server_defaults", mode="before")
     @classmethod
     def _defaults(cls, value: Any) -> Any:
@@ -59,6 +67,7 @@ class OperatorSettings(BaseSettings):
             instance=self.instance,
             log_level=self.pod_server_log_level,
             defaults=dict(self.pod_server_defaults),
+            run_as_user=self.pod_server_run_as_user,
         )
 
 

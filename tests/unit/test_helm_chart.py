@@ -311,3 +311,68 @@ def test_dashboard_configmap_carries_the_json() -> None:
     cm = named(render(), "ConfigMap", "rel-gpufleet-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["gpufleet.json"])["uid"] == "gpufleet-overview"
+
+
+@needs_helm
+def test_works_as_a_subchart_with_global_values(tmp_path: Path) -> None:
+    """helm lint and template of a parent chart that depends on gpufleet (condition
+    gpufleet.enabled) and sets `global` values: the schema accepts them, images and pull
+    secrets follow them, and `enabled: false` turns the whole subchart off."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    (parent / "templates").mkdir()
+    (parent / "templates" / "NOTES.txt").write_text("platform\n")
+    shutil.copytree(CHART, parent / "charts" / "gpufleet")
+    (parent / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0", "icon": "https://example.com/icon.png",
+        "dependencies": [{"name": "gpufleet", "version": "0.1.0", "condition": "gpufleet.enabled"}]}))
+    (parent / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.corp.example", "imagePullSecrets": ["corp-pull"], "team": "ml"},
+        "gpufleet": {"enabled": True, "router": {"replicas": 3}}}))
+    lint = helm("lint", "--strict", str(parent), check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = [d for d in yaml.safe_load_all(helm("template", "rel", str(parent), "-n", "platform").stdout) if d]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"rel-gpufleet-operator", "rel-gpufleet-router"}
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"].startswith("registry.corp.example/"), pod["containers"][0]["image"]
+        assert pod["imagePullSecrets"] == [{"name": "corp-pull"}]
+    router = next(d for d in deployments if d["metadata"]["name"] == "rel-gpufleet-router")
+    assert router["spec"]["replicas"] == 3
+    off = helm("template", "rel", str(parent), "--set", "gpufleet.enabled=false").stdout
+    assert "kind: Deployment" not in off
+
+
+@needs_helm
+def test_router_is_highly_available_by_default() -> None:
+    docs = render()
+    router = named(docs, "Deployment", "rel-gpufleet-router")
+    assert router["spec"]["replicas"] == 2
+    [spread] = router["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == router["spec"]["selector"]["matchLabels"]
+    pdb = named(docs, "PodDisruptionBudget", "rel-gpufleet-router")
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"] == router["spec"]["selector"]
+    assert not of_kind(render("router.replicas=1"), "PodDisruptionBudget")  # one replica: a PDB would block drains
+
+
+@needs_helm
+def test_random_uids_for_openshift() -> None:
+    """podSecurity.runAsUser=null: no fixed UID anywhere (OpenShift assigns one), still restricted."""
+    from gpufleet.operator.settings import OperatorSettings
+
+    docs = render("podSecurity.runAsUser=null")
+    for dep in of_kind(docs, "Deployment"):
+        psc = dep["spec"]["template"]["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(psc)
+        assert restricted_violations(dep["spec"]["template"]["spec"]) == []
+    op_env = _env(named(docs, "Deployment", "rel-gpufleet-operator"))
+    settings = OperatorSettings(**{k.removeprefix("GPUFLEET_OPERATOR_").lower(): v for k, v in op_env.items()})
+    assert settings.pod_server_run_as_user is None
+    from gpufleet.api.modelgroup import ModelGroupSpec
+    from gpufleet.operator.builders import ModelGroupRef, build_statefulset
+
+    spec = ModelGroupSpec.model_validate({"models": [{"id": "m", "source": "/m"}]})
+    sts = build_statefulset(ModelGroupRef("g", "ml", "u", spec), settings.build_options())
+    assert "runAsUser" not in sts["spec"]["template"]["spec"]["securityContext"]
