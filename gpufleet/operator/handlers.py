@@ -18,6 +18,7 @@ with a delay; kopf.PermanentError means the spec is wrong, raised after the stat
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpufleet.api import labels as keys
 from gpufleet.operator.kube import Kube
+from gpufleet.operator.peering import is_active, peering_paths
 from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result, group_path
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.operator.status import with_leases
@@ -71,11 +73,12 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
         s.watching.label_selectors[key] = selector
     if settings.peering:
         # Several replicas: only the one with the highest priority acts, the others wait
-        # (kopf's KopfPeering objects); each replica's priority is random, its lifetime short.
+        # (kopf's KopfPeering objects); each replica's priority is random (equal priorities
+        # would both act), so a restarted replica may take over or wait.
         s.peering.name = settings.peering
-        s.peering.priority = random.randint(1, 1_000_000)
+        s.peering.priority = random.randint(1, 1_000_000_000)
         s.peering.mandatory = True
-        s.peering.stealth = True
+        s.peering.clusterwide = not settings.namespaces
     if settings.namespaces:
         # Only the named namespaces: no need to list namespaces or watch CRDs cluster-wide
         # (which the namespaced RBAC does not allow). The CRD must exist when we start.
@@ -150,11 +153,32 @@ def list_groups(reconciler: Reconciler, namespaces: list[str]) -> list[dict[str,
     return [item for path in paths for item in reconciler.kube.list(path)]
 
 
-async def resync_forever(reconciler: Reconciler, settings: OperatorSettings) -> None:
+def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, priority: int) -> bool:
+    """Whether this replica is the acting one (always, without peering)."""
+    if not settings.peering:
+        return True
+    now = datetime.datetime.now(datetime.UTC)
+    for path in peering_paths(settings.peering, settings.namespaces):
+        obj = reconciler.kube.get(path)
+        if obj is None or not is_active(obj.get("status"), identity, priority, now):
+            return False
+    return True
+
+
+async def resync_forever(
+    reconciler: Reconciler, settings: OperatorSettings, identity: str = "", priority: int = 0
+) -> None:
     """Every resync_seconds, reconcile every ModelGroup: drift of any child (a hand-edited
-    ConfigMap, a deleted Service) is put back even when no event announced it."""
+    ConfigMap, a deleted Service) is put back even when no event announced it. Kopf pauses
+    its handlers in a standby replica, but not this task: it checks the peering itself."""
     while True:
         await asyncio.sleep(settings.resync_seconds)
+        try:
+            if not await asyncio.to_thread(acting, reconciler, settings, identity, priority):
+                continue
+        except Exception as exc:  # API trouble: try again next round
+            log.warning("resync: cannot read the peering", extra={"error": str(exc)})
+            continue
         try:
             groups = await asyncio.to_thread(list_groups, reconciler, settings.namespaces)
         except Exception as exc:  # API trouble: try again next round
@@ -172,6 +196,8 @@ async def resync_forever(reconciler: Reconciler, settings: OperatorSettings) -> 
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: OperatorSettings) -> None:
+    operator_settings = settings
+
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         # The same credentials as our own client: the in-cluster ServiceAccount, else KUBECONFIG.
@@ -208,8 +234,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     # object with a timer, and a finalizer would make deleting a ModelGroup (or its namespace)
     # hang whenever the operator is not running.
     @kopf.on.startup(id="start-resync", registry=registry)
-    async def start_resync(memo: Any, **_: Any) -> None:
-        memo.resync = asyncio.create_task(resync_forever(reconciler, settings), name="resync")
+    async def start_resync(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+        identity, priority = str(memo.peering_identity), int(settings.peering.priority)
+        memo.resync = asyncio.create_task(
+            resync_forever(reconciler, operator_settings, identity, priority), name="resync"
+        )
 
     @kopf.on.cleanup(id="stop-resync", registry=registry)
     async def stop_resync(memo: Any, **_: Any) -> None:

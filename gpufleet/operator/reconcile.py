@@ -289,7 +289,12 @@ class Reconciler:
         if all(old.get(k) == v for k, v in new.items()):
             return
         meta = body["metadata"]
-        self.kube.merge_patch(group_path(meta["namespace"], meta["name"]) + "/status", {"status": new})
+        try:
+            self.kube.merge_patch(group_path(meta["namespace"], meta["name"]) + "/status", {"status": new})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            log.info("ModelGroup gone before its status was written", extra={"group": meta["name"]})
 
 
 def _api_message(exc: ApiException) -> str:

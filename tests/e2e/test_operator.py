@@ -64,6 +64,7 @@ class Fleet:
         self.ns = f"{self.release}-models"
         self.ns2 = f"{self.release}-team-b"  # a second tenant, served by the same router
         self.operator: LocalComponent | None = None
+        self.operator_deployment: dict[str, Any] = {}
         self.router: LocalComponent | None = None
         self.farm: PodServerFarm | None = None
         self.farm2: PodServerFarm | None = None
@@ -164,6 +165,8 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         # Left by an earlier release (the chart keeps it on uninstall): bring it up to date.
         sets.append("crds.install=false")
         f.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modelgroup.yaml"))
+    if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/kopfpeerings.kopf.dev"):
+        sets.append("operator.peering.installCRDs=false")  # kept from an earlier release
     args = ["install", f.release, str(CHART), "-n", f.system_ns, "--wait", "--timeout", "120s"]
     for s in sets:
         args += ["--set", s]
@@ -173,6 +176,7 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
     health_port, router_port = _free_port(), _free_port()
     f.health_url = f"http://127.0.0.1:{health_port}/healthz"
     f.router_url = f"http://127.0.0.1:{router_port}"
+    f.operator_deployment = operator_deployment
     f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
         "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
         "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
@@ -581,6 +585,33 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
              for (who, rule, where, want), got in zip(expect, answers, strict=True) if got != want]
     assert not wrong, wrong
+
+
+def test_two_operator_replicas_act_once(fleet: Fleet) -> None:
+    """A second operator replica (the chart's env, so the same kopf peering) stands by: a new
+    ModelGroup gets each child created once and each event posted once."""
+    health = _free_port()
+    second = LocalComponent(fleet.api, fleet.operator_deployment, fleet.workdir / "operator-2", {
+        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3", "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health)})
+    env = {e["name"]: e.get("value") for e in
+           fleet.operator_deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    peering = f"/apis/kopf.dev/v1/clusterkopfpeerings/{env['GPUFLEET_OPERATOR_PEERING']}"
+    assert fleet.operator is not None
+    with second:
+        fleet.wait(lambda: len((fleet.get(peering) or {}).get("status") or {}) >= 2, "both replicas in the peering",
+                   60)
+        fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=_tenant_group("delta", "tiny-chat-d"))
+        fleet.wait(lambda: fleet.ready("delta"), "ModelGroup delta Ready", READY_TIMEOUT)
+        time.sleep(7)  # two resync periods (3 s): a standby replica that acted would have by now
+        reasons = [e["reason"] for e in fleet.events("delta")]
+        assert sorted(r for r in reasons if r == "Created") == ["Created"] * 6, reasons
+        assert reasons.count("Ready") == 1, reasons
+        logs = [fleet.operator.log(), second.log()]
+        created = [sum('"created child"' in line and '"group": "delta"' in line for line in log.splitlines())
+                   for log in logs]
+        assert sorted(created) == [0, 6], created  # one replica did all of it
+    fleet.kubectl("delete", "mg", "delta", "-n", fleet.ns, "--wait=false")
 
 
 def test_operator_is_healthy_and_logged_no_errors(fleet: Fleet) -> None:

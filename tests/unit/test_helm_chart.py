@@ -75,7 +75,8 @@ VARIANTS = {
     "namespaced": ("operator.watchNamespaces={ml,team-b}",),
     "everything": ("ingress.enabled=true", "ingress.className=nginx", "serviceMonitor.enabled=true",
                    "router.apiKeySecret.name=gpufleet-key", "router.namespaces={ml}", "image.registry="),
-    "operator-elsewhere": ("operator.replicas=0", "router.replicas=0", "crds.install=false"),
+    "operator-elsewhere": ("operator.replicas=0", "router.replicas=0", "crds.install=false",
+                           "operator.peering.installCRDs=false"),
 }
 
 
@@ -193,13 +194,14 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     expected |= {("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "watch", "")}
     expected |= {("policy", "poddisruptionbudgets", v, "") for v in ("get", "create", "patch")}
     expected |= {("", "persistentvolumeclaims", v, "") for v in ("get", "create", "patch")}
+    expected |= {("kopf.dev", "kopfpeerings", v, "") for v in ("get", "list", "watch", "patch", "create")}
     assert operator == expected
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-bind-pod-server")) == {
         ("rbac.authorization.k8s.io", "clusterroles", "bind", "rel-gpufleet-pod-server")
     }
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-crds")) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("get", "list", "watch")
-    }
+    } | {("kopf.dev", "clusterkopfpeerings", v, "") for v in ("get", "list", "watch", "patch", "create")}
     # No permission on pods: only its status Lease (the admission policy narrows it to its own).
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-pod-server")) == {
         ("coordination.k8s.io", "leases", v, "") for v in ("create", "patch")
@@ -250,7 +252,14 @@ def test_operator_and_router_settings_wiring() -> None:
     assert router.discovery == "kubernetes" and router.pod_namespaces == ["gpufleet-system"]
     assert router.pod_label_selector == "gpufleet.io/component=pod-server"
     deployment = named(docs, "Deployment", "rel-gpufleet-operator")
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas, kopf peering: one acts, the other stands by; a rollout surges.
+    assert deployment["spec"]["replicas"] == 2 and settings.peering == "rel-gpufleet-operator"
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    crds = {c["metadata"]["name"] for c in of_kind(docs, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    standalone = render("operator.peering.enabled=false", "operator.replicas=1")
+    assert named(standalone, "Deployment", "rel-gpufleet-operator")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "GPUFLEET_OPERATOR_PEERING" not in _env(named(standalone, "Deployment", "rel-gpufleet-operator"))
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "rel-gpufleet-operator"
     svc = named(docs, "Service", "rel-gpufleet-router")
     router = named(docs, "Deployment", "rel-gpufleet-router")
@@ -273,7 +282,8 @@ def test_optional_parts() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    "bad", ["operator.replicas=2", "router.policy=random", "nope=1", "router.namespaces={Bad_NS}",
+    "bad", ["operator.peering.enabled=false,operator.replicas=2", "router.policy=random", "nope=1",
+            "router.namespaces={Bad_NS}",
             "serviceMonitor.interval=soon"],
 )
 def test_values_schema_rejects(bad: str) -> None:

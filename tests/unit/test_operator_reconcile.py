@@ -229,3 +229,15 @@ def test_a_group_whose_every_model_id_is_taken_is_blocked(kube: FakeKube) -> Non
     result = Reconciler(kube, BuildOptions()).reconcile(later, pods=[])
     assert result.blocked is not None and result.blocked.reason == "ModelIdConflict"
     assert kube.get(object_path("apps/v1", "StatefulSet", "ml", "beta")) is None
+
+
+def test_a_group_deleted_meanwhile_is_no_error(kube: FakeKube) -> None:
+    body = current(kube)
+    del kube.objects[group_path("ml", "alpha")]  # deleted between the event and the status write
+
+    def gone(path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        raise ApiException(status=404, reason="Not Found")
+
+    kube.merge_patch = gone  # type: ignore[method-assign]
+    result = Reconciler(kube, BuildOptions()).refresh_status(body, pods=[])
+    assert result.status is not None
