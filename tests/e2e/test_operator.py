@@ -286,9 +286,15 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
         def knows_all() -> bool:
             ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
             # Listed namespace-qualified; requests may use the bare id while one namespace serves it.
-            return {f"{fleet.ns}/{m}" for m in ("tiny-chat", "tiny-chat-b", "tiny-complete-b")} <= ids
+            if not {f"{fleet.ns}/{m}" for m in ("tiny-chat", "tiny-chat-b", "tiny-complete-b")} <= ids:
+                return False
+            # kwok marks pods Ready before their server listens, so the router may have
+            # ejected them for a while (failed polls): wait until it routes to them again.
+            pods = client.get("/api/fleet").json()["pods"]
+            return all(pods.get(n, {}).get("state") == "ready" and not pods[n]["ejected"]
+                       for n in ("alpha-0", "alpha-1", "beta-0"))
 
-        fleet.wait(knows_all, "router lists every model", 60)
+        fleet.wait(knows_all, "router lists every model and routes to every pod", 90)
         for _ in range(3):
             r = client.post("/v1/chat/completions", json={"model": "tiny-chat", "max_tokens": 4,
                                                           "messages": [{"role": "user", "content": "hello"}]})
