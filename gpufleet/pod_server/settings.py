@@ -63,10 +63,14 @@ class PodServerSettings(ServerSettings):
     # Cluster identity, from the downward API.
     pod_name: str | None = None
     pod_namespace: str | None = None
+    pod_uid: str | None = Field(default=None, description="This Pod's uid (owner of its status Lease).")
     node_name: str | None = None
     pod_url: str | None = Field(default=None, description="URL the router should use to reach this pod.")
-    status_annotation: bool = Field(default=False, description="Write the status document to this Pod's annotation.")
-    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Annotation rewrite interval without changes.")
+    status_annotation: bool = Field(
+        default=False,
+        description="Publish the status document in the status annotation of this pod's Lease (named like the pod).",
+    )
+    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Lease rewrite interval without changes.")
 
     _split = field_validator("devices", mode="before")(split_csv)
 
