@@ -1,9 +1,10 @@
 """Continuous batching on the GPU (issue 8): aggregate tokens/s at 1, 16, 64 and 256 concurrent
 sequences for a 0.5B-shaped and a 7B-shaped random-weight Llama in bfloat16, in-process.
 
-The engine is transformers' own ContinuousBatchingManager driven directly (bench/cb_direct.py),
-the one gpufleet's engine is built on, with its KV cache sized explicitly (``num_blocks``) for
-the largest concurrency. Models are made on the device from a config (no files, no
+The engine is the pod server's own ``BatchEngine`` (transformers' ContinuousBatchingManager,
+KV cache sized by ``kv_sizing`` from half the free device memory, per-request sampling), driven
+in-process: the GPU machine has no web stack, and the engine needs none.
+Models are made on the device from a config (no files, no
 downloads); prompts are seeded random token ids; EOS is off so every request generates
 exactly ``max_new_tokens``. Closed loop as in bench/throughput.py, summarised by the same
 code (bench/sweep.py). Each point checks the time left and is skipped when it would not fit.
@@ -11,14 +12,15 @@ code (bench/sweep.py). Each point checks the time left and is skipped when it wo
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench import cb_direct
-from bench.sweep import add_ratios, summarize_point
+from bench.sweep import Record, add_ratios, summarize_point
+from gpufleet.pod_server.engine.batching import BatchEngine
+from gpufleet.pod_server.engine.kv_sizing import kv_bytes_per_token, size_kv_cache
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def run_sweep(
     if not cuda:  # the dry run: on a shared CPU, two spinning intra-op threads cost far more than they give
         torch.set_num_threads(1)
     out: dict[str, Any] = {
-        "engine": "transformers ContinuousBatchingManager, driven directly (bench/cb_direct.py)",
+        "engine": "gpufleet BatchEngine (transformers ContinuousBatchingManager, explicit KV sizing, seeded sampler)",
         "device": device,
         "dtype": dtype_name,
         "prompt_tokens": prompt_tokens,
@@ -125,60 +127,93 @@ def run_sweep(
         prompt = torch.randint(2, shape.vocab, (prompt_tokens,), generator=gen).tolist()
         entry: dict[str, Any] = {"params_b": round(params / 1e9, 3), "weights_gb": round(gb, 2), "points": []}
         out["models"][shape.name] = entry
-        ctx = torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext()
         try:
-            with ctx:
-                t = time.monotonic()
-                mgr = cb_direct.start_manager(
-                    model,
-                    max_new_tokens=max_new_tokens,
-                    max_concurrency=max(concurrency),
-                    prompt_tokens=prompt_tokens,
-                    eos_token_id=-1,  # random weights: never stop early
-                )
-                entry["num_blocks"] = mgr.num_blocks
-                entry["page_size"] = mgr.page_size
-                entry["attention"] = mgr.attn_implementation
-                entry["kv_gb"] = round(
-                    mgr.num_blocks * cb_direct.kv_bytes_per_block(model.config, dtype.itemsize, mgr.page_size) / 1e9, 2
-                )
-                entry["manager_start_s"] = round(time.monotonic() - t, 2)
-                say(f"cb sweep {shape.name}: manager with {mgr.num_blocks} KV blocks ({entry['kv_gb']} GB) started")
-                try:
-                    for c in concurrency:
-                        if left() < point_s:
-                            entry["skipped"] = [*entry.get("skipped", []), f"c={c}: only {left():.0f}s left"]
-                            say(f"cb sweep {shape.name} c={c}: skipped, {left():.0f}s left")
-                            continue
-                        t0 = time.perf_counter()
-                        start, end = t0 + warmup_s, t0 + warmup_s + seconds
-                        records = cb_direct.closed_loop(
-                            mgr,
+            t = time.monotonic()
+            context = prompt_tokens + max_new_tokens
+            if cuda:
+                free, _total = torch.cuda.mem_get_info(torch.device(device))
+                budget = int(0.5 * free)  # the engine's budget, as KV_CACHE_GB would set it
+            else:
+                budget = 2**28
+            sizing = size_kv_cache(
+                model_id=shape.name,
+                bytes_per_token=kv_bytes_per_token(model.config, dtype.itemsize),
+                budget_bytes=budget,
+                max_sequences=max(concurrency),
+                context_length=context,
+                on_gpu=cuda,
+            )
+            engine = BatchEngine(shape.name, model, device, sizing, max_sequences=max(concurrency), eos_ids=[])
+            engine.start()
+            entry["num_blocks"] = sizing.num_blocks
+            entry["page_size"] = sizing.page_size
+            entry["attention"] = str(model.config._attn_implementation)
+            entry["kv_gb"] = round(sizing.bytes / 1e9, 2)
+            entry["engine_start_s"] = round(time.monotonic() - t, 2)
+            say(f"cb sweep {shape.name}: engine with {sizing.num_blocks} KV blocks ({entry['kv_gb']} GB) started")
+            try:
+                for c in concurrency:
+                    if left() < point_s:
+                        entry["skipped"] = [*entry.get("skipped", []), f"c={c}: only {left():.0f}s left"]
+                        say(f"cb sweep {shape.name} c={c}: skipped, {left():.0f}s left")
+                        continue
+                    t0 = time.perf_counter()
+                    start, end = t0 + warmup_s, t0 + warmup_s + seconds
+                    records = asyncio.run(
+                        engine_closed_loop(
+                            engine,
                             prompt,
                             concurrency=c,
                             max_new_tokens=max_new_tokens,
                             stop_at=end,
                             max_requests=100 * c,
-                            eos_token_id=-1,
-                            drain_timeout_s=max(5.0, left() - 30.0),
                         )
-                        p = summarize_point(records, start, end, c)
-                        p["elapsed_s"] = round(time.perf_counter() - t0, 2)
-                        if cuda:
-                            p["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-                        entry["points"].append(p)
-                        say(
-                            f"cb sweep {shape.name} c={c}: {p['tokens_per_s'] or 0:.0f} tokens/s, p50 TTFT "
-                            f"{p['p50_ttft_s']} s, {p['requests_completed_in_window']} requests, {p['errors']} errors"
-                        )
-                finally:
-                    cb_direct.stop_manager(mgr)
+                    )
+                    p = summarize_point(records, start, end, c)
+                    p["elapsed_s"] = round(time.perf_counter() - t0, 2)
+                    if cuda:
+                        p["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+                    entry["points"].append(p)
+                    say(
+                        f"cb sweep {shape.name} c={c}: {p['tokens_per_s'] or 0:.0f} tokens/s, p50 TTFT "
+                        f"{p['p50_ttft_s']} s, {p['requests_completed_in_window']} requests, {p['errors']} errors"
+                    )
+            finally:
+                engine.stop()
         finally:
             add_ratios(entry["points"])
             del model
             if cuda:
                 torch.cuda.empty_cache()
     return out
+
+
+async def engine_closed_loop(
+    engine: Any, prompt: list[int], *, concurrency: int, max_new_tokens: int, stop_at: float, max_requests: int
+) -> list[Record]:
+    """``concurrency`` clients, each sending its next request when the last one ends, until ``stop_at``."""
+    from gpufleet.pod_server.engine.batching import SamplingParams
+
+    records: list[Record] = []
+    budget = [max_requests]
+
+    async def client() -> None:
+        while time.perf_counter() < stop_at and budget[0] > 0:
+            budget[0] -= 1
+            sent = time.perf_counter()
+            first: float | None = None
+            tokens = 0
+            try:
+                async for step in engine.generate(prompt, SamplingParams(max_new_tokens, temperature=1.0)):
+                    if first is None:
+                        first = time.perf_counter()
+                    tokens += len(step.token_ids)
+                records.append(Record(sent, first, time.perf_counter(), tokens))
+            except Exception as exc:
+                records.append(Record(sent, first, time.perf_counter(), 0, ok=False, error=str(exc)[:200]))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records
 
 
 def table_lines(sweep: dict[str, Any]) -> list[str]:

@@ -47,7 +47,8 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
         await service.start()
         background: list[asyncio.Task[Any]] = []
         if not settings.lazy_load_model:
-            background.append(asyncio.create_task(service.preload_default(), name="preload"))
+            service.preload_task = asyncio.create_task(service.preload_default(), name="preload")
+            background.append(service.preload_task)
         if settings.status_annotation:
             background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
         log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
@@ -145,7 +146,8 @@ def _routes(app: FastAPI) -> None:
 
 def _request_id(request: Request) -> str | None:
     # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
-    return request.scope.get("state", {}).get("request_id")
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid is not None else None
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

@@ -40,11 +40,8 @@ def _configure_torch(threads: int | None, devices: int) -> None:
 
     import torch
 
-    # CPU devices share the host's cores; split them rather than oversubscribe, and leave one core to
-    # the event loop and the batching loops' Python: torch's OpenMP threads spin at every op's barrier,
-    # and with one thread per core a busy event loop made batched decoding ~10x slower (2 cores).
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(threads or max(1, (cores - 1) // max(1, devices)))
+    # CPU devices share the host's cores; split them rather than oversubscribe.
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, devices)))
 
 
 def configure_demo_models(p: argparse.ArgumentParser) -> None:

@@ -59,16 +59,18 @@ class PodServerSettings(ServerSettings):
         default_factory=lambda: Path.home() / ".cache" / "gpufleet" / "demo-models",
         description="Where `gpufleet demo-models` builds the tiny models.",
     )
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads; default: (cores - 1) / CPU devices, at least 1."
-    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: cores/devices.")
     # Cluster identity, from the downward API.
     pod_name: str | None = None
     pod_namespace: str | None = None
+    pod_uid: str | None = Field(default=None, description="This Pod's uid (owner of its status Lease).")
     node_name: str | None = None
     pod_url: str | None = Field(default=None, description="URL the router should use to reach this pod.")
-    status_annotation: bool = Field(default=False, description="Write the status document to this Pod's annotation.")
-    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Annotation rewrite interval without changes.")
+    status_annotation: bool = Field(
+        default=False,
+        description="Publish the status document in the status annotation of this pod's Lease (named like the pod).",
+    )
+    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Lease rewrite interval without changes.")
 
     _split = field_validator("devices", mode="before")(split_csv)
 

@@ -147,9 +147,10 @@ async def fan_out(runtime: Runtime, path: str) -> list[fleet_api.PodDoc]:
         pod_state = state.pod_state(rec)
         try:
             doc = await runtime.pool.get_json(rec.url, path, runtime.pod_headers, runtime.settings.poll_timeout_s)
-            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc)
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc, tenant=rec.tenant)
         except POLL_ERRORS as exc:
-            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, None, f"{type(exc).__name__}: {exc}"[:200])
+            error = f"{type(exc).__name__}: {exc}"[:200]
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, None, error, tenant=rec.tenant)
 
     records = sorted((r for r in state.pods.values() if r.url), key=lambda r: r.name)
     return list(await asyncio.gather(*(one(r) for r in records)))
@@ -163,7 +164,7 @@ def _routes(app: FastAPI) -> None:
     async def list_models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": fleet_api.model_cards(await fan_out(rt(request), "/v1/models"))}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # namespace-qualified ids contain a slash
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         for card in fleet_api.model_cards(await fan_out(rt(request), "/v1/models")):
             if card["id"] == model_id:
