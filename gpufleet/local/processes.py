@@ -47,6 +47,9 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with _HTTP.open(url, timeout=timeout_s) as response:
             return int(response.status) == 200
+    except urllib.error.HTTPError as exc:  # an answer, not 200 (e.g. 503 while loading)
+        exc.close()  # it holds the connection: unclosed, it is a ResourceWarning later
+        return False
     except (urllib.error.URLError, OSError, ValueError):
         return False
 

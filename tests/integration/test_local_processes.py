@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.local.processes import Process, ProcessExited, Supervisor, free_port, wait_until
+from gpufleet.local.processes import Process, ProcessExited, Supervisor, free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +30,7 @@ def test_supervisor_restarts_a_child_that_dies_and_stops_them_all(tmp_path: Path
         supervisor.start()
         supervisor.wait_ready(30)
         assert "[2/2] b ready" in " ".join(said) or "[2/2] a ready" in " ".join(said)
+        assert not http_ok(children[0].url + "/not-here")  # an answer other than 200 is not ready
         supervisor.watch(interval_s=0.1)
         first_pid = children[0].pid
         children[0].popen.kill()  # type: ignore[union-attr]
@@ -65,3 +66,7 @@ def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     wait_until(lambda: "up" in child.log_tail(), 10, "child running")
     child.stop(timeout_s=0.5)
     assert child.returncode == -9
+
+
+def test_nothing_listening_is_not_ready() -> None:
+    assert not http_ok(f"http://127.0.0.1:{free_port()}/ready", timeout_s=1.0)
