@@ -386,6 +386,9 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
         "image": spec.image or options.image,
         "imagePullPolicy": spec.image_pull_policy,
         "args": ["serve"],
+        # A start-up failure (no visible GPU, a bad setting) reaches the pod's status, and from
+        # there the ModelGroup's Degraded condition: the last log lines become the message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [{"name": "http", "containerPort": POD_SERVER_PORT, "protocol": "TCP"}],
         "env": pod_server_env(ref, options),
         "resources": _resources(spec),

@@ -85,6 +85,12 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in FAILING_REASONS:
             failing = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+            # Why it last exited, in the pod server's own words (terminationMessagePolicy
+            # FallbackToLogsOnError: its last log lines), e.g. "DEVICES: 'cuda:0' is unavailable".
+            last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+            lines = [line.strip() for line in str(last).splitlines() if line.strip()]
+            if lines:
+                failing += f"; last exit: {lines[-1][:300]}"
     server = None
     raw = (meta.get("annotations") or {}).get(labels.STATUS_ANNOTATION)
     if raw:

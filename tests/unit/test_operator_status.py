@@ -177,3 +177,17 @@ def test_observed_generation_waits_for_the_statefulset_controller() -> None:
     caught_up = compute_status("alpha", 5, SPEC2, sts(generation=2, observed=2), pods, lagging, T1)
     assert caught_up.observed_generation == 5 and all(c.observed_generation == 5 for c in caught_up.conditions)
     assert compute_status("alpha", 1, SPEC2, None, [], None, T0).observed_generation is None
+
+
+def test_a_crashing_pod_server_says_why_in_degraded() -> None:
+    """The pod server told DEVICES=cuda:0 on a node without a usable GPU exits with one line;
+    the kubelet keeps it as the termination message; the group's Degraded condition shows it."""
+    crash = pod("alpha-0", ready=False, status={"containerStatuses": [{
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 2, "message":
+                      "gpufleet: configuration error: DEVICES: 'cuda:0' is unavailable: this machine has no visible"
+                      " CUDA device (is the NVIDIA container runtime set up for this pod?)\n"}}}]})
+    st = compute_status("alpha", 1, SPEC2, sts(), [crash], None, T0)
+    degraded = next(c for c in st.conditions if c.type == "Degraded")
+    assert degraded.reason == "PodFailing" and "last exit: gpufleet: configuration error: DEVICES: 'cuda:0'" in \
+        degraded.message
