@@ -23,7 +23,7 @@ PARTS = ("switch_cost", "routing_quality", "throughput", "replay")
 DESCRIPTIONS = {
     "switch_cost": "time to make a group current from disk and from the CPU cache, per GB, vs copy bandwidth",
     "routing_quality": "simulated routing over the real policy vs round robin, least load, LRU multiplexing",
-    "throughput": "requests/s and tokens/s by workers, devices, and through the router",
+    "throughput": "tokens/s and time to first token at concurrency 1-64: serve, up, batch-1 loop, transformers CB",
     "replay": "a scaled-down trace replayed on gpufleet up per policy, beside the simulator",
 }
 
@@ -124,6 +124,23 @@ def _targets_overview() -> list[str]:
         )
     else:
         out.append("- CPU-cache path on a GPU ≥ 70% of pinned H2D: not measured here (no GPU); run bench/gpu.")
+    if gpu and gpu.get("cb_sweep") and not gpu.get("dry_run"):
+        models = gpu["cb_sweep"].get("models", {})
+        cells = []
+        for name, m in models.items():
+            top = max(m.get("points", []), key=lambda p: p["concurrency"], default=None)
+            if top:
+                cells.append(
+                    f"{name} {top['tokens_per_s'] or 0:,.0f} tokens/s at c={top['concurrency']} "
+                    f"({top.get('vs_c1') or 0:.1f}x c=1)"
+                )
+        shown = "; ".join(cells) or "no point measured"
+        out.append(f"- Continuous batching on the GPU ({gpu.get('device')}): {shown}.")
+    tp = read_result("throughput")
+    if tp and "lines" in tp:
+        from bench.throughput import overview
+
+        out += overview(tp)
     rp = read_result("replay")
     if rp:
         pairs = ", ".join(f"{p} {v['real']['switches']}/{v['sim']['switches']}" for p, v in rp["policies"].items())

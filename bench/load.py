@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from bench.sweep import Record
 from bench.trace import Request
 
 
@@ -119,3 +121,83 @@ async def closed_loop(
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+# --- streaming chat, closed loop: the concurrency sweep of bench/throughput.py -----------------
+
+
+def stream_body(model: str, max_tokens: int) -> dict[str, Any]:
+    return {**chat_body(model, max_tokens), "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def stream_chat(session: Any, url: str, model: str, max_tokens: int) -> Record:
+    """One streaming chat request: client-side time to the first generated text, and the
+    completion tokens from the usage chunk the server sends last (not a count of chunks)."""
+    import aiohttp
+
+    sent = time.perf_counter()
+    first: float | None = None
+    tokens: int | None = None
+    try:
+        async with session.post(url + "/v1/chat/completions", json=stream_body(model, max_tokens)) as r:
+            if r.status != 200:
+                text = await r.text()
+                return Record(sent, None, time.perf_counter(), 0, ok=False, error=f"HTTP {r.status}: {text[:200]}")
+            async for line in r.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                doc = json.loads(data)
+                if "error" in doc:
+                    err = str(doc["error"])[:200]
+                    return Record(sent, first, time.perf_counter(), 0, ok=False, error=f"stream error: {err}")
+                if first is None:
+                    for ch in doc.get("choices") or ():
+                        if (ch.get("delta") or {}).get("content") or ch.get("text") or ch.get("finish_reason"):
+                            first = time.perf_counter()
+                            break
+                usage = doc.get("usage")
+                if usage:
+                    tokens = int(usage.get("completion_tokens", 0))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Record(sent, first, time.perf_counter(), 0, ok=False, error=f"{type(exc).__name__}: {exc}")
+    done = time.perf_counter()
+    if tokens is None:
+        return Record(sent, first, done, 0, ok=False, error="no usage chunk (stream_options.include_usage)")
+    return Record(sent, first, done, tokens)
+
+
+async def closed_loop_stream(
+    url: str,
+    model: str,
+    *,
+    concurrency: int,
+    max_tokens: int,
+    stop_at: float,
+    max_requests: int,
+    drain_timeout_s: float = 60.0,
+) -> list[Record]:
+    """``concurrency`` streaming clients sending back to back until ``stop_at``
+    (time.perf_counter) or ``max_requests`` sent in all; those in flight then finish, for at
+    most ``drain_timeout_s`` more (what is still running then is dropped, not counted)."""
+    import aiohttp
+
+    records: list[Record] = []
+    sent = [0]
+
+    async def client(session: Any) -> None:
+        while time.perf_counter() < stop_at and sent[0] < max_requests:
+            sent[0] += 1
+            records.append(await stream_chat(session, url, model, max_tokens))
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=stop_at - time.perf_counter() + drain_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=stop_at - time.perf_counter() + drain_timeout_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return records

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,78 +17,25 @@ from typing import Any
 import httpx
 
 from bench.common import REPO, progress
+from gpufleet.local.processes import Process, free_port, gpufleet_argv
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Fleet", "free_port", "mean_switch_seconds", "router_available", "switch_counts", "switch_time_totals"]
 
 
 def router_available() -> bool:
     try:
-        import gpufleet.router.settings
-        import gpufleet.router.up  # noqa: F401
+        import gpufleet.local.up
+        import gpufleet.router.settings  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@dataclass
-class Proc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 40.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: gpufleet up stops its children itself
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-
-def spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path, url: str) -> Proc:
-    log_path = log_dir / f"{name}.log"
+def spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path, url: str) -> Process:
+    """``gpufleet <args>`` from this checkout, with the supervisor's process wrapper."""
     full = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env}
     full["PYTHONPATH"] = str(REPO) + (os.pathsep + full["PYTHONPATH"] if full.get("PYTHONPATH") else "")
-    with log_path.open("wb") as log:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.cli", *args],
-            env=full,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Proc(name, p, log_path, url)
-
-
-def wait_ready(p: Proc, timeout_s: float, path: str = "/ready") -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=2.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} exited with {p.proc.returncode}; log:\n{p.log_tail()}")
-            try:
-                if http.get(p.url + path).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-    raise TimeoutError(f"{p.name} not ready after {timeout_s}s; log:\n{p.log_tail()}")
+    return Process(name, gpufleet_argv(*args), full, log_dir / f"{name}.log", url, cwd=REPO).start()
 
 
 @dataclass
@@ -102,7 +44,7 @@ class Fleet:
 
     url: str  # where to send requests: the router, or the only pod
     pod_urls: list[str]
-    procs: list[Proc]
+    procs: list[Process]
     routed: bool  # True when a router picks the device
     log_dir: Path
     _tmp: Any = field(default=None, repr=False)
@@ -132,7 +74,7 @@ class Fleet:
         p = spawn("up", ["up", "--policy", policy, "--port", str(port)], base, log_dir, f"http://127.0.0.1:{port}")
         fleet = cls(p.url, [], [p], True, log_dir, tmp)
         try:
-            wait_ready(p, timeout_s)
+            p.wait_ready(timeout_s)
             fleet.pod_urls = fleet._discover_pods()
         except BaseException:
             fleet.stop()
@@ -160,7 +102,7 @@ class Fleet:
         p = spawn("pod", ["serve"], base, log_dir, f"http://127.0.0.1:{port}")
         fleet = cls(p.url, [p.url], [p], False, log_dir, tmp)
         try:
-            wait_ready(p, timeout_s)
+            p.wait_ready(timeout_s)
         except BaseException:
             fleet.stop()
             raise
@@ -181,7 +123,7 @@ class Fleet:
         total = 0.0
         for p in self.procs:
             try:
-                root = psutil.Process(p.proc.pid)
+                root = psutil.Process(p.pid)
                 for q in [root, *root.children(recursive=True)]:
                     t = q.cpu_times()
                     total += t.user + t.system
@@ -191,7 +133,7 @@ class Fleet:
 
     def stop(self) -> None:
         for p in self.procs:
-            p.stop()
+            p.stop(40.0)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -41,3 +41,12 @@ def setup_logging(component: str, level: str = "INFO") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     for noisy in ("httpx", "httpcore", "transformers", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def lean_logging() -> None:
+    """Our JSON lines never show the caller, thread or process: skip collecting them for every
+    record (the router logs a routing decision per request, so this is on the hot path)."""
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup (a documented speed-up)

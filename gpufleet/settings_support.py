@@ -1,15 +1,29 @@
-"""What every component's settings share: comma-separated lists, and one clear start-up error."""
+"""What every component's settings share: comma-separated lists, one clear start-up error, and the
+fields of every HTTP server (pod server and router)."""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpufleet.api.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+class ServerSettings(BaseSettings):
+    """Where an HTTP server listens, who may call it, how much it accepts, how much it says.
+    Declared once here; PodServerSettings and RouterSettings add their own fields."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
+    log_level: str = "INFO"
 
 
 def split_csv(value: Any) -> Any:

@@ -21,9 +21,24 @@ if [[ "${GPUFLEET_SKIP_CLUSTER_BUILD:-0}" != 1 ]]; then
   export GPUFLEET_K8S_BIN
 fi
 
+step "router alone: a fresh virtualenv with only the router extra has a working router and no torch"
+solo=$(mktemp -d)
+trap 'rm -rf "$solo"' EXIT
+"$PY" -m venv "$solo/venv"
+# pip's cache (and no torch to fetch) keeps this to seconds after the first run on a machine.
+"$solo/venv/bin/python" -m pip install --quiet --progress-bar off --disable-pip-version-check --no-compile '.[router]'
+"$solo/venv/bin/gpufleet" router --help >/dev/null
+if "$solo/venv/bin/python" -c "import torch" 2>/dev/null; then
+  echo "torch is importable after pip install '.[router]'" >&2
+  exit 1
+fi
+rm -rf "$solo"
+
 step "ruff"
 .venv/bin/ruff check gpufleet tests bench
-step "mypy (strict on the contract and the pure modules)"
+step "import contracts (lint-imports; the layers are in pyproject.toml)"
+.venv/bin/lint-imports --no-cache
+step "mypy (strict on the whole package)"
 .venv/bin/mypy
 step "pytest"
 # Warnings are errors (pyproject); -p no:cacheprovider keeps the clone clean.

@@ -8,7 +8,10 @@
    the CPU cache (``DeviceResidency``: park to pinned memory, activate without blocking);
    GB/s against the pinned copy bandwidth (target: cache path >= 70%);
 4. ``/api/gpu_stats`` of a real pod server against NVML read directly, idle and busy;
-5. pod-server throughput by NUM_WORKERS_PER_GPU (1, 2, 4).
+5. pod-server throughput by NUM_WORKERS_PER_GPU (1, 2, 4);
+6. continuous batching (issue 8): tokens/s at 1, 16, 64 and 256 concurrent sequences for a
+   0.5B-shaped and a 7B-shaped random-weight Llama in bfloat16, in-process
+   (bench/gpu/cb_sweep.py); it runs right after the limits, before the switch sections.
 
 Run: ``bash bench/gpu/run.sh --out "$OUT"`` (or ``python -m bench.gpu``). Every section
 checks the time left; a section that would not fit is skipped and says so.
@@ -77,11 +80,16 @@ def check_packages() -> dict[str, str | None]:
 # The target: cuda:0 with bfloat16 models; --dry-run-cpu walks the same code on cpu:0.
 DEVICE, DTYPE, MODELS, SERVED = "cuda:0", "bfloat16", ("llama-400m", "llama-1b"), "llama-400m"
 MAX_TOKENS = 64
+SECTIONS = ("limits", "cb", "switch", "server")
+CB_SHAPES = ("llama-0.5b", "llama-7b")
+CB_CONCURRENCY = (1, 16, 64, 256)
+CB_PROMPT_TOKENS = 64
 
 
 def dry_run_cpu() -> None:
-    global DEVICE, DTYPE, MODELS, SERVED, MAX_TOKENS
+    global DEVICE, DTYPE, MODELS, SERVED, MAX_TOKENS, CB_SHAPES, CB_CONCURRENCY, CB_PROMPT_TOKENS
     DEVICE, DTYPE, MODELS, SERVED, MAX_TOKENS = "cpu:0", "float32", ("llama-25m",), "llama-25m", 4
+    CB_SHAPES, CB_CONCURRENCY, CB_PROMPT_TOKENS = ("tiny-a", "tiny-b"), (1, 4, 16), 16
 
 
 def section_limits(doc: dict[str, Any]) -> None:
@@ -228,6 +236,24 @@ def _compare_stats(url: str, httpx: Any) -> dict[str, Any]:
     }
 
 
+def section_cb(doc: dict[str, Any], seconds: float, warmup_s: float) -> None:
+    from bench.gpu.cb_sweep import DRY_SHAPES, SHAPES, run_sweep
+
+    shapes = [{**SHAPES, **DRY_SHAPES}[n] for n in CB_SHAPES]
+    doc["cb_sweep"] = run_sweep(
+        device=DEVICE,
+        dtype_name="bfloat16" if DEVICE.startswith("cuda") else "float32",
+        shapes=shapes,
+        concurrency=CB_CONCURRENCY,
+        seconds=seconds,
+        warmup_s=warmup_s,
+        prompt_tokens=CB_PROMPT_TOKENS,
+        max_new_tokens=MAX_TOKENS if DEVICE.startswith("cuda") else 16,
+        left=left,
+        say=say,
+    )
+
+
 def table(doc: dict[str, Any]) -> str:
     out = ["GPU benchmark: " + doc.get("device", "?")]
     lim = doc.get("limits", {}).get(DEVICE)
@@ -261,6 +287,10 @@ def table(doc: dict[str, Any]) -> str:
             f"  throughput workers={r['workers']}: {r['requests_per_s']:.2f} req/s, "
             f"{r['tokens_per_s']:.0f} tokens/s ({r['errors']} errors)"
         )
+    if doc.get("cb_sweep"):
+        from bench.gpu.cb_sweep import table_lines
+
+        out += table_lines(doc["cb_sweep"])
     for s in doc.get("skipped", []):
         out.append(f"  skipped: {s}")
     return "\n".join(out)
@@ -274,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report packages and devices, then exit")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per throughput configuration")
     parser.add_argument("--dry-run-cpu", action="store_true", help="walk every section on cpu:0 with a small model")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)"
+    )
+    parser.add_argument("--cb-seconds", type=float, default=6.0, help="measured seconds per continuous-batching point")
+    parser.add_argument("--cb-warmup", type=float, default=3.0, help="warm-up seconds per continuous-batching point")
     args = parser.parse_args(argv)
+    sections = {s for s in args.sections.split(",") if s}
+    if sections - set(SECTIONS):
+        parser.error(f"unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))}; choose from {SECTIONS}")
     if args.dry_run_cpu:
         dry_run_cpu()
         if args.out is None:  # never let a dry run pass for GPU figures in bench/results
@@ -327,11 +365,17 @@ def main(argv: list[str] | None = None) -> int:
             return False
 
     models: dict[str, Path] = {}
-    attempt("limits", 30, section_limits, doc)
-    attempt("build models", 120, lambda: models.update(build_models()))
-    if models and "limits" in doc:
+    if sections & {"limits", "switch"}:  # the switch section compares with the copy bandwidth
+        attempt("limits", 30, section_limits, doc)
+    if "cb" in sections:
+        attempt("continuous batching sweep", 90, section_cb, doc, args.cb_seconds, args.cb_warmup)
+    if sections & {"switch", "server"}:
+        attempt("build models", 120, lambda: models.update(build_models()))
+    if models and "limits" in doc and "switch" in sections:
         attempt("switch times", 150, section_switch, doc, models)
-    if models and all(pkgs.get(PACKAGES[m]) for m in SERVER_NEEDS):
+    if "server" not in sections:
+        pass  # not asked for
+    elif models and all(pkgs.get(PACKAGES[m]) for m in SERVER_NEEDS):
         attempt("gpu_stats and throughput", 100, section_stats_and_throughput, doc, models, args.seconds)
     elif models:
         doc["skipped"].append("gpu_stats and throughput: pod server packages missing")

@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil  # type: ignore[import-untyped]
 
-from bench.router_overhead.echo_backend import loop_factory
 from bench.router_overhead.loadgen import Sample, run_load
+from gpufleet.local.processes import free_port, http_ok, wait_until
+from tests.support.echo_backend import loop_factory
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "router_overhead.json"
 TARGETS = {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "max_chunk_delay_ms": 5.0, "router_rps_c16": 1500.0}
@@ -39,12 +38,6 @@ CHAT_STREAM = json.dumps(
 ).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pinned(cmd: list[str], core: int | None) -> list[str]:
     if core is None or shutil.which("taskset") is None:
         return cmd
@@ -52,15 +45,7 @@ def pinned(cmd: list[str], core: int | None) -> list[str]:
 
 
 def wait_ready(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+    wait_until(lambda: http_ok(url, timeout_s=1.0), timeout_s, url, interval_s=0.1)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -162,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "bench.router_overhead.echo_backend",
+                        "tests.support.echo_backend",
                         "--port",
                         str(echo_port),
                         "--chunks",

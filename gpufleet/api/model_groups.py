@@ -3,11 +3,17 @@
 A *group* is the unit of residency: all of its models are loaded onto one device
 together, and a device holds exactly one current group at a time. Model ids are
 unique across the whole file, so a request's ``model`` names its group.
+
+A model's ``source`` is resolved each time the file is read: a relative path against the
+file's folder, and ``package:<module>/<path>`` inside that Python package as installed in the
+running environment (so a file written by one virtualenv works in any other that has it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -18,6 +24,8 @@ from gpufleet.api.errors import ConfigError
 
 Task = Literal["chat", "completion", "embedding"]
 DType = Literal["float32", "float16", "bfloat16", "auto"]
+
+PACKAGE_PREFIX = "package:"
 
 # Ids become URL path segments, metric labels and Kubernetes label values.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -31,7 +39,10 @@ class ModelSpec(BaseModel):
     id: str = Field(pattern=NAME_PATTERN, description="Name clients use in the `model` field.")
     source: str = Field(
         min_length=1,
-        description="A local directory with config.json and safetensors weights, or a Hugging Face id.",
+        description=(
+            "A local directory with config.json and safetensors weights (relative: to this file's folder), "
+            "package:<module>/<path> (a folder inside an installed Python package), or a Hugging Face id."
+        ),
     )
     task: Task = "chat"
     dtype: DType = "auto"
@@ -126,20 +137,42 @@ def load_model_groups(path: Path) -> ModelGroupsFile:
     return _resolve_sources(parsed, path.parent)
 
 
+def package_path(source: str) -> Path | None:
+    """The folder a ``package:<module>/<path>`` source names in this environment; None if the
+    package is not installed. Importing the package is not needed (nor done)."""
+    module, _, inner = source.removeprefix(PACKAGE_PREFIX).partition("/")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
 def _resolve_sources(doc: ModelGroupsFile, base: Path) -> ModelGroupsFile:
     groups: dict[str, GroupSpec] = {}
     for group_id, group in doc.groups.items():
         models = []
         for m in group.models:
-            local = Path(m.source)
-            if m.source.startswith((".", "/", "~")) and not local.is_absolute():
-                local = (base / local).resolve() if not m.source.startswith("~") else local.expanduser()
-                m = m.model_copy(update={"source": str(local)})
-            models.append(m)
+            source = _resolve(m, base)
+            models.append(m if source == m.source else m.model_copy(update={"source": source}))
         groups[group_id] = GroupSpec(models=tuple(models))
     return ModelGroupsFile(groups=groups, default_group=doc.default_group)
 
 
-def json_schema() -> dict[str, object]:
-    """JSON Schema of model_groups.json, for editors and docs."""
-    return ModelGroupsFile.model_json_schema()
+def _resolve(m: ModelSpec, base: Path) -> str:
+    if m.source.startswith(PACKAGE_PREFIX):
+        found = package_path(m.source)
+        if found is None:
+            package = m.source.removeprefix(PACKAGE_PREFIX).partition("/")[0]
+            raise ConfigError(
+                f"MODEL_GROUPS: model {m.id!r} comes from the Python package {package!r}, "
+                "which is not installed in this environment"
+            )
+        return str(found)
+    if m.source.startswith("~"):
+        return os.path.expanduser(m.source)
+    if m.source.startswith("."):
+        return str((base / m.source).resolve())
+    return m.source

@@ -20,6 +20,10 @@ DEFAULT_IMAGE = "ghcr.io/gpufleet/pod-server:0.1.0"
 # A StatefulSet's pods carry a controller-revision-hash label "<name>-<10 chars>" that must
 # fit the 63-character label limit, so ModelGroup names (= StatefulSet names) stop at 52.
 MAX_NAME_LENGTH = 52
+MODEL_CACHE_DIR = "/var/cache/gpufleet/models"
+# CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, ...: the device plugin sets these for the GPUs
+# the pod was given; a ModelGroup overriding them would make the pod use GPUs it does not hold.
+VISIBLE_DEVICES_SUFFIX = "_VISIBLE_DEVICES"
 
 
 class _Camel(BaseModel):
@@ -54,7 +58,145 @@ class ResourceRequirements(_Camel):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
 
-class ModelGroupSpec(_Camel):
+class _Open(_Camel):
+    """A Kubernetes type whose common fields are typed here and the rest kept as given
+    (checked by the API server when the operator applies the pod template)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+class LocalObjectReference(_Camel):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+
+
+class EnvVar(_Camel):
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME)
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(default=None, description="A core/v1 EnvVarSource.")
+
+
+class ObjectKeyRef(_Camel):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    optional: bool | None = None
+
+
+class EnvFromSource(_Camel):
+    prefix: str | None = Field(default=None, max_length=256)
+    config_map_ref: ObjectKeyRef | None = None
+    secret_ref: ObjectKeyRef | None = None
+
+
+class Volume(_Open):
+    """A core/v1 Volume: a name and one volume source (persistentVolumeClaim, secret, csi, ...)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+
+
+class VolumeMount(_Camel):
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    mount_path: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+    read_only: bool | None = None
+    sub_path: str | None = None
+    mount_propagation: Literal["None", "HostToContainer", "Bidirectional"] | None = None
+
+
+class TopologySpreadConstraint(_Open):
+    max_skew: int = Field(ge=1)
+    topology_key: str = Field(min_length=1, max_length=316)
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"]
+    label_selector: dict[str, Any] | None = Field(
+        default=None, description="Default: this ModelGroup's pods (the operator fills it in)."
+    )
+
+
+class PodMetadata(_Camel):
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the pods (ours win).")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the pods.")
+
+
+class ServiceAccountSettings(_Camel):
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations of the group's ServiceAccount (e.g. cloud workload identity)."
+    )
+
+
+class ModelCache(_Camel):
+    """A PersistentVolumeClaim for weights that survives pod replacement."""
+
+    size: Quantity = Field(description="Requested storage, e.g. 200Gi.")
+    storage_class_name: str | None = Field(default=None, max_length=253, description="Default: the cluster's.")
+    shared: bool = Field(
+        default=False,
+        description="One claim for all the group's pods (needs a ReadWriteMany class); else one claim per pod.",
+    )
+    access_modes: list[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=list, description="Default: ReadWriteMany if shared, else ReadWriteOnce."
+    )
+
+
+class Scratch(_Camel):
+    """The pod's writable emptyDir (downloads, HOME): limited, and requested from the node."""
+
+    size_limit: Quantity = Field(default="20Gi", description="The emptyDir's sizeLimit and ephemeral-storage request.")
+
+
+class DisruptionSettings(_Camel):
+    max_unavailable: Quantity = Field(
+        default=1, description="PodDisruptionBudget: pods that voluntary disruptions (drains) may take at once."
+    )
+
+
+class RolloutSettings(_Camel):
+    max_unavailable: Quantity = Field(
+        default=1, description="StatefulSet rolling update: pods replaced at once (a number or a percentage)."
+    )
+
+
+class PodTemplateFields(_Camel):
+    """The pod-template fields of a ModelGroup, under their Kubernetes names; the chart's
+    podServer.defaults sets any of them for every ModelGroup, which a ModelGroup overrides."""
+
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+    runtime_class_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="E.g. nvidia, on clusters that need it."
+    )
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    pod_metadata: PodMetadata = Field(default_factory=PodMetadata)
+    service_account: ServiceAccountSettings = Field(default_factory=ServiceAccountSettings)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = None
+    tolerations: list[Toleration] = Field(default_factory=list)
+    topology_spread_constraints: list[TopologySpreadConstraint] = Field(default_factory=list, max_length=16)
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description=f"Resources of the pod server (cpu, memory, any extended resource); {GPU_RESOURCE} comes from"
+        " gpusPerPod.",
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra container env entries.")
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=64)
+    volumes: list[Volume] = Field(default_factory=list, max_length=64, description="Extra pod volumes.")
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, max_length=64, description="Extra mounts in the pod server."
+    )
+    load_timeout_seconds: int | None = Field(
+        default=None, ge=10, le=86_400, description="A group load taking longer fails. Default: 300."
+    )
+    scratch: Scratch | None = None
+    model_cache: ModelCache | None = Field(
+        default=None, description=f"Weights cache, mounted at {MODEL_CACHE_DIR}; `source` may name paths in it."
+    )
+
+
+# The top-level spec fields that chart-level defaults may set.
+DEFAULTABLE_FIELDS = tuple(PodTemplateFields.model_fields)
+
+
+class ModelGroupSpec(PodTemplateFields):
     models: list[ModelSource] = Field(min_length=1, max_length=32, description="The group's models; ids are unique.")
     replicas: int = Field(default=1, ge=0, le=256, description="GPU pods that keep this group resident.")
     gpus_per_pod: int = Field(
@@ -66,20 +208,15 @@ class ModelGroupSpec(_Camel):
     lazy_load: bool = False
     exclusive: bool = Field(
         default=False,
-        description="These GPUs serve no other group: no other group's pod server is scheduled on the same nodes.",
+        description="These GPUs serve no other group: no other group's pod server, in any namespace, is scheduled"
+        " on the same nodes.",
     )
     image: str | None = Field(
         default=None, min_length=1, max_length=512, description="Pod server image; default: the operator's."
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    affinity: dict[str, Any] | None = None
-    tolerations: list[Toleration] = Field(default_factory=list)
-    resources: ResourceRequirements = Field(
-        default_factory=ResourceRequirements,
-        description=f"CPU/memory of the pod server; {GPU_RESOURCE} comes from gpusPerPod.",
-    )
-    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env entries.")
+    disruption: DisruptionSettings = Field(default_factory=DisruptionSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @model_validator(mode="after")
     def _check(self) -> ModelGroupSpec:
@@ -89,6 +226,9 @@ class ModelGroupSpec(_Camel):
             raise ValueError(f"duplicate model ids: {', '.join(dupes)}")
         if GPU_RESOURCE in self.resources.limits or GPU_RESOURCE in self.resources.requests:
             raise ValueError(f"set GPUs with gpusPerPod, not resources ({GPU_RESOURCE})")
+        visible = sorted(e.name for e in self.env if e.name.endswith(VISIBLE_DEVICES_SUFFIX))
+        if visible:
+            raise ValueError(f"env: {', '.join(visible)} is set from gpusPerPod by the GPU runtime, not here")
         return self
 
 

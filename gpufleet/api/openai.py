@@ -124,13 +124,3 @@ class EmbeddingRequest(_Body):
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
-
-
-class RoutingFields(BaseModel):
-    """What the router reads from any body: the model and an optional exclusive target."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1)
-    exclusive_gpu: str | None = Field(default=None, min_length=1)
-    stream: bool = False

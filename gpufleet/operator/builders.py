@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.api import labels
 from gpufleet.api.model_groups import ModelGroupsFile
-from gpufleet.api.modelgroup import DEFAULT_IMAGE, ModelGroupSpec
+from gpufleet.api.modelgroup import DEFAULT_IMAGE, MODEL_CACHE_DIR, ModelGroupSpec
 
 Manifest = dict[str, Any]
 
@@ -37,6 +38,11 @@ MODEL_GROUPS_DIR = "/etc/gpufleet"
 MODEL_GROUPS_FILE = "model_groups.json"
 CACHE_DIR = "/var/cache/gpufleet"  # writable emptyDir: Hugging Face downloads, HOME
 RUN_AS_USER = 10001  # the images' non-root user (deploy/docker)
+MODEL_CACHE_VOLUME = "model-cache"
+DEFAULT_LOAD_TIMEOUT_S = 300
+STARTUP_PROBE_PERIOD_S = 5
+# Pods of a group carry its ModelGroup's uid: unique across namespaces, unlike the name.
+LABEL_GROUP_UID = f"{labels.DOMAIN}/model-group-uid"
 API_VERSION = f"{labels.API_GROUP}/{labels.API_VERSION}"
 
 
@@ -48,6 +54,10 @@ class BuildOptions:
     pod_server_cluster_role: str = "gpufleet-pod-server"  # bound to each group's ServiceAccount
     instance: str | None = None  # app.kubernetes.io/instance of the installation (the Helm release)
     log_level: str = "INFO"
+    # Chart-level defaults of the pod-template fields (camelCase, as in a spec); a field a
+    # ModelGroup sets replaces the default as a whole.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    run_as_user: int | None = RUN_AS_USER  # None: the platform assigns the UID (OpenShift)
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class ChildNames:
     configmap: str
     service_account: str
     role_binding: str
+    disruption_budget: str
+    model_cache: str  # the shared claim (a per-pod claim is "<model_cache>-<pod>")
 
 
 def child_names(group: str) -> ChildNames:
@@ -77,6 +89,8 @@ def child_names(group: str) -> ChildNames:
         configmap=f"{group}-model-groups",
         service_account=f"{group}-pod-server",
         role_binding=f"{group}-pod-server",
+        disruption_budget=group,
+        model_cache=f"{group}-model-cache",
     )
 
 
@@ -175,18 +189,65 @@ def build_service(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
 
 
 def build_service_account(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    metadata = _metadata(ref, child_names(ref.name).service_account, options)
+    if ref.spec.service_account.annotations:  # e.g. cloud workload identity
+        metadata["annotations"] = dict(ref.spec.service_account.annotations)
+    return _finish({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata})
+
+
+def build_disruption_budget(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
+    """Drains and other evictions take at most maxUnavailable of the group's pods at once,
+    and never the last ready one of a one-replica group (maxUnavailable 1 allows evicting
+    it only while it is the one unavailable: with a single ready pod, 0 may go)."""
+    spec = ref.spec
+    budget: Manifest = {"selector": {"matchLabels": selector_labels(ref.name)}}
+    if spec.replicas <= 1:
+        budget["minAvailable"] = spec.replicas  # one replica: an eviction would be an outage
+    else:
+        budget["maxUnavailable"] = spec.disruption.max_unavailable
+    # Pods that are not ready yet (loading, failing) may always be evicted: a broken group
+    # must not block a node drain.
+    budget["unhealthyPodEvictionPolicy"] = "AlwaysAllow"
+    return _finish(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _metadata(ref, child_names(ref.name).disruption_budget, options),
+            "spec": budget,
+        }
+    )
+
+
+def _cache_claim_spec(ref: ModelGroupRef) -> Manifest:
+    cache = ref.spec.model_cache
+    assert cache is not None
+    modes = list(cache.access_modes) or (["ReadWriteMany"] if cache.shared else ["ReadWriteOnce"])
+    claim: Manifest = {"accessModes": modes, "resources": {"requests": {"storage": str(cache.size)}}}
+    if cache.storage_class_name:
+        claim["storageClassName"] = cache.storage_class_name
+    return claim
+
+
+def build_model_cache_claim(ref: ModelGroupRef, options: BuildOptions) -> Manifest | None:
+    """The shared model cache: one claim for all the group's pods, owned by the ModelGroup
+    (so it outlives every pod, and goes with the group)."""
+    cache = ref.spec.model_cache
+    if cache is None or not cache.shared:
+        return None
     return _finish(
         {
             "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _metadata(ref, child_names(ref.name).service_account, options),
+            "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(ref, child_names(ref.name).model_cache, options),
+            "spec": _cache_claim_spec(ref),
         }
     )
 
 
 def build_role_binding(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
-    """Lets the pod servers write their status annotation: binds the chart's ClusterRole
-    (pods get/patch) in this namespace only. The operator needs just `bind` on that one
+    """Lets the pod servers publish their status Leases: binds the chart's ClusterRole
+    (leases create/patch; an admission policy narrows it to the pod's own Lease) in this
+    namespace only. The operator needs just `bind` on that one
     ClusterRole to create this, not the pod permissions themselves."""
     names = child_names(ref.name)
     return _finish(
@@ -210,16 +271,19 @@ def _field_env(name: str, path: str) -> Manifest:
 
 def pod_server_env(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
     """The pod server's settings (gpufleet/pod_server/settings.py) from the spec and the
-    downward API. Devices are left to the default (every visible GPU): the NVIDIA device
-    plugin makes exactly the allocated GPUs visible."""
+    downward API. DEVICES names the pod's GPUs explicitly: the NVIDIA device plugin makes
+    exactly the allocated GPUs visible, as cuda:0..N-1, and a pod server that cannot see
+    them fails its start-up instead of quietly serving on the CPU."""
     spec = ref.spec
     env: list[Manifest] = [
         _field_env("POD_NAME", "metadata.name"),
         _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_UID", "metadata.uid"),
         _field_env("NODE_NAME", "spec.nodeName"),
         _field_env("POD_IP", "status.podIP"),
         {"name": "POD_URL", "value": f"http://$(POD_IP):{POD_SERVER_PORT}"},
-        {"name": "STATUS_ANNOTATION", "value": "true"},
+        {"name": "STATUS_ANNOTATION", "value": "true"},  # publish the status document to the pod's Lease
+        {"name": "DEVICES", "value": ",".join(f"cuda:{i}" for i in range(spec.gpus_per_pod))},
         {"name": "HOST", "value": "0.0.0.0"},
         {"name": "PORT", "value": str(POD_SERVER_PORT)},
         {"name": "MODEL_GROUPS", "value": f"{MODEL_GROUPS_DIR}/{MODEL_GROUPS_FILE}"},
@@ -229,36 +293,50 @@ def pod_server_env(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
         {"name": "LAZY_LOAD_MODEL", "value": "true" if spec.lazy_load else "false"},
         {"name": "LOG_LEVEL", "value": options.log_level},
         {"name": "HOME", "value": CACHE_DIR},
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR if spec.model_cache else CACHE_DIR}/huggingface"},
+        {"name": "MODEL_LOAD_TIMEOUT_S", "value": str(load_timeout_s(spec))},
     ]
     ours = {e["name"] for e in env}
     # The user's entries come last so they may use $(VAR) of ours; they cannot replace ours.
-    env.extend(e for e in spec.env if e.get("name") not in ours)
+    env.extend(e.model_dump(by_alias=True, exclude_none=True) for e in spec.env if e.name not in ours)
     return env
+
+
+def load_timeout_s(spec: ModelGroupSpec) -> int:
+    return spec.load_timeout_seconds or DEFAULT_LOAD_TIMEOUT_S
 
 
 def _resources(spec: ModelGroupSpec) -> Manifest:
     gpus = str(spec.gpus_per_pod)
     requests = {k: str(v) for k, v in spec.resources.requests.items()}
     limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    # The node must have room for the scratch emptyDir (else the kubelet evicts the pod).
+    requests.setdefault("ephemeral-storage", str(_scratch_limit(spec)))
     # Extended resources cannot be overcommitted: requests, if given, must equal limits.
     limits[labels.GPU_RESOURCE] = gpus
     requests[labels.GPU_RESOURCE] = gpus
     return {"requests": requests, "limits": limits}
 
 
+def _scratch_limit(spec: ModelGroupSpec) -> str | int:
+    return spec.scratch.size_limit if spec.scratch else "20Gi"
+
+
 def _affinity(ref: ModelGroupRef) -> Manifest | None:
     affinity: Manifest = json.loads(json.dumps(ref.spec.affinity)) if ref.spec.affinity else {}
     if ref.spec.exclusive:
-        # No other group's pod server on our nodes. Required anti-affinity is symmetric in
-        # the scheduler, so other groups' pods also stay off the nodes our pods run on.
+        # No other group's pod server on our nodes, from any namespace (namespaceSelector {};
+        # the group's uid, not its name, tells ours from a same-named group elsewhere).
+        # Required anti-affinity is symmetric in the scheduler, so other groups' pods also
+        # stay off the nodes our pods run on.
         term = {
             "labelSelector": {
                 "matchExpressions": [
                     {"key": labels.LABEL_COMPONENT, "operator": "In", "values": [labels.COMPONENT_POD_SERVER]},
-                    {"key": labels.LABEL_MODEL_GROUP, "operator": "NotIn", "values": [ref.name]},
+                    {"key": LABEL_GROUP_UID, "operator": "NotIn", "values": [ref.uid]},
                 ]
             },
+            "namespaceSelector": {},
             "topologyKey": "kubernetes.io/hostname",
         }
         anti = affinity.setdefault("podAntiAffinity", {})
@@ -275,27 +353,50 @@ def _http_probe(path: str, period: int, failures: int) -> Manifest:
     }
 
 
+def _startup_failures(spec: ModelGroupSpec) -> int:
+    """The startup probe allows the whole load time-out (plus a minute to start) before
+    the kubelet restarts a pod server that does not answer yet."""
+    return max(12, -(-(load_timeout_s(spec) + 60) // STARTUP_PROBE_PERIOD_S))
+
+
 def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: str) -> Manifest:
     spec = ref.spec
     names = child_names(ref.name)
+    mounts: list[Manifest] = [
+        {"name": "model-groups", "mountPath": MODEL_GROUPS_DIR, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[Manifest] = [
+        {"name": "model-groups", "configMap": {"name": names.configmap}},
+        {"name": "cache", "emptyDir": {"sizeLimit": str(_scratch_limit(spec))}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+    ]
+    if spec.model_cache is not None:
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
+        if spec.model_cache.shared:
+            volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": names.model_cache}})
+        # else: the StatefulSet's volumeClaimTemplates give each pod its own claim
+    mounts.extend(m.model_dump(by_alias=True, exclude_none=True) for m in spec.volume_mounts)
+    volumes.extend(v.model_dump(by_alias=True, exclude_none=True) for v in spec.volumes)
     container: Manifest = {
         "name": "pod-server",
         "image": spec.image or options.image,
         "imagePullPolicy": spec.image_pull_policy,
         "args": ["serve"],
+        # A start-up failure (no visible GPU, a bad setting) reaches the pod's status, and from
+        # there the ModelGroup's Degraded condition: the last log lines become the message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [{"name": "http", "containerPort": POD_SERVER_PORT, "protocol": "TCP"}],
         "env": pod_server_env(ref, options),
         "resources": _resources(spec),
         # Loading a group can take minutes: liveness waits until the server answers at all.
-        "startupProbe": _http_probe("/health", 5, 120),
+        "startupProbe": _http_probe("/health", STARTUP_PROBE_PERIOD_S, _startup_failures(spec)),
         "livenessProbe": _http_probe("/health", 10, 3),
         "readinessProbe": _http_probe("/ready", 5, 2),
-        "volumeMounts": [
-            {"name": "model-groups", "mountPath": MODEL_GROUPS_DIR, "readOnly": True},
-            {"name": "cache", "mountPath": CACHE_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -304,23 +405,36 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
     }
     pod_spec: Manifest = {
         "serviceAccountName": names.service_account,
-        "automountServiceAccountToken": True,  # the status annotation needs the API
+        "automountServiceAccountToken": True,  # the status Lease needs the API
         "terminationGracePeriodSeconds": 45,  # the pod server drains for up to 30 s
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
+            **(
+                {"runAsUser": options.run_as_user, "runAsGroup": options.run_as_user, "fsGroup": options.run_as_user}
+                if options.run_as_user is not None
+                else {}
+            ),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "model-groups", "configMap": {"name": names.configmap}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
-        ],
+        "volumes": volumes,
     }
+    if spec.env_from:
+        container["envFrom"] = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env_from]
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if spec.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.runtime_class_name
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = [
+            {
+                "labelSelector": {"matchLabels": selector_labels(ref.name)},
+                **c.model_dump(by_alias=True, exclude_none=True),
+            }
+            for c in spec.topology_spread_constraints
+        ]
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -328,43 +442,62 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
     affinity = _affinity(ref)
     if affinity:
         pod_spec["affinity"] = affinity
+    # The user's labels and annotations first: ours win (selectors, routing trust depend on them).
+    pod_labels = {**spec.pod_metadata.labels, **common_labels(ref.name, options), LABEL_GROUP_UID: ref.uid}
+    annotations = {**spec.pod_metadata.annotations, labels.CONFIG_HASH_ANNOTATION: config_hash}
     return {
-        "metadata": {
-            "labels": common_labels(ref.name, options),
-            # A new model_groups.json rolls the pods: the server reads it once at start.
-            "annotations": {labels.CONFIG_HASH_ANNOTATION: config_hash},
-        },
+        # A new model_groups.json rolls the pods (config hash): the server reads it once at start.
+        "metadata": {"labels": pod_labels, "annotations": annotations},
         "spec": pod_spec,
     }
 
 
 def build_statefulset(ref: ModelGroupRef, options: BuildOptions) -> Manifest:
     names = child_names(ref.name)
-    config_hash = content_hash(model_groups_document(ref.name, ref.spec))
+    spec = ref.spec
+    config_hash = content_hash(model_groups_document(ref.name, spec))
+    update: Manifest = {"type": "RollingUpdate"}
+    if str(spec.rollout.max_unavailable) != "1":
+        # Only when asked: the field needs the MaxUnavailableStatefulSet feature; 1 is the default.
+        update["rollingUpdate"] = {"maxUnavailable": spec.rollout.max_unavailable}
+    sts_spec: Manifest = {
+        "replicas": spec.replicas,
+        "serviceName": names.service,
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": update,
+        "revisionHistoryLimit": 5,
+        "selector": {"matchLabels": selector_labels(ref.name)},
+        "template": build_pod_template(ref, options, config_hash),
+    }
+    if spec.model_cache is not None and not spec.model_cache.shared:
+        # One claim per pod ("model-cache-<pod>"): it survives pod replacement, so a new pod
+        # finds the weights its predecessor fetched; removed with the StatefulSet.
+        sts_spec["volumeClaimTemplates"] = [
+            {
+                "metadata": {"name": MODEL_CACHE_VOLUME, "labels": selector_labels(ref.name)},
+                "spec": _cache_claim_spec(ref),
+            }
+        ]
+        sts_spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
     return _finish(
         {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
             "metadata": _metadata(ref, names.statefulset, options),
-            "spec": {
-                "replicas": ref.spec.replicas,
-                "serviceName": names.service,
-                "podManagementPolicy": "Parallel",
-                "updateStrategy": {"type": "RollingUpdate"},
-                "revisionHistoryLimit": 5,
-                "selector": {"matchLabels": selector_labels(ref.name)},
-                "template": build_pod_template(ref, options, config_hash),
-            },
+            "spec": sts_spec,
         }
     )
 
 
 def build_children(ref: ModelGroupRef, options: BuildOptions) -> list[Manifest]:
     """Everything one ModelGroup owns, in the order to apply it (pods' dependencies first)."""
+    claim = build_model_cache_claim(ref, options)
     return [
         build_service_account(ref, options),
         build_role_binding(ref, options),
         build_configmap(ref, options),
         build_service(ref, options),
+        *([claim] if claim is not None else []),
+        build_disruption_budget(ref, options),
         build_statefulset(ref, options),
     ]

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
+import socket
 import sys
 from pathlib import Path
 
 
 def configure_operator(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", "-n", action="append", dest="namespaces", default=None,
-                   help="watch only this namespace (repeatable; default: GPUFLEET_OPERATOR_NAMESPACES, else all)")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        dest="namespaces",
+        default=None,
+        help="watch only this namespace (repeatable; default: GPUFLEET_OPERATOR_NAMESPACES, else all)",
+    )
     p.add_argument("--resync-seconds", type=float, default=None, help="re-check interval per ModelGroup")
     p.add_argument("--health-port", type=int, default=None, help="port of GET /healthz (0: none)")
     p.add_argument("--pod-server-image", default=None, help="default pod server image")
@@ -22,6 +31,7 @@ def run_operator(args: argparse.Namespace) -> int:
     from gpufleet.logs import setup_logging
     from gpufleet.operator.handlers import kopf_settings, register
     from gpufleet.operator.kube import Kube, load_api_client
+    from gpufleet.operator.peering import ensure_peering_objects
     from gpufleet.operator.reconcile import Reconciler
     from gpufleet.operator.settings import load_settings
 
@@ -40,11 +50,17 @@ def run_operator(args: argparse.Namespace) -> int:
     reconciler = Reconciler(Kube(load_api_client(), settings.field_manager), settings.build_options())
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, settings)
+    identity = f"{socket.gethostname()}@{os.getpid()}-{secrets.token_hex(3)}"
+    if settings.peering:
+        ensure_peering_objects(reconciler.kube, settings.peering, settings.namespaces)
     liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     kopf.run(
         registry=registry,
         settings=kopf_settings(settings),
-        standalone=True,  # one replica (the chart's Deployment uses Recreate): no peering objects
+        # Peering (several replicas, one acting) when configured; else standalone: no peering objects.
+        standalone=not settings.peering,
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
+        memo=kopf.Memo(peering_identity=identity),
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=liveness,
@@ -75,7 +91,11 @@ def run_crd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [
-    ("operator", "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API", configure_operator,
-     run_operator),
+    (
+        "operator",
+        "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API",
+        configure_operator,
+        run_operator,
+    ),
     ("crd", "print the ModelGroup CustomResourceDefinition (crds/modelgroup.yaml)", configure_crd, run_crd),
 ]

@@ -6,7 +6,8 @@ Triggers, all leading to the same level-triggered reconcile:
   hand-edited ConfigMap, a deleted Service) is put back even without an event;
 - events of the StatefulSets we own: reconcile the owner at once (a deleted or edited
   StatefulSet comes back in seconds; its status changes update the group's);
-- events of pod-server pods: refresh the owner's status (readiness, status annotations).
+- events of pod-server pods and of their status Leases: refresh the owner's status
+  (readiness, each pod server's own status document).
 Deleted pods are recreated by the StatefulSet controller; deleting a ModelGroup removes
 its children through owner references (no finalizer, so it works with the operator down).
 
@@ -17,8 +18,10 @@ with a delay; kopf.PermanentError means the spec is wrong, raised after the stat
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
-from collections.abc import Callable, Iterable
+import random
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -27,14 +30,32 @@ from kubernetes.client.exceptions import ApiException
 
 from gpufleet.api import labels as keys
 from gpufleet.operator.kube import Kube
+from gpufleet.operator.peering import is_active, peering_paths
 from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result, group_path
 from gpufleet.operator.settings import OperatorSettings
+from gpufleet.operator.status import with_leases
 
 log = logging.getLogger(__name__)
 
 MODELGROUPS = (keys.API_GROUP, keys.API_VERSION, keys.PLURAL)
 POD_SERVER_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER, keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
 OWNED_LABELS = {keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
+LEASE_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER}
+LEASES = ("coordination.k8s.io", "v1", "leases")
+
+
+def _selector(match: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(match.items()))
+
+
+def server_side_selectors() -> list[tuple[tuple[str, str] | tuple[str, str, str], str]]:
+    """Label selectors the API server applies to our watches (kopf's handler `labels=`
+    filters are client-side: without these we would receive every pod in the cluster)."""
+    return [
+        (("v1", "pods"), _selector(POD_SERVER_LABELS)),
+        (("apps", "v1", "statefulsets"), _selector(OWNED_LABELS)),
+        (LEASES, _selector(LEASE_LABELS)),
+    ]
 
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
@@ -48,6 +69,16 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     # Events are for users: ours, plus kopf's warnings (e.g. a handler failing), not its chatter.
     s.posting.level = logging.WARNING
     s.execution.max_workers = 8
+    for key, selector in server_side_selectors():
+        s.watching.label_selectors[key] = selector
+    if settings.peering:
+        # Several replicas: only the one with the highest priority acts, the others wait
+        # (kopf's KopfPeering objects); each replica's priority is random (equal priorities
+        # would both act), so a restarted replica may take over or wait.
+        s.peering.name = settings.peering
+        s.peering.priority = random.randint(1, 1_000_000_000)
+        s.peering.mandatory = True
+        s.peering.clusterwide = not settings.namespaces
     if settings.namespaces:
         # Only the named namespaces: no need to list namespaces or watch CRDs cluster-wide
         # (which the namespaced RBAC does not allow). The CRD must exist when we start.
@@ -71,6 +102,7 @@ def _slim_pod(body: Any) -> dict[str, Any]:
     return {
         "metadata": {
             "name": meta.get("name"),
+            "uid": meta.get("uid"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
             "annotations": {k: v for k, v in annotations.items() if k == keys.STATUS_ANNOTATION},
         },
@@ -82,8 +114,26 @@ def _slim_pod(body: Any) -> dict[str, Any]:
     }
 
 
-def _pods(index: Any, namespace: str, group: str) -> list[dict[str, Any]]:
-    return list(index.get((namespace, group), ()))
+def _slim_lease(body: Any) -> dict[str, Any]:
+    meta = body.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "ownerReferences": list(meta.get("ownerReferences") or []),
+            "annotations": {k: v for k, v in annotations.items() if k == keys.STATUS_ANNOTATION},
+        }
+    }
+
+
+def _pods(index: Any, leases: Any, namespace: str, group: str) -> list[dict[str, Any]]:
+    pods = list(index.get((namespace, group), ()))
+    own = {}
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for lease in leases.get((namespace, name), ()):
+            own[name] = lease
+    return with_leases(pods, own)
 
 
 def _guarded(what: str, fn: Callable[[], Result]) -> Result:
@@ -103,11 +153,32 @@ def list_groups(reconciler: Reconciler, namespaces: list[str]) -> list[dict[str,
     return [item for path in paths for item in reconciler.kube.list(path)]
 
 
-async def resync_forever(reconciler: Reconciler, settings: OperatorSettings) -> None:
+def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, priority: int) -> bool:
+    """Whether this replica is the acting one (always, without peering)."""
+    if not settings.peering:
+        return True
+    now = datetime.datetime.now(datetime.UTC)
+    for path in peering_paths(settings.peering, settings.namespaces):
+        obj = reconciler.kube.get(path)
+        if obj is None or not is_active(obj.get("status"), identity, priority, now):
+            return False
+    return True
+
+
+async def resync_forever(
+    reconciler: Reconciler, settings: OperatorSettings, identity: str = "", priority: int = 0
+) -> None:
     """Every resync_seconds, reconcile every ModelGroup: drift of any child (a hand-edited
-    ConfigMap, a deleted Service) is put back even when no event announced it."""
+    ConfigMap, a deleted Service) is put back even when no event announced it. Kopf pauses
+    its handlers in a standby replica, but not this task: it checks the peering itself."""
     while True:
         await asyncio.sleep(settings.resync_seconds)
+        try:
+            if not await asyncio.to_thread(acting, reconciler, settings, identity, priority):
+                continue
+        except Exception as exc:  # API trouble: try again next round
+            log.warning("resync: cannot read the peering", extra={"error": str(exc)})
+            continue
         try:
             groups = await asyncio.to_thread(list_groups, reconciler, settings.namespaces)
         except Exception as exc:  # API trouble: try again next round
@@ -125,21 +196,27 @@ async def resync_forever(reconciler: Reconciler, settings: OperatorSettings) -> 
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: OperatorSettings) -> None:
+    operator_settings = settings
+
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         # The same credentials as our own client: the in-cluster ServiceAccount, else KUBECONFIG.
         return kopf.login_via_client(**kwargs)
 
-    @kopf.index("pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_servers(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> Any:
+    @kopf.index("v1", "pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
+    def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, group): _slim_pod(body)} if group else None
 
-    def reconcile(body: Any, pod_servers: Any) -> None:
+    @kopf.index(*LEASES, id="status_leases", labels=LEASE_LABELS, registry=registry)
+    def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+        return {(namespace, name): _slim_lease(body)}
+
+    def reconcile(body: Any, pod_servers: Any, status_leases: Any) -> None:
         meta = body["metadata"]
+        pods = _pods(pod_servers, status_leases, meta["namespace"], meta["name"])
         result = _guarded(
-            f"reconciling {meta['namespace']}/{meta['name']}",
-            lambda: reconciler.reconcile(dict(body), _pods(pod_servers, meta["namespace"], meta["name"])),
+            f"reconciling {meta['namespace']}/{meta['name']}", lambda: reconciler.reconcile(dict(body), pods)
         )
         _post(reconciler.kube, body, result.events)
         if result.blocked is not None:
@@ -150,15 +227,18 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     @kopf.on.resume(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.create(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.update(*MODELGROUPS, id="reconcile", registry=registry)
-    def modelgroup_changed(body: Any, pod_servers: Any, **_: Any) -> None:
-        reconcile(body, pod_servers)
+    def modelgroup_changed(body: Any, pod_servers: Any = None, status_leases: Any = None, **_: Any) -> None:
+        reconcile(body, pod_servers, status_leases)
 
     # The periodic re-check is our own task, not a kopf timer: kopf puts a finalizer on every
     # object with a timer, and a finalizer would make deleting a ModelGroup (or its namespace)
     # hang whenever the operator is not running.
     @kopf.on.startup(id="start-resync", registry=registry)
-    async def start_resync(memo: Any, **_: Any) -> None:
-        memo.resync = asyncio.create_task(resync_forever(reconciler, settings), name="resync")
+    async def start_resync(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+        identity, priority = str(memo.peering_identity), int(settings.peering.priority)
+        memo.resync = asyncio.create_task(
+            resync_forever(reconciler, operator_settings, identity, priority), name="resync"
+        )
 
     @kopf.on.cleanup(id="stop-resync", registry=registry)
     async def stop_resync(memo: Any, **_: Any) -> None:
@@ -177,21 +257,43 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         return reconciler.kube.get(group_path(namespace, name))
 
     @kopf.on.event("apps", "v1", "statefulsets", id="statefulset", labels=OWNED_LABELS, registry=registry)
-    def statefulset_changed(body: Any, namespace: str, pod_servers: Any, **_: Any) -> None:
+    def statefulset_changed(
+        body: Any, namespace: str | None, pod_servers: Any = None, status_leases: Any = None, **_: Any
+    ) -> None:
         name = owner_group(body)
+        if namespace is None:  # StatefulSets are namespaced; this only narrows the type
+            return
         group = fetch_group(namespace, name) if name else None
         if group is None or group["metadata"].get("deletionTimestamp"):
             return
-        pods = _pods(pod_servers, namespace, group["metadata"]["name"])
+        pods = _pods(pod_servers, status_leases, namespace, group["metadata"]["name"])
         result = _guarded(f"reconciling {namespace}/{name}", lambda: reconciler.reconcile(group, pods))
         _post(reconciler.kube, group, result.events)
 
-    @kopf.on.event("pods", id="pod", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_changed(namespace: str, labels: dict[str, str], pod_servers: Any, **_: Any) -> None:
-        name = labels.get(keys.LABEL_MODEL_GROUP)
+    def refresh(namespace: str, name: str | None, pod_servers: Any, status_leases: Any) -> None:
         group = fetch_group(namespace, name) if name else None
         if group is None or group["metadata"].get("deletionTimestamp"):
             return
-        pods = _pods(pod_servers, namespace, group["metadata"]["name"])
+        pods = _pods(pod_servers, status_leases, namespace, group["metadata"]["name"])
         result = _guarded(f"status of {namespace}/{name}", lambda: reconciler.refresh_status(group, pods))
         _post(reconciler.kube, group, result.events)
+
+    @kopf.on.event("v1", "pods", id="pod", labels=POD_SERVER_LABELS, registry=registry)
+    def pod_changed(
+        namespace: str | None, labels: Mapping[str, str], pod_servers: Any = None, status_leases: Any = None, **_: Any
+    ) -> None:
+        if namespace is None:  # Pods are namespaced; this only narrows the type
+            return
+        refresh(namespace, labels.get(keys.LABEL_MODEL_GROUP), pod_servers, status_leases)
+
+    @kopf.on.event(*LEASES, id="status-lease", labels=LEASE_LABELS, registry=registry)
+    def lease_changed(
+        namespace: str | None, name: str, pod_servers: Any = None, status_leases: Any = None, **_: Any
+    ) -> None:
+        if namespace is None or pod_servers is None:  # Leases are namespaced; this only narrows the type
+            return
+        # The Lease is named like its pod; the pod's labels name the group.
+        for (ns, group), pods in pod_servers.items():
+            if ns == namespace and any(p["metadata"]["name"] == name for p in pods):
+                refresh(namespace, group, pod_servers, status_leases)
+                return

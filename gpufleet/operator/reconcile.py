@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpufleet.api import labels
-from gpufleet.api.modelgroup import Condition, ModelGroupSpec, ModelGroupStatus
+from gpufleet.api.modelgroup import Condition, ConditionType, ModelGroupSpec, ModelGroupStatus
 from gpufleet.operator.builders import (
     BuildOptions,
     ModelGroupRef,
@@ -28,13 +29,15 @@ from gpufleet.operator.builders import (
     child_names,
     selector_string,
 )
+from gpufleet.operator.conflicts import claimed_earlier, conflict_message
 from gpufleet.operator.drift import drift
 from gpufleet.operator.kube import Kube, manifest_path, object_path
-from gpufleet.operator.status import compute_status, condition_events, status_body
+from gpufleet.operator.status import compute_status, condition_events, status_body, with_leases
 
 log = logging.getLogger(__name__)
 
 Event = tuple[str, str, str]  # (type, reason, message)
+LEASE_SELECTOR = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_POD_SERVER}"  # pod servers' status Leases
 
 
 class Blocked(Exception):
@@ -47,6 +50,12 @@ class InvalidSpec(Blocked):
     """The spec cannot be served as written (a user must change it)."""
 
     reason = "InvalidSpec"
+
+
+class ModelIdConflict(Blocked):
+    """Every model id of this ModelGroup is served by an earlier one in the namespace."""
+
+    reason = "ModelIdConflict"
 
 
 class NotOwned(Blocked):
@@ -71,9 +80,10 @@ def group_path(namespace: str, name: str) -> str:
     return f"/apis/{labels.API_GROUP}/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}/{name}"
 
 
-def parse_spec(body: dict[str, Any]) -> ModelGroupSpec:
+def parse_spec(body: dict[str, Any], defaults: Mapping[str, Any] | None = None) -> ModelGroupSpec:
+    """The spec, with the installation's defaults for the pod-template fields it does not set."""
     try:
-        return ModelGroupSpec.model_validate(body.get("spec") or {})
+        return ModelGroupSpec.model_validate({**(defaults or {}), **(body.get("spec") or {})})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "spec"
@@ -94,12 +104,18 @@ def blocked_status(body: dict[str, Any], reason: str, message: str, now: str) ->
     old = {c.type: c for c in before.conditions}
     generation = meta.get("generation")
 
-    def cond(kind: str, status: str, reason: str, msg: str) -> Condition:
+    def cond(kind: ConditionType, status: str, reason: str, msg: str) -> Condition:
         prior = old.get(kind)
         since = prior.last_transition_time if prior is not None and prior.status == status else now
         return Condition.model_validate(
-            {"type": kind, "status": status, "reason": reason, "message": msg,
-             "lastTransitionTime": since, "observedGeneration": generation}
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": msg,
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
         )
 
     return before.model_copy(
@@ -137,7 +153,8 @@ class Reconciler:
         with self._lock(meta["namespace"], meta["name"]):
             result = Result()
             try:
-                ref = self._ref(body)
+                conflicts = self._conflicts(body)
+                ref = self._ref(body, conflicts)
                 statefulset = self.ensure_children(ref, result.events)
             except Blocked as exc:
                 result.blocked = exc
@@ -145,7 +162,7 @@ class Reconciler:
                 result.events.extend(condition_events(previous_status(body), status))
                 self._write_status(body, status, result)
                 return result
-            self._update_status(body, ref.spec, statefulset, pods, result)
+            self._update_status(body, ref.spec, statefulset, pods, result, conflicts)
             return result
 
     def refresh_status(self, body: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> Result:
@@ -154,23 +171,36 @@ class Reconciler:
         with self._lock(meta["namespace"], meta["name"]):
             result = Result()
             try:
-                spec = parse_spec(body)
-            except InvalidSpec:
+                conflicts = self._conflicts(body)
+                spec = self._ref(body, conflicts).spec
+            except Blocked:
                 return result  # the spec handlers own that status
             names = child_names(meta["name"])
             sts = self.kube.get(object_path("apps/v1", "StatefulSet", meta["namespace"], names.statefulset))
-            self._update_status(body, spec, sts, pods, result)
+            self._update_status(body, spec, sts, pods, result, conflicts)
             return result
 
     # ---- children ------------------------------------------------------------------------
 
-    def _ref(self, body: dict[str, Any]) -> ModelGroupRef:
+    def _conflicts(self, body: dict[str, Any]) -> dict[str, str]:
+        """Model ids of this group that an earlier ModelGroup in the namespace serves."""
+        namespace = body["metadata"]["namespace"]
+        base = f"/apis/{labels.API_GROUP}/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}"
+        return claimed_earlier(body, self.kube.list(base))
+
+    def _ref(self, body: dict[str, Any], conflicts: dict[str, str] | None = None) -> ModelGroupRef:
         meta = body["metadata"]
+        spec = parse_spec(body, self.options.defaults)
+        if conflicts:
+            kept = [m for m in spec.models if m.id not in conflicts]
+            if not kept:
+                raise ModelIdConflict(conflict_message(conflicts))
+            spec = spec.model_copy(update={"models": kept})  # serve the others; the status says why
         return ModelGroupRef(
             name=meta["name"],
             namespace=meta["namespace"],
             uid=meta["uid"],
-            spec=parse_spec(body),
+            spec=spec,
             generation=meta.get("generation"),
         )
 
@@ -227,14 +257,28 @@ class Reconciler:
         statefulset: dict[str, Any] | None,
         pods: list[dict[str, Any]] | None,
         result: Result,
+        conflicts: dict[str, str] | None = None,
     ) -> None:
         meta = body["metadata"]
         if pods is None:
-            pods = self.kube.list(
+            listed = self.kube.list(
                 object_path("v1", "Pod", meta["namespace"]), label_selector=selector_string(meta["name"])
             )
+            leases = self.kube.list(
+                object_path("coordination.k8s.io/v1", "Lease", meta["namespace"]), label_selector=LEASE_SELECTOR
+            )
+            pods = with_leases(listed, {lease["metadata"]["name"]: lease for lease in leases})
         before = previous_status(body)
-        status = compute_status(meta["name"], meta.get("generation"), spec, statefulset, pods, before, now_rfc3339())
+        status = compute_status(
+            meta["name"],
+            meta.get("generation"),
+            spec,
+            statefulset,
+            pods,
+            before,
+            now_rfc3339(),
+            conflict=conflict_message(conflicts) if conflicts else None,
+        )
         result.events.extend(condition_events(before, status))
         self._write_status(body, status, result)
 
@@ -245,7 +289,12 @@ class Reconciler:
         if all(old.get(k) == v for k, v in new.items()):
             return
         meta = body["metadata"]
-        self.kube.merge_patch(group_path(meta["namespace"], meta["name"]) + "/status", {"status": new})
+        try:
+            self.kube.merge_patch(group_path(meta["namespace"], meta["name"]) + "/status", {"status": new})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            log.info("ModelGroup gone before its status was written", extra={"group": meta["name"]})
 
 
 def _api_message(exc: ApiException) -> str:

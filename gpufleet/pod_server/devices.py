@@ -35,7 +35,9 @@ def parse_device_list(raw: list[str], *, cuda_count: int | None = None) -> list[
             cuda_count = cuda_device_count()  # importing torch is slow: only when a GPU is named
         if kind == "cuda" and index >= (cuda_count or 0):
             seen = f"{cuda_count} visible CUDA device(s)" if cuda_count else "no visible CUDA device"
-            raise ValueError(f"DEVICES: {item!r} is unavailable: this machine has {seen}")
+            # In a pod this usually means the GPU runtime is missing (e.g. runtimeClassName: nvidia).
+            hint = "" if cuda_count else " (is the NVIDIA container runtime set up for this pod?)"
+            raise ValueError(f"DEVICES: {item!r} is unavailable: this machine has {seen}{hint}")
         name = f"{kind}:{index}"
         if name in out:
             raise ValueError(f"DEVICES: {name!r} is listed twice")

@@ -82,7 +82,7 @@ def _skeleton(spec: ModelSpec, dtype: torch.dtype) -> Any:
         raise FastLoadUnsupported("remote code")
     cls = AutoModel if spec.task == "embedding" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     if getattr(model, "_keep_in_fp32_modules", None):
         raise FastLoadUnsupported("model keeps some modules in float32")
     return model

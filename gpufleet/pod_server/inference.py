@@ -167,7 +167,7 @@ def load_model(spec: ModelSpec, device: str) -> LoadedModel:
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec.source)
     cls = AutoModel if spec.task == "embedding" else AutoModelForCausalLM
-    model = cls.from_pretrained(spec.source, dtype=dtype)
+    model: Any = cls.from_pretrained(spec.source, dtype=dtype)
     model.to(torch_device(device))
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

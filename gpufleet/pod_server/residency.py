@@ -212,7 +212,3 @@ class DeviceResidency:
         self.current_group, self.current_spec, self.current = group_id, spec, models
         self.restore_error = None
         self.ledger.set_resident(self.device, group_id, {mid: m.bytes for mid, m in models.items()})
-
-    def forget(self, group_id: str) -> None:
-        if group_id != self.current_group:
-            self.host_cache.forget(group_id)

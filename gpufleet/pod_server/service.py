@@ -51,6 +51,7 @@ class PodService:
         self.pod = settings.pod_name or "local"
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
         self.ready = False
+        self.preload_task: asyncio.Task[None] | None = None  # the default group's preload, when there is one
         self.schedulers: dict[str, DeviceScheduler] = {}
         loader = loader or select_loader(settings.load_method)
         self._loader = loader

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from gpufleet.pod_server.devices import parse_device_list
 from gpufleet.pod_server.memory import parse_device_memory
-from gpufleet.settings_support import parse_settings, split_csv
+from gpufleet.settings_support import ServerSettings, parse_settings, split_csv
 
 
-class PodServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+class PodServerSettings(ServerSettings):
+    """host, port, api_key, max_body_bytes and log_level come from ServerSettings."""
 
     devices: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -71,30 +71,27 @@ class PodServerSettings(BaseSettings):
     model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
     max_queue_per_device: int = Field(default=256, ge=1, le=100_000, description="Requests waiting per device.")
     model_load_timeout_s: float = Field(default=300.0, gt=0, description="A group load taking longer fails.")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
     max_tokens_default: int = Field(default=64, ge=1, le=4096, description="max_tokens when a request gives none.")
     load_method: Literal["auto", "fast", "from_pretrained"] = Field(
         default="auto", description="How weights are read from disk: auto = fast path on GPUs only."
     )
     failed_load_retry_s: float = Field(default=30.0, ge=0, description="A failed group is retried after this.")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
     demo_models_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "gpufleet" / "demo-models",
         description="Where `gpufleet demo-models` builds the tiny models.",
     )
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads; default: (cores - 1) / CPU devices, at least 1."
-    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: cores/devices.")
     # Cluster identity, from the downward API.
     pod_name: str | None = None
     pod_namespace: str | None = None
+    pod_uid: str | None = Field(default=None, description="This Pod's uid (owner of its status Lease).")
     node_name: str | None = None
     pod_url: str | None = Field(default=None, description="URL the router should use to reach this pod.")
-    status_annotation: bool = Field(default=False, description="Write the status document to this Pod's annotation.")
-    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Annotation rewrite interval without changes.")
-    log_level: str = "INFO"
+    status_annotation: bool = Field(
+        default=False,
+        description="Publish the status document in the status annotation of this pod's Lease (named like the pod).",
+    )
+    status_heartbeat_s: float = Field(default=60.0, gt=0, description="Lease rewrite interval without changes.")
 
     _split = field_validator("devices", mode="before")(split_csv)
 

@@ -51,11 +51,13 @@ class TokenizerCache:
 
     async def encode(self, spec: ModelSpec, text: str) -> list[int]:
         tok = (await self.info(spec)).tokenizer
-        return await self._run(lambda: list(tok(text)["input_ids"]))
+        ids: list[int] = await self._run(lambda: list(tok(text)["input_ids"]))
+        return ids
 
     async def encode_chat(self, spec: ModelSpec, messages: list[dict[str, str]]) -> list[int]:
         tok = (await self.info(spec)).tokenizer
-        return await self._run(chat_prompt_ids, tok, messages)
+        ids: list[int] = await self._run(chat_prompt_ids, tok, messages)
+        return ids
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -7,5 +7,5 @@
 - ``decide``: model -> group -> policy (``gpufleet.routing``), one log line and metric per decision.
 - ``proxy`` / ``upstream``: forwarding with SSE pass-through, retry before the first byte.
 - ``fleet_api`` / ``app``: the fleet-wide read API and the ASGI app with its lifespan.
-- ``cli`` / ``up``: ``gpufleet router`` and ``gpufleet up``.
+- ``cli``: ``gpufleet router`` (``gpufleet up`` lives in ``gpufleet.local``).
 """

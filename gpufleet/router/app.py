@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,12 +34,10 @@ from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import Clock, EjectionPolicy, FleetState
 from gpufleet.router.upstream import UpstreamPool
 from gpufleet.web.errors import install_error_handlers
+from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics")
-
 
 @dataclass
 class Runtime:
@@ -149,9 +147,10 @@ async def fan_out(runtime: Runtime, path: str) -> list[fleet_api.PodDoc]:
         pod_state = state.pod_state(rec)
         try:
             doc = await runtime.pool.get_json(rec.url, path, runtime.pod_headers, runtime.settings.poll_timeout_s)
-            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc)
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc, tenant=rec.tenant)
         except POLL_ERRORS as exc:
-            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, None, f"{type(exc).__name__}: {exc}"[:200])
+            error = f"{type(exc).__name__}: {exc}"[:200]
+            return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, None, error, tenant=rec.tenant)
 
     records = sorted((r for r in state.pods.values() if r.url), key=lambda r: r.name)
     return list(await asyncio.gather(*(one(r) for r in records)))
@@ -165,7 +164,7 @@ def _routes(app: FastAPI) -> None:
     async def list_models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": fleet_api.model_cards(await fan_out(rt(request), "/v1/models"))}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # namespace-qualified ids contain a slash
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         for card in fleet_api.model_cards(await fan_out(rt(request), "/v1/models")):
             if card["id"] == model_id:
@@ -190,17 +189,11 @@ def _routes(app: FastAPI) -> None:
         runtime = rt(request)
         return {**runtime.state.describe(), "policy": runtime.settings.routing_policy}
 
-    @app.get("/health")
-    @app.get("/v2/health/live")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    @app.get("/v2/health/ready")
-    async def ready(request: Request) -> JSONResponse:
+    def readiness(request: Request) -> dict[str, Any]:
         state = rt(request).state
-        body = {"ready": state.ready, "pods": {r.name: state.pod_state(r) for r in state.pods.values()}}
-        return JSONResponse(body, status_code=200 if state.ready else 503)
+        return {"ready": state.ready, "pods": {r.name: state.pod_state(r) for r in state.pods.values()}}
+
+    install_health_routes(app, readiness)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

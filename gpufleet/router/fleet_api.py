@@ -18,6 +18,11 @@ class PodDoc:
     state: str  # FleetState.pod_state: ready, ejected, stale, ...
     doc: dict[str, Any] | None
     error: str | None = None
+    tenant: str | None = None  # the pod's namespace: its group and model ids are qualified by it
+
+
+def _q(p: PodDoc, local: str) -> str:
+    return f"{p.tenant}/{local}" if p.tenant else local
 
 
 def _pods_summary(docs: list[PodDoc]) -> dict[str, Any]:
@@ -47,7 +52,7 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
     for p in docs:
         for g in (p.doc or {}).get("model_groups") or []:
-            gid = g["group_id"]
+            gid = _q(p, g["group_id"])
             merged = groups.setdefault(
                 gid, {"group_id": gid, "is_default": bool(g.get("is_default")), "device_info": [], "models": {}}
             )
@@ -58,7 +63,8 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
                 )
             for m in g.get("models") or []:
                 entry = merged["models"].setdefault(
-                    m["id"], {**m, "loaded_on_devices": [], "cached_on_devices": [], "statuses": []}
+                    _q(p, m["id"]),
+                    {**m, "id": _q(p, m["id"]), "loaded_on_devices": [], "cached_on_devices": [], "statuses": []},
                 )
                 entry["loaded_on_devices"] += [f"{p.pod}/{d}" for d in m.get("loaded_on_devices") or []]
                 entry["cached_on_devices"] += [f"{p.pod}/{d}" for d in m.get("cached_on_devices") or []]
@@ -104,5 +110,5 @@ def model_cards(docs: list[PodDoc]) -> list[dict[str, Any]]:
     cards: dict[str, dict[str, Any]] = {}
     for p in docs:
         for card in (p.doc or {}).get("data") or []:
-            cards.setdefault(card["id"], card)
+            cards.setdefault(_q(p, card["id"]), {**card, "id": _q(p, card["id"])})
     return list(cards.values())

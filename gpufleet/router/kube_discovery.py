@@ -1,9 +1,14 @@
-"""Kubernetes discovery: watch pod-server Pods by label in one or more namespaces.
+"""Kubernetes discovery: watch pod-server Pods and their status Leases in one or more namespaces.
 
-Each Pod gives its IP, readiness and node, and the pod server's status document in the
-``gpufleet.io/status`` annotation (written on change plus a slow heartbeat). Parsing a Pod
-is a pure function (``parse_pod``) over the Pod's JSON; the watch runs in one thread per
-namespace with the synchronous ``kubernetes`` client and hands events to the event loop.
+Each Pod gives its IP, readiness and node; each pod server publishes its status document
+in the ``gpufleet.io/status`` annotation of a Lease named like its Pod (written on change
+plus a slow heartbeat; see gpufleet.pod_server.status_publisher). Only pods the operator
+manages are trusted (its managed-by label, and a controller owner reference to the
+StatefulSet named by the pod's model-group label), and a Lease only when its owner
+reference is that Pod's uid: a Lease left by an earlier pod of the same name, or made by
+hand, is never believed. Parsing is pure (``parse_pod``, ``parse_lease``, ``ClusterView``)
+over the objects' JSON; the watches run in threads with the synchronous ``kubernetes``
+client and hand events to the event loop.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from gpufleet.api import labels
 from gpufleet.api.labels import STATUS_ANNOTATION
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.polling import every, poll_status_once
@@ -27,6 +33,7 @@ from gpufleet.router.upstream import UpstreamPool
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 300
 RETRY_S = 2.0
+PODS, LEASES = "pods", "leases"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,16 @@ class PodObservation:
     node: str | None
     url: str | None
     ready: bool
+    status: PodStatus | None
+    status_error: str | None = None
+    uid: str | None = None
+    managed: bool = True  # made by the operator's StatefulSet (else ignored)
+
+
+@dataclass(frozen=True)
+class LeaseObservation:
+    id: str  # "namespace/name": the name of the pod it describes
+    owner_uid: str | None  # the Pod that owns it
     status: PodStatus | None
     status_error: str | None = None
 
@@ -52,8 +69,35 @@ def _port(spec: Mapping[str, Any], default_port: int) -> int:
     return first or default_port
 
 
+def managed_by_operator(meta: Mapping[str, Any]) -> bool:
+    """The operator's label, and owned (as controller) by the group's StatefulSet."""
+    pod_labels = meta.get("labels") or {}
+    group = pod_labels.get(labels.LABEL_MODEL_GROUP)
+    if pod_labels.get(labels.LABEL_MANAGED_BY) != labels.MANAGED_BY or not group:
+        return False
+    return any(
+        ref.get("controller")
+        and ref.get("kind") == "StatefulSet"
+        and ref.get("name") == group
+        and str(ref.get("apiVersion", "")).startswith("apps/")
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
+def _status_doc(meta: Mapping[str, Any], where: str) -> tuple[PodStatus | None, str | None]:
+    raw = (meta.get("annotations") or {}).get(STATUS_ANNOTATION)
+    if not raw:
+        return None, None
+    try:
+        return PodStatus.model_validate_json(raw), None
+    except ValidationError as exc:
+        return None, f"{where} annotation {STATUS_ANNOTATION} is not a status document: {exc.errors()[0]['msg']}"
+
+
 def parse_pod(obj: Mapping[str, Any], default_port: int = 8000) -> PodObservation:
-    """A Pod's JSON (as the API server sends it) as what the router needs from it."""
+    """A Pod's JSON (as the API server sends it) as what the router needs from it.
+
+    The status document is not read from the Pod: it comes from the pod's Lease."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
@@ -67,20 +111,10 @@ def parse_pod(obj: Mapping[str, Any], default_port: int = 8000) -> PodObservatio
         and not meta.get("deletionTimestamp")
         and bool(ip)
     )
-    doc: PodStatus | None = None
-    error: str | None = None
-    raw = (meta.get("annotations") or {}).get(STATUS_ANNOTATION)
-    if raw:
-        try:
-            doc = PodStatus.model_validate_json(raw)
-        except ValidationError as exc:
-            error = f"annotation {STATUS_ANNOTATION} is not a status document: {exc.errors()[0]['msg']}"
     url: str | None = None
     if ip:
         host = f"[{ip}]" if ":" in str(ip) else str(ip)
         url = f"http://{host}:{_port(spec, default_port)}"
-    elif doc is not None and doc.url:
-        url = doc.url.rstrip("/")
     return PodObservation(
         id=f"{namespace}/{name}",
         name=name,
@@ -88,40 +122,117 @@ def parse_pod(obj: Mapping[str, Any], default_port: int = 8000) -> PodObservatio
         node=spec.get("nodeName"),
         url=url,
         ready=ready,
-        status=doc,
-        status_error=error,
+        status=None,
+        uid=meta.get("uid"),
+        managed=managed_by_operator(meta),
     )
 
 
+def parse_lease(obj: Mapping[str, Any]) -> LeaseObservation:
+    meta = obj.get("metadata") or {}
+    namespace = str(meta.get("namespace") or "default")
+    owner = next(
+        (
+            r.get("uid")
+            for r in meta.get("ownerReferences") or []
+            if r.get("kind") == "Pod" and r.get("apiVersion") == "v1" and r.get("name") == meta.get("name")
+        ),
+        None,
+    )
+    doc, error = _status_doc(meta, "Lease")
+    if doc is not None and doc.pod != meta.get("name"):
+        error = f"Lease {meta.get('name')} carries the status of pod {doc.pod!r}"
+        doc = None
+    return LeaseObservation(f"{namespace}/{meta.get('name', '')}", owner, doc, error)
+
+
+@dataclass
+class ClusterView:
+    """The Pods and Leases seen so far, joined: a pod's status is its own Lease's, if trusted."""
+
+    pods: dict[str, PodObservation] = field(default_factory=dict)
+    leases: dict[str, LeaseObservation] = field(default_factory=dict)
+
+    def joined(self, pod_id: str) -> PodObservation | None:
+        pod = self.pods.get(pod_id)
+        if pod is None:
+            return None
+        lease = self.leases.get(pod_id)
+        if lease is None or pod.uid is None or lease.owner_uid != pod.uid:
+            return pod
+        return replace(pod, status=lease.status, status_error=lease.status_error)
+
+    def apply(self, resource: str, kind: str, namespace: str, payload: Any, default_port: int) -> set[str]:
+        """One watch event (ADDED, MODIFIED, DELETED) or a fresh list of a namespace (RESET);
+        returns the pod ids whose joined view may have changed."""
+        table: dict[str, Any] = self.pods if resource == PODS else self.leases
+
+        def parse(obj: Any) -> Any:
+            return parse_pod(obj, default_port) if resource == PODS else parse_lease(obj)
+
+        if kind == "RESET":
+            fresh = {o.id: o for o in (parse(obj) for obj in payload)}
+            gone = {k for k in table if k.startswith(f"{namespace}/") and k not in fresh}
+            for k in gone:
+                del table[k]
+            table.update(fresh)
+            return gone | set(fresh)
+        if kind == "DELETED":
+            obs = parse(payload)
+            table.pop(obs.id, None)
+            return {obs.id}
+        if kind in ("ADDED", "MODIFIED"):
+            obs = parse(payload)
+            table[obs.id] = obs
+            return {obs.id}
+        return set()
+
+
 def apply_observation(state: FleetState, obs: PodObservation) -> None:
-    state.upsert(obs.id, obs.url, name=obs.name, node=obs.node, ready=obs.ready)
+    if not obs.managed:
+        if obs.id in state.pods:
+            state.remove(obs.id)
+        return
+    state.upsert(obs.id, obs.url, name=obs.name, node=obs.node, ready=obs.ready, tenant=obs.namespace)
     if obs.status_error:
-        log.warning("bad status annotation", extra={"pod": obs.id, "error": obs.status_error})
+        log.warning("bad status lease", extra={"pod": obs.id, "error": obs.status_error})
     if obs.status is not None:
         rec = state.pods[obs.id]
         if rec.status != obs.status:
             state.observe_status(obs.id, obs.status, contact=False)
 
 
-def apply_event(state: FleetState, kind: str, namespace: str, payload: Any, default_port: int) -> None:
-    """One watch event (ADDED, MODIFIED, DELETED) or a fresh list of a namespace (RESET)."""
-    if kind == "RESET":
-        observations = [parse_pod(o, default_port) for o in payload]
-        keep = {o.id for o in observations}
-        for pod_id in [p for p in state.pods if p.startswith(f"{namespace}/") and p not in keep]:
+def sync(state: FleetState, view: ClusterView, pod_ids: set[str]) -> None:
+    """Bring the router's fleet state in line with the view for these pods."""
+    for pod_id in sorted(pod_ids):
+        obs = view.joined(pod_id)
+        if obs is None:
             state.remove(pod_id)
-        for obs in observations:
+        else:
             apply_observation(state, obs)
-    elif kind == "DELETED":
-        state.remove(parse_pod(payload, default_port).id)
-    elif kind in ("ADDED", "MODIFIED"):
-        apply_observation(state, parse_pod(payload, default_port))
 
 
-Emit = Callable[[str, str, Any], None]
+def apply_event(
+    state: FleetState,
+    kind: str,
+    namespace: str,
+    payload: Any,
+    default_port: int,
+    *,
+    resource: str = PODS,
+    view: ClusterView | None = None,
+) -> ClusterView:
+    """One watch event into the view and on to the fleet state; returns the view."""
+    view = view if view is not None else ClusterView()
+    sync(state, view, view.apply(resource, kind, namespace, payload, default_port))
+    return view
 
 
-def _watch_namespace(namespace: str, selector: str, emit: Emit, stop: threading.Event) -> None:  # pragma: no cover
+Emit = Callable[[str, str, str, Any], None]  # (resource, kind, namespace, payload)
+LEASE_SELECTOR = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_POD_SERVER}"
+
+
+def _watch(resource: str, namespace: str, selector: str, emit: Emit, stop: threading.Event) -> None:  # pragma: no cover
     from kubernetes import client, config, watch
     from kubernetes.client.exceptions import ApiException
 
@@ -129,16 +240,19 @@ def _watch_namespace(namespace: str, selector: str, emit: Emit, stop: threading.
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    api = client.CoreV1Api()
+    lister = (
+        client.CoreV1Api().list_namespaced_pod if resource == PODS else client.CoordinationV1Api().list_namespaced_lease
+    )
     while not stop.is_set():
         try:
-            listing = api.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+            # _preload_content=False: the raw response (its .data), not the V1PodList the stubs promise
+            listing: Any = lister(namespace, label_selector=selector, _preload_content=False)
             body = json.loads(listing.data)
-            emit("RESET", namespace, body.get("items") or [])
+            emit(resource, "RESET", namespace, body.get("items") or [])
             version = (body.get("metadata") or {}).get("resourceVersion")
             w = watch.Watch()
             for event in w.stream(
-                api.list_namespaced_pod,
+                lister,
                 namespace,
                 label_selector=selector,
                 resource_version=version,
@@ -149,13 +263,13 @@ def _watch_namespace(namespace: str, selector: str, emit: Emit, stop: threading.
                     break
                 if event["type"] == "ERROR":
                     break  # typically 410 Gone: list again
-                emit(event["type"], namespace, event["raw_object"])
+                emit(resource, event["type"], namespace, event["raw_object"])
         except ApiException as exc:
             if exc.status != 410:
-                log.warning("pod watch failed", extra={"namespace": namespace, "status": exc.status})
+                log.warning("watch failed", extra={"resource": resource, "namespace": namespace, "status": exc.status})
                 stop.wait(RETRY_S)
         except Exception as exc:
-            log.warning("pod watch failed", extra={"namespace": namespace, "error": str(exc)})
+            log.warning("watch failed", extra={"resource": resource, "namespace": namespace, "error": str(exc)})
             stop.wait(RETRY_S)
 
 
@@ -182,26 +296,30 @@ class KubernetesDiscovery:
     async def run(self, state: FleetState, pool: UpstreamPool) -> None:
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+        view = ClusterView()
 
-        def emit(kind: str, namespace: str, payload: Any) -> None:
-            loop.call_soon_threadsafe(apply_event, state, kind, namespace, payload, self.default_port)
+        def emit(resource: str, kind: str, namespace: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(
+                lambda: apply_event(state, kind, namespace, payload, self.default_port, resource=resource, view=view)
+            )
 
         threads = [
             threading.Thread(
-                target=_watch_namespace, args=(ns, self.label_selector, emit, stop), name=f"watch-{ns}", daemon=True
+                target=_watch, args=(resource, ns, selector, emit, stop), name=f"watch-{resource}-{ns}", daemon=True
             )
             for ns in self.namespaces
+            for resource, selector in ((PODS, self.label_selector), (LEASES, LEASE_SELECTOR))
         ]
         for t in threads:
             t.start()
         log.info("watching pod servers", extra={"namespaces": self.namespaces, "selector": self.label_selector})
 
         async def poll_unannotated() -> None:
-            # A pod server that does not write its annotation (STATUS_ANNOTATION off) is still served:
-            # its status document is read over HTTP instead.
+            # A pod server that has not published its Lease yet (or does not publish) is still
+            # served: its status document is read over HTTP instead.
             await poll_status_once(state, pool, self.timeout_s, self.headers, only_missing=True)
 
         try:
-            await every(self.fallback_interval_s, poll_unannotated, "status poll (pods without annotation)")
+            await every(self.fallback_interval_s, poll_unannotated, "status poll (pods without a status lease)")
         finally:
             stop.set()

@@ -97,7 +97,7 @@ async def read_body(receive: Receive) -> bytes:
 
 @dataclass(frozen=True)
 class Routing:
-    """What the router reads from a body (the fields of ``gpufleet.api.openai.RoutingFields``)."""
+    """What the router reads from a body: ``model``, ``exclusive_gpu`` and ``stream``."""
 
     model: str
     exclusive_gpu: str | None
@@ -210,6 +210,10 @@ class Proxy:
                 # make another device switch groups for one request.
                 break
             payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
+            local = self.state.local_models.get(fields.model)
+            if local is not None and local != fields.model:
+                # "team-a/chat" is "chat" to the pod server (it knows only its namespace's ids).
+                payload = json.dumps({**json.loads(payload), "model": local}, separators=(",", ":")).encode()
             ticket = self.state.begin(choice.pod, choice.device, group, idle=choice.load == 0)
             if choice.resident_group() != group:
                 self.state.expect(choice.pod, choice.device, group)

@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from gpufleet.api.labels import COMPONENT_POD_SERVER, LABEL_COMPONENT
-from gpufleet.settings_support import parse_settings, split_csv
+from gpufleet.settings_support import ServerSettings, parse_settings, split_csv
 
 PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex"]
 
 
-class RouterSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+class RouterSettings(ServerSettings):
+    """host, port, api_key, max_body_bytes and log_level come from ServerSettings."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
     discovery: Literal["static", "kubernetes"] = Field(
         default="static", description="Where pod servers come from: POD_URLS, or a Kubernetes pod watch."
     )
@@ -46,9 +44,6 @@ class RouterSettings(BaseSettings):
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
     eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")
     eject_cooldown_max_s: float = Field(default=120.0, gt=0)
-    api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
-    log_level: str = "INFO"
 
     _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(split_csv)
 

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpufleet.api.pod_status import PodStatus
+from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
 from gpufleet.routing.policy import Costs, DeviceState, Snapshot
 
@@ -58,7 +59,8 @@ class PodRecord:
     others: dict[str, int] = field(default_factory=dict)  # device -> load beyond ours at the last queue poll
     queue_doc: dict[str, Any] | None = None
     queue_at: float | None = None
-    annotated: bool = False  # its status comes from a Kubernetes annotation
+    annotated: bool = False  # its status comes from Kubernetes (the pod's status Lease)
+    tenant: str | None = None  # its namespace: its group and model ids are qualified by it (router.tenancy)
     confirmed: bool = True  # False after an ejection until a new status document arrives
     name: str = ""  # unique routing name, set by FleetState
 
@@ -115,6 +117,7 @@ class FleetState:
         self.pods: dict[str, PodRecord] = {}
         self.by_name: dict[str, PodRecord] = {}
         self.models: dict[str, str] = {}  # model id -> group, union of every pod's
+        self.local_models: dict[str, str] = {}  # qualified model id (or its alias) -> the pod servers' id
         self.inflight: dict[str, int] = {}  # "pod/device" -> requests this router has there
         self.last_used: dict[str, float] = {}
         self.expected: dict[str, _Expectation] = {}
@@ -127,11 +130,20 @@ class FleetState:
     # --- discovery ----------------------------------------------------------------------------
 
     def upsert(
-        self, pod_id: str, url: str | None, *, name: str | None = None, node: str | None = None, ready: bool = True
+        self,
+        pod_id: str,
+        url: str | None,
+        *,
+        name: str | None = None,
+        node: str | None = None,
+        ready: bool = True,
+        tenant: str | None = None,
     ) -> PodRecord:
         rec = self.pods.get(pod_id)
         if rec is None:
-            rec = self.pods[pod_id] = PodRecord(pod_id, url, self.ejection.new(), hint_name=name, node=node)
+            rec = self.pods[pod_id] = PodRecord(
+                pod_id, url, self.ejection.new(), hint_name=name, node=node, tenant=tenant
+            )
         rec.url, rec.hint_name, rec.node, rec.discovered_ready = url, name or rec.hint_name, node or rec.node, ready
         self._reindex()
         return rec
@@ -161,6 +173,12 @@ class FleetState:
             if rec.status is not None:
                 for model, group in rec.status.models.items():
                     self.models.setdefault(model, group)
+        # What the pod servers call each model (they know only their namespace's ids).
+        self.local_models = {m: tenancy.local_id(m) for m in self.models if "/" in m}
+        for alias, qualified in tenancy.aliases(self.models).items():
+            if alias not in self.models:
+                self.models[alias] = self.models[qualified]
+                self.local_models[alias] = alias
 
     # --- observations -------------------------------------------------------------------------
 
@@ -169,6 +187,8 @@ class FleetState:
         rec = self.pods.get(pod_id)
         if rec is None:
             return
+        if rec.tenant:
+            doc = tenancy.qualify_status(doc, rec.tenant)
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
         rec.status, rec.status_at, rec.confirmed = doc, now, True
@@ -346,6 +366,7 @@ class FleetState:
                 "url": rec.url,
                 "node": (rec.status.node if rec.status else None) or rec.node,
                 "state": self.pod_state(rec),
+                "status_from": "kubernetes" if rec.annotated else ("poll" if rec.status else None),
                 "ready": rec.ready,
                 "ejected": not rec.outlier.admitted,
                 "ejected_for_s": round(rec.outlier.ejected_until - now, 3) if rec.outlier.ejected_until else None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -27,12 +26,6 @@ def validation_error(exc: RequestValidationError) -> GpufleetError:
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid request"))
     return InvalidRequest(f"{param}: {msg}" if param else msg, param=param)
-
-
-def parse_error(exc: Exception) -> GpufleetError:
-    if isinstance(exc, json.JSONDecodeError):
-        return InvalidRequest(f"request body is not valid JSON: {exc.msg}", code="invalid_json")
-    return InvalidRequest(str(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -36,7 +36,8 @@ import pytest
 import yaml
 from cluster import procs
 from cluster.binaries import ensure_binaries
-from operator_support import LocalComponent, PodServerFarm, try_get, which
+from cluster.kube import Api, ApiError
+from operator_support import LocalComponent, PodServerFarm, service_account_token, try_get, which
 
 from gpufleet.api import labels
 
@@ -61,9 +62,12 @@ class Fleet:
         self.release = f"gf{suffix}"
         self.system_ns = f"{self.release}-system"
         self.ns = f"{self.release}-models"
+        self.ns2 = f"{self.release}-team-b"  # a second tenant, served by the same router
         self.operator: LocalComponent | None = None
+        self.operator_deployment: dict[str, Any] = {}
         self.router: LocalComponent | None = None
         self.farm: PodServerFarm | None = None
+        self.farm2: PodServerFarm | None = None
         self.router_url = ""
         self.health_url = ""
         self.nodes: list[str] = []
@@ -84,27 +88,27 @@ class Fleet:
     def get(self, path: str) -> dict[str, Any] | None:
         return try_get(self.api, path)
 
-    def group(self, name: str) -> dict[str, Any]:
-        obj = self.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{self.ns}/modelgroups/{name}")
+    def group(self, name: str, ns: str | None = None) -> dict[str, Any]:
+        obj = self.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{ns or self.ns}/modelgroups/{name}")
         assert obj is not None, f"ModelGroup {name} is gone"
         return obj
 
-    def pods(self, group: str) -> list[dict[str, Any]]:
+    def pods(self, group: str, ns: str | None = None) -> list[dict[str, Any]]:
         selector = f"{labels.LABEL_MODEL_GROUP}={group}"
-        path = f"/api/v1/namespaces/{self.ns}/pods?labelSelector={selector}"
+        path = f"/api/v1/namespaces/{ns or self.ns}/pods?labelSelector={selector}"
         items: list[dict[str, Any]] = self.api.get(path)["items"]
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
-    def condition(self, name: str, kind: str) -> dict[str, Any]:
-        for cond in (self.group(name).get("status") or {}).get("conditions") or []:
+    def condition(self, name: str, kind: str, ns: str | None = None) -> dict[str, Any]:
+        for cond in (self.group(name, ns).get("status") or {}).get("conditions") or []:
             if cond["type"] == kind:
                 return dict(cond)
         return {}
 
-    def ready(self, name: str) -> bool:
-        group = self.group(name)
+    def ready(self, name: str, ns: str | None = None) -> bool:
+        group = self.group(name, ns)
         status = group.get("status") or {}
-        return (self.condition(name, "Ready").get("status") == "True"
+        return (self.condition(name, "Ready", ns).get("status") == "True"
                 and status.get("observedGeneration") == group["metadata"]["generation"])
 
     def watched(self) -> list[procs.Process]:
@@ -147,13 +151,13 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         name = f"{f.release}-gpu-{i}"
         c.add_gpu_node(name, gpus=4, labels={labels.GPU_PRODUCT_LABEL: "NVIDIA-H100-80GB-HBM3"})
         f.nodes.append(name)
-    for ns, restricted in ((f.system_ns, True), (f.ns, True)):
+    for ns, restricted in ((f.system_ns, True), (f.ns, True), (f.ns2, True)):
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
             "pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"}}}
         c.api.create("/api/v1/namespaces", body)
-    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns}}}"]
+    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns},{f.ns2}}}"]
     if c.existing:  # never manage other people's ModelGroups
-        sets.append(f"operator.watchNamespaces={{{f.ns}}}")
+        sets.append(f"operator.watchNamespaces={{{f.ns},{f.ns2}}}")
     if os.environ.get("GPUFLEET_E2E_POD_SERVER_IMAGE"):
         repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
         sets += ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
@@ -161,6 +165,8 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         # Left by an earlier release (the chart keeps it on uninstall): bring it up to date.
         sets.append("crds.install=false")
         f.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modelgroup.yaml"))
+    if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/kopfpeerings.kopf.dev"):
+        sets.append("operator.peering.installCRDs=false")  # kept from an earlier release
     args = ["install", f.release, str(CHART), "-n", f.system_ns, "--wait", "--timeout", "120s"]
     for s in sets:
         args += ["--set", s]
@@ -170,6 +176,7 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
     health_port, router_port = _free_port(), _free_port()
     f.health_url = f"http://127.0.0.1:{health_port}/healthz"
     f.router_url = f"http://127.0.0.1:{router_port}"
+    f.operator_deployment = operator_deployment
     f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
         "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
         "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
@@ -179,15 +186,17 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         "HOST": "127.0.0.1", "PORT": str(router_port),
     })
     f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
-    with f.operator, f.router, f.farm:
+    f.farm2 = PodServerFarm(c.api, f.ns2, f.workdir / "pods2", {IMAGE_MODELS: demo_models.parent})
+    with f.operator, f.router, f.farm, f.farm2:
         print(f"\n[e2e] {f.release} installed, operator/router started in {time.monotonic() - t0:.1f}s")
         try:
             yield f
         finally:
             print(f"\n[e2e] pod-server processes started: {len(f.farm.started)}; errors: {f.farm.errors[-3:]}")
-            f.kubectl("delete", "mg", "--all", "-n", f.ns, "--wait=false", check=False)
+            for ns in (f.ns, f.ns2):
+                f.kubectl("delete", "mg", "--all", "-n", ns, "--wait=false", check=False)
     f.run("helm", "uninstall", f.release, "-n", f.system_ns, "--wait", "--timeout", "60s", check=False)
-    for ns in (f.ns, f.system_ns):
+    for ns in (f.ns, f.ns2, f.system_ns):
         f.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
@@ -217,6 +226,8 @@ INVALID = [
     ("bad-model-id", {"models": [{"id": "no spaces", "source": "/a"}]}, "spec.models[0].id"),
     ("unknown-field", {"gpus": 2}, 'unknown field "spec.gpus"'),
     ("x" * 53, {}, "at most 52 characters"),
+    ("visible-devices", {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]},
+     "*_VISIBLE_DEVICES is set by the GPU runtime"),
 ]
 
 
@@ -247,7 +258,10 @@ def test_example_becomes_ready_on_gpu_nodes(fleet: Fleet) -> None:
         assert pod["spec"]["nodeName"] in fleet.nodes  # placed by kube-scheduler on a GPU node
         limits = pod["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1"
-        doc = json.loads(pod["metadata"]["annotations"][labels.STATUS_ANNOTATION])  # written by the pod server
+        assert labels.STATUS_ANNOTATION not in (pod["metadata"].get("annotations") or {})  # pods are not written
+        lease = fleet.api.get(f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases/{pod['metadata']['name']}")
+        assert [r["uid"] for r in lease["metadata"]["ownerReferences"]] == [pod["metadata"]["uid"]]
+        doc = json.loads(lease["metadata"]["annotations"][labels.STATUS_ANNOTATION])  # written by the pod server
         assert doc["pod"] == pod["metadata"]["name"] and doc["ready"] is True
         assert doc["node"] == pod["spec"]["nodeName"] and doc["url"] == f"http://{pod['status']['podIP']}:8000"
     placements = {(p["pod"], p["state"]) for p in status["placements"]}
@@ -271,9 +285,16 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
 
         def knows_all() -> bool:
             ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
-            return {"tiny-chat", "tiny-chat-b", "tiny-complete-b"} <= ids
+            # Listed namespace-qualified; requests may use the bare id while one namespace serves it.
+            if not {f"{fleet.ns}/{m}" for m in ("tiny-chat", "tiny-chat-b", "tiny-complete-b")} <= ids:
+                return False
+            # kwok marks pods Ready before their server listens, so the router may have
+            # ejected them for a while (failed polls): wait until it routes to them again.
+            pods = client.get("/api/fleet").json()["pods"]
+            return all(pods.get(n, {}).get("state") == "ready" and not pods[n]["ejected"]
+                       for n in ("alpha-0", "alpha-1", "beta-0"))
 
-        fleet.wait(knows_all, "router lists every model", 60)
+        fleet.wait(knows_all, "router lists every model and routes to every pod", 90)
         for _ in range(3):
             r = client.post("/v1/chat/completions", json={"model": "tiny-chat", "max_tokens": 4,
                                                           "messages": [{"role": "user", "content": "hello"}]})
@@ -286,6 +307,141 @@ def test_router_routes_requests_to_the_groups_pods(fleet: Fleet) -> None:
         r = client.post("/v1/completions", json={"model": "tiny-complete-b", "prompt": "The quick", "max_tokens": 4})
         assert r.status_code == 200 and served_by(r) == "beta-0", r.text
         assert r.headers.get("x-group-switch") == "false"  # beta was already resident: no load on the request path
+
+
+def test_a_pod_server_identity_can_write_only_its_own_status(fleet: Fleet) -> None:
+    """The token a pod server runs with (bound to its pod) cannot change another pod, nor
+    its own, nor another pod's status Lease; its own status still reaches the router."""
+    pods = {p["metadata"]["name"]: p for p in fleet.pods("alpha")}
+    me, other = pods["alpha-0"], pods["alpha-1"]
+    token = service_account_token(fleet.api, fleet.ns, me["spec"]["serviceAccountName"], me)
+    as_pod = Api(fleet.api.url, token, fleet.api.ca_file, insecure=fleet.api.insecure)
+    merge = "application/merge-patch+json"
+    evil = {"metadata": {"labels": {labels.LABEL_COMPONENT: labels.COMPONENT_POD_SERVER}},
+            "spec": {"containers": [{"name": "pod-server", "image": "attacker.example/evil:1"}]}}
+    for target in (other, me):
+        with pytest.raises(ApiError) as refused:
+            as_pod.request("PATCH", f"/api/v1/namespaces/{fleet.ns}/pods/{target['metadata']['name']}", evil,
+                           content_type=merge)
+        assert refused.value.status == 403, refused.value
+    assert fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/pods/alpha-1")["spec"]["containers"][0]["image"] == \
+        other["spec"]["containers"][0]["image"]
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases"
+    forged = {"metadata": {"annotations": {labels.STATUS_ANNOTATION: "{}"}}}
+    for name in ("alpha-1", "beta-0"):  # a sibling's Lease, another group's Lease
+        with pytest.raises(ApiError) as refused:
+            as_pod.request("PATCH", f"{leases}/{name}", forged, content_type=merge)
+        assert refused.value.status == 403 and "only the Lease of its own pod (alpha-0)" in str(refused.value)
+    with pytest.raises(ApiError) as refused:  # nor a new Lease under another name
+        as_pod.create(leases, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "x"}})
+    assert refused.value.status == 403, refused.value
+    unbound = Api(fleet.api.url, service_account_token(fleet.api, fleet.ns, me["spec"]["serviceAccountName"]),
+                  fleet.api.ca_file, insecure=fleet.api.insecure)
+    with pytest.raises(ApiError) as refused:  # a token bound to no pod writes no Lease at all
+        unbound.request("PATCH", f"{leases}/alpha-0", forged, content_type=merge)
+    assert refused.value.status == 403 and "its token names no pod" in str(refused.value)
+    # Its own Lease it may write (what the pod server does); the router reads status from it.
+    own = fleet.api.get(f"{leases}/alpha-0")["metadata"]["annotations"][labels.STATUS_ANNOTATION]
+    as_pod.request("PATCH", f"{leases}/alpha-0", {"metadata": {"annotations": {labels.STATUS_ANNOTATION: own}}},
+                   content_type=merge)
+    with httpx.Client(base_url=fleet.router_url, timeout=10) as client:
+        fleet.wait(lambda: client.get("/api/fleet").json()["pods"]["alpha-0"]["status_from"] == "kubernetes",
+                   "the router has alpha-0's status from its Lease", 30)
+
+
+def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(fleet: Fleet) -> None:
+    """The pod-template fields of a real GPU cluster, accepted by the API server (the pod
+    passes the namespace's `restricted` standard too), scheduled and Ready; the per-pod
+    model cache claim survives the pod's replacement."""
+    fleet.api.create("/apis/node.k8s.io/v1/runtimeclasses", {
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": f"{fleet.release}-nvidia"},
+        "handler": "nvidia"})
+    storage_class = f"{fleet.release}-local"
+    fleet.api.create("/api/v1/persistentvolumes", {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{fleet.release}-pv-0"},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": storage_class,
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": "/tmp/unused"}}})
+    fleet.api.create(f"/api/v1/namespaces/{fleet.ns}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": "eyJhdXRocyI6e319"}})
+    doc = {"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": "gamma"}, "spec": {
+        "models": [{"id": "tiny-chat-g", "source": f"{IMAGE_MODELS}/tiny-chat", "task": "chat", "dtype": "float32"}],
+        "imagePullSecrets": [{"name": "regcred"}],
+        "runtimeClassName": f"{fleet.release}-nvidia",
+        "podMetadata": {"labels": {"team": "a"}},
+        "serviceAccount": {"annotations": {"example.com/identity": "gamma"}},
+        "volumes": [{"name": "weights", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumeMounts": [{"name": "weights", "mountPath": "/weights", "readOnly": True}],
+        "loadTimeoutSeconds": 600,
+        "scratch": {"sizeLimit": "5Gi"},
+        "modelCache": {"size": "10Gi", "storageClassName": storage_class},
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+    }}
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump(doc))
+    fleet.wait(lambda: fleet.ready("gamma"), "ModelGroup gamma Ready", READY_TIMEOUT)
+    [pod] = fleet.pods("gamma")
+    spec = pod["spec"]
+    assert spec["runtimeClassName"] == f"{fleet.release}-nvidia" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["labels"]["team"] == "a"
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    assert claims["model-cache"] == "model-cache-gamma-0"
+    claim_path = f"/api/v1/namespaces/{fleet.ns}/persistentvolumeclaims/model-cache-gamma-0"
+    claim = fleet.api.get(claim_path)
+    assert claim["status"]["phase"] == "Bound"
+    sa = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/serviceaccounts/gamma-pod-server")
+    assert sa["metadata"]["annotations"]["example.com/identity"] == "gamma"
+    fleet.api.delete(f"/api/v1/namespaces/{fleet.ns}/pods/gamma-0")
+
+    def replaced() -> bool:
+        pods = fleet.pods("gamma")
+        return bool(pods) and pods[0]["metadata"]["uid"] != pod["metadata"]["uid"] and fleet.ready("gamma")
+
+    fleet.wait(replaced, "gamma-0 replaced and Ready", READY_TIMEOUT)
+    assert fleet.api.get(claim_path)["metadata"]["uid"] == claim["metadata"]["uid"]  # the same cache
+    fleet.kubectl("delete", "mg", "gamma", "-n", fleet.ns, "--wait=false")
+
+
+def _tenant_group(name: str, *model_ids: str) -> str:
+    models = [{"id": m, "source": f"{IMAGE_MODELS}/tiny-chat", "task": "chat", "dtype": "float32"} for m in model_ids]
+    return yaml.safe_dump({"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": name},
+                           "spec": {"models": models, "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}})
+
+
+def test_same_named_groups_of_two_namespaces_are_two_groups(fleet: Fleet) -> None:
+    """team-a/chat and team-b/chat, each with a model `tiny-chat-t`: the router lists and
+    routes them apart by namespace; a model id claimed twice in one namespace degrades the
+    later ModelGroup, which serves only its other models."""
+    for ns in (fleet.ns, fleet.ns2):
+        fleet.kubectl("apply", "-n", ns, "-f", "-", stdin=_tenant_group("chat", "tiny-chat-t"))
+    fleet.wait(lambda: fleet.ready("chat") and fleet.ready("chat", fleet.ns2), "chat Ready in both namespaces",
+               READY_TIMEOUT)
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=_tenant_group("chat-dup", "tiny-chat-t", "tiny-chat-u"))
+    fleet.wait(lambda: fleet.condition("chat-dup", "Degraded").get("reason") == "ModelIdConflict",
+               "chat-dup Degraded for the duplicate model id", 60)
+    message = fleet.condition("chat-dup", "Degraded")["message"]
+    assert "model id 'tiny-chat-t' is already served by ModelGroup 'chat'" in message, message
+    assert fleet.condition("chat", "Degraded")["status"] == "False"
+    ips = {ns: fleet.pods("chat", ns)[0]["status"]["podIP"] for ns in (fleet.ns, fleet.ns2)}
+    with httpx.Client(base_url=fleet.router_url, timeout=60) as client:
+        wanted = {f"{fleet.ns}/tiny-chat-t", f"{fleet.ns2}/tiny-chat-t", f"{fleet.ns}/tiny-chat-u"}
+
+        def listed() -> bool:
+            return wanted <= {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+        fleet.wait(listed, "the router lists both namespaces' models", 90)
+        for ns, ip in ips.items():
+            r = client.post("/v1/chat/completions", json={"model": f"{ns}/tiny-chat-t", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-served-by-pod"].endswith(f"@{ip}:8000"), (ns, r.headers["x-served-by-pod"])
+        r = client.post("/v1/chat/completions", json={"model": "tiny-chat-t", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404, r.text  # two namespaces serve it: the client must say which
+        group = client.get("/api/fleet").json()["models"][f"{fleet.ns}/tiny-chat-t"]
+        assert group == f"{fleet.ns}/chat"  # not chat-dup's
+    for name in ("chat", "chat-dup"):
+        fleet.kubectl("delete", "mg", name, "-n", fleet.ns, "--wait=false")
+    fleet.kubectl("delete", "mg", "chat", "-n", fleet.ns2, "--wait=false")
 
 
 def test_applying_again_changes_nothing(fleet: Fleet) -> None:
@@ -320,6 +476,32 @@ def test_deleted_pod_comes_back(fleet: Fleet) -> None:
                     and fleet.group("alpha")["status"]["readyReplicas"] == 2)
 
     fleet.wait(replaced, "alpha-0 recreated and alpha Ready again", READY_TIMEOUT)
+
+
+def _evict(fleet: Fleet, name: str) -> int:
+    """What `kubectl drain` does for each pod: the Eviction API, which honours PodDisruptionBudgets."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": fleet.ns}}
+    try:
+        fleet.api.create(f"/api/v1/namespaces/{fleet.ns}/pods/{name}/eviction", body)
+    except ApiError as exc:
+        return exc.status
+    return 201
+
+
+def test_evictions_never_take_a_groups_last_ready_pod(fleet: Fleet) -> None:
+    pdbs = f"/apis/policy/v1/namespaces/{fleet.ns}/poddisruptionbudgets"
+
+    def allowed(name: str) -> int:
+        return int((fleet.api.get(f"{pdbs}/{name}").get("status") or {}).get("disruptionsAllowed", -1))
+
+    fleet.wait(lambda: fleet.ready("alpha") and allowed("alpha") == 1 and allowed("beta") == 0,
+               "the disruption controller counted alpha (1 allowed) and beta (0 allowed)", 60)
+    assert _evict(fleet, "beta-0") == 429  # its only pod: a drain waits instead of taking the group down
+    assert _evict(fleet, "alpha-0") == 201  # one of two may go
+    assert _evict(fleet, "alpha-1") == 429  # not the last ready one
+    assert any(p["metadata"]["name"] == "alpha-1" for p in fleet.pods("alpha"))
+    fleet.wait(lambda: fleet.ready("alpha") and fleet.group("alpha")["status"]["readyReplicas"] == 2,
+               "alpha back to 2 ready pods", READY_TIMEOUT)
 
 
 def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
@@ -382,7 +564,7 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     allowed = ["watch modelgroups.gpufleet.io", "patch modelgroups.gpufleet.io:status",
                "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
                "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
-               "create rolebindings", "list pods", "watch pods", "create events",
+               "create rolebindings", "list pods", "watch pods", "watch leases.coordination.k8s.io", "create events",
                f"bind clusterroles/{release}-gpufleet-pod-server"]
     denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
               "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",
@@ -394,17 +576,48 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
     pod_server = f"system:serviceaccount:{ns}:beta-pod-server"
     router = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-router"
     expect = [(operator, rule, ns, True) for rule in allowed] + [(operator, rule, ns, False) for rule in denied]
-    expect += [(pod_server, "patch pods", ns, True), (pod_server, "patch pods", sys_ns, False)]
-    pod_server_denied = ["delete pods", "create pods", "list pods", "patch pods:status", "get secrets",
-                         "patch modelgroups.gpufleet.io", "create serviceaccounts:token"]
+    expect += [(pod_server, "patch leases.coordination.k8s.io", ns, True),
+               (pod_server, "create leases.coordination.k8s.io", ns, True),
+               (pod_server, "patch leases.coordination.k8s.io", sys_ns, False)]
+    pod_server_denied = ["patch pods", "update pods", "delete pods", "create pods", "list pods", "patch pods:status",
+                         "get secrets", "delete leases.coordination.k8s.io", "patch modelgroups.gpufleet.io",
+                         "create serviceaccounts:token"]
     expect += [(pod_server, rule, ns, False) for rule in pod_server_denied]
-    expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False)]
+    expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False),
+               (router, "watch leases.coordination.k8s.io", ns, True)]
     expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))
     wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
              for (who, rule, where, want), got in zip(expect, answers, strict=True) if got != want]
     assert not wrong, wrong
+
+
+def test_two_operator_replicas_act_once(fleet: Fleet) -> None:
+    """A second operator replica (the chart's env, so the same kopf peering) stands by: a new
+    ModelGroup gets each child created once and each event posted once."""
+    health = _free_port()
+    second = LocalComponent(fleet.api, fleet.operator_deployment, fleet.workdir / "operator-2", {
+        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3", "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health)})
+    env = {e["name"]: e.get("value") for e in
+           fleet.operator_deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    peering = f"/apis/kopf.dev/v1/clusterkopfpeerings/{env['GPUFLEET_OPERATOR_PEERING']}"
+    assert fleet.operator is not None
+    with second:
+        fleet.wait(lambda: len((fleet.get(peering) or {}).get("status") or {}) >= 2, "both replicas in the peering",
+                   60)
+        fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=_tenant_group("delta", "tiny-chat-d"))
+        fleet.wait(lambda: fleet.ready("delta"), "ModelGroup delta Ready", READY_TIMEOUT)
+        time.sleep(7)  # two resync periods (3 s): a standby replica that acted would have by now
+        reasons = [e["reason"] for e in fleet.events("delta")]
+        assert sorted(r for r in reasons if r == "Created") == ["Created"] * 6, reasons
+        assert reasons.count("Ready") == 1, reasons
+        logs = [fleet.operator.log(), second.log()]
+        created = [sum('"created child"' in line and '"group": "delta"' in line for line in log.splitlines())
+                   for log in logs]
+        assert sorted(created) == [0, 6], created  # one replica did all of it
+    fleet.kubectl("delete", "mg", "delta", "-n", fleet.ns, "--wait=false")
 
 
 def test_operator_is_healthy_and_logged_no_errors(fleet: Fleet) -> None:

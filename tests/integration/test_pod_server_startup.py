@@ -12,6 +12,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+def _has_cuda() -> bool:
+    from gpufleet.pod_server.devices import cuda_device_count
+
+    return cuda_device_count() > 0
+
+
 def _serve(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "DEVICES": "cpu:0", "MODEL_GROUPS": "/nonexistent/model_groups.json", **env}
     return subprocess.run(
@@ -38,6 +44,17 @@ def test_bad_configuration_exits_with_clear_message(env: dict[str, str], needle:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has a CUDA device")
+def test_a_pod_told_to_use_its_gpu_without_cuda_fails_in_one_line(tmp_path: Path) -> None:
+    """What the operator sets (DEVICES=cuda:0) on a machine that cannot see a GPU: the pod
+    server exits non-zero with one line, instead of serving on the CPU and reporting Ready."""
+    proc = _serve({"DEVICES": "cuda:0"}, tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "DEVICES: 'cuda:0' is unavailable: this machine has no visible CUDA device" in lines[0]
 
 
 def test_invalid_model_groups_names_the_field(tmp_path: Path) -> None:

@@ -3,17 +3,17 @@ SSE pass-through timing, retry after a dead pod, headers, API key, body cap, exc
 
 from __future__ import annotations
 
-import asyncio
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.router_overhead.loadgen import Connection, Sample
 from tests.support.processes import ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ class Echo:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.router_overhead.echo_backend", "--port", str(self.port), "--name", name,
+            [sys.executable, "-m", "tests.support.echo_backend", "--port", str(self.port), "--name", name,
              *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -88,28 +88,20 @@ AUTH = {"Authorization": "Bearer sekret"}
 
 
 def test_sse_chunks_pass_through_as_they_are_sent(router: ServerProcess) -> None:
-    host, port = router.url.removeprefix("http://").split(":")
-
-    async def one() -> list[float]:
-        conn = await Connection.open(host, int(port))
-        try:
-            body = b'{"model":"echo-chat","stream":true,"messages":[]}'
-            conn.writer.write(
-                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sekret\r\n"
-                b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
-            await conn.writer.drain()
-            status = await conn.reader.readline()
-            assert b" 200 " in status
-            while (await conn.reader.readline()) not in (b"\r\n", b""):
-                pass
-            sample = Sample(0.0, 200)
-            await conn._read_chunked(sample)
-            return sample.chunk_delays_s
-        finally:
-            conn.close()
-
-    delays = asyncio.run(one())
+    # Each echo event carries the monotonic time it was sent ("t"); one clock for every process here.
+    delays = []
+    body = {"model": "echo-chat", "stream": True, "messages": []}
+    with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=10) as r:
+        assert r.status_code == 200
+        pending = b""
+        for data in r.iter_raw():
+            arrived = time.monotonic()
+            pending += data
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                sent = re.search(rb'"t":([0-9.]+)', event)
+                if sent is not None:
+                    delays.append(arrived - float(sent.group(1)))
     assert len(delays) == 5
     # Each event reaches the client within a few ms of leaving the pod; batching would cost 100s of ms.
     assert max(delays) < 0.04, delays

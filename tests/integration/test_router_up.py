@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -50,3 +53,16 @@ def test_up_runs_one_pod_per_device_and_stops_them_all(demo_models: Path, tmp_pa
         assert "[2/2]" in log and log.rstrip().endswith("gpufleet up: stopped")
     finally:
         up.stop()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"), [("UP_READY_TIMEOUT_S", "soon"), ("UP_MAX_RESTARTS", "-1"), ("POD_BASE_PORT", "99999")]
+)
+def test_bad_up_setting_is_one_line_not_a_traceback(var: str, value: str, tmp_path: Path) -> None:
+    env = {**os.environ, "DEVICES": "cpu:0", "MODEL_GROUPS": "/nonexistent/model_groups.json", var: value}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "up"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"gpufleet: configuration error: {var}: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

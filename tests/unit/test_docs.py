@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
+from gpufleet.local.up import UpSettings
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.router.settings import RouterSettings
-from gpufleet.router.up import UpSettings
 
 pytestmark = pytest.mark.unit
 README = (Path(__file__).parents[2] / "README.md").read_text()

@@ -75,7 +75,8 @@ VARIANTS = {
     "namespaced": ("operator.watchNamespaces={ml,team-b}",),
     "everything": ("ingress.enabled=true", "ingress.className=nginx", "serviceMonitor.enabled=true",
                    "router.apiKeySecret.name=gpufleet-key", "router.namespaces={ml}", "image.registry="),
-    "operator-elsewhere": ("operator.replicas=0", "router.replicas=0", "crds.install=false"),
+    "operator-elsewhere": ("operator.replicas=0", "router.replicas=0", "crds.install=false",
+                           "operator.peering.installCRDs=false"),
 }
 
 
@@ -190,16 +191,28 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
         expected |= {("", resource, v, "") for v in ("get", "create", "patch")}
     expected |= {("rbac.authorization.k8s.io", "rolebindings", v, "") for v in ("get", "create", "patch")}
     expected |= {("", "pods", "list", ""), ("", "pods", "watch", ""), ("", "events", "create", "")}
+    expected |= {("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "watch", "")}
+    expected |= {("policy", "poddisruptionbudgets", v, "") for v in ("get", "create", "patch")}
+    expected |= {("", "persistentvolumeclaims", v, "") for v in ("get", "create", "patch")}
+    expected |= {("kopf.dev", "kopfpeerings", v, "") for v in ("get", "list", "watch", "patch", "create")}
     assert operator == expected
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-bind-pod-server")) == {
         ("rbac.authorization.k8s.io", "clusterroles", "bind", "rel-gpufleet-pod-server")
     }
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-crds")) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("get", "list", "watch")
+    } | {("kopf.dev", "clusterkopfpeerings", v, "") for v in ("get", "list", "watch", "patch", "create")}
+    # No permission on pods: only its status Lease (the admission policy narrows it to its own).
+    assert _rules(named(docs, "ClusterRole", "rel-gpufleet-pod-server")) == {
+        ("coordination.k8s.io", "leases", v, "") for v in ("create", "patch")
     }
-    assert _rules(named(docs, "ClusterRole", "rel-gpufleet-pod-server")) == {("", "pods", "patch", "")}
+    policy = named(docs, "ValidatingAdmissionPolicy", "rel-gpufleet-pod-server-own-lease")
+    assert "authentication.kubernetes.io/pod-name" in policy["spec"]["validations"][0]["expression"]
+    binding = named(docs, "ValidatingAdmissionPolicyBinding", "rel-gpufleet-pod-server-own-lease")
+    assert binding["spec"] == {"policyName": "rel-gpufleet-pod-server-own-lease", "validationActions": ["Deny"]}
     router = _rules(named(docs, "ClusterRole", "rel-gpufleet-router"))
-    assert router == {("", "pods", v, "") for v in ("get", "list", "watch")}
+    assert router == {(g, r, v, "") for g, r in (("", "pods"), ("coordination.k8s.io", "leases"))
+                      for v in ("get", "list", "watch")}
     for role in of_kind(docs, "ClusterRole"):
         for group, resource, verb, _ in _rules(role):
             assert "*" not in (group, resource, verb) and resource != "secrets", role["metadata"]["name"]
@@ -239,7 +252,14 @@ def test_operator_and_router_settings_wiring() -> None:
     assert router.discovery == "kubernetes" and router.pod_namespaces == ["gpufleet-system"]
     assert router.pod_label_selector == "gpufleet.io/component=pod-server"
     deployment = named(docs, "Deployment", "rel-gpufleet-operator")
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas, kopf peering: one acts, the other stands by; a rollout surges.
+    assert deployment["spec"]["replicas"] == 2 and settings.peering == "rel-gpufleet-operator"
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    crds = {c["metadata"]["name"] for c in of_kind(docs, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    standalone = render("operator.peering.enabled=false", "operator.replicas=1")
+    assert named(standalone, "Deployment", "rel-gpufleet-operator")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "GPUFLEET_OPERATOR_PEERING" not in _env(named(standalone, "Deployment", "rel-gpufleet-operator"))
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "rel-gpufleet-operator"
     svc = named(docs, "Service", "rel-gpufleet-router")
     router = named(docs, "Deployment", "rel-gpufleet-router")
@@ -262,7 +282,8 @@ def test_optional_parts() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    "bad", ["operator.replicas=2", "router.policy=random", "nope=1", "router.namespaces={Bad_NS}",
+    "bad", ["operator.peering.enabled=false,operator.replicas=2", "router.policy=random", "nope=1",
+            "router.namespaces={Bad_NS}",
             "serviceMonitor.interval=soon"],
 )
 def test_values_schema_rejects(bad: str) -> None:
@@ -300,3 +321,68 @@ def test_dashboard_configmap_carries_the_json() -> None:
     cm = named(render(), "ConfigMap", "rel-gpufleet-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["gpufleet.json"])["uid"] == "gpufleet-overview"
+
+
+@needs_helm
+def test_works_as_a_subchart_with_global_values(tmp_path: Path) -> None:
+    """helm lint and template of a parent chart that depends on gpufleet (condition
+    gpufleet.enabled) and sets `global` values: the schema accepts them, images and pull
+    secrets follow them, and `enabled: false` turns the whole subchart off."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    (parent / "templates").mkdir()
+    (parent / "templates" / "NOTES.txt").write_text("platform\n")
+    shutil.copytree(CHART, parent / "charts" / "gpufleet")
+    (parent / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0", "icon": "https://example.com/icon.png",
+        "dependencies": [{"name": "gpufleet", "version": "0.1.0", "condition": "gpufleet.enabled"}]}))
+    (parent / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.corp.example", "imagePullSecrets": ["corp-pull"], "team": "ml"},
+        "gpufleet": {"enabled": True, "router": {"replicas": 3}}}))
+    lint = helm("lint", "--strict", str(parent), check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = [d for d in yaml.safe_load_all(helm("template", "rel", str(parent), "-n", "platform").stdout) if d]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"rel-gpufleet-operator", "rel-gpufleet-router"}
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"].startswith("registry.corp.example/"), pod["containers"][0]["image"]
+        assert pod["imagePullSecrets"] == [{"name": "corp-pull"}]
+    router = next(d for d in deployments if d["metadata"]["name"] == "rel-gpufleet-router")
+    assert router["spec"]["replicas"] == 3
+    off = helm("template", "rel", str(parent), "--set", "gpufleet.enabled=false").stdout
+    assert "kind: Deployment" not in off
+
+
+@needs_helm
+def test_router_is_highly_available_by_default() -> None:
+    docs = render()
+    router = named(docs, "Deployment", "rel-gpufleet-router")
+    assert router["spec"]["replicas"] == 2
+    [spread] = router["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == router["spec"]["selector"]["matchLabels"]
+    pdb = named(docs, "PodDisruptionBudget", "rel-gpufleet-router")
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"] == router["spec"]["selector"]
+    assert not of_kind(render("router.replicas=1"), "PodDisruptionBudget")  # one replica: a PDB would block drains
+
+
+@needs_helm
+def test_random_uids_for_openshift() -> None:
+    """podSecurity.runAsUser=null: no fixed UID anywhere (OpenShift assigns one), still restricted."""
+    from gpufleet.operator.settings import OperatorSettings
+
+    docs = render("podSecurity.runAsUser=null")
+    for dep in of_kind(docs, "Deployment"):
+        psc = dep["spec"]["template"]["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(psc)
+        assert restricted_violations(dep["spec"]["template"]["spec"]) == []
+    op_env = _env(named(docs, "Deployment", "rel-gpufleet-operator"))
+    settings = OperatorSettings(**{k.removeprefix("GPUFLEET_OPERATOR_").lower(): v for k, v in op_env.items()})
+    assert settings.pod_server_run_as_user is None
+    from gpufleet.api.modelgroup import ModelGroupSpec
+    from gpufleet.operator.builders import ModelGroupRef, build_statefulset
+
+    spec = ModelGroupSpec.model_validate({"models": [{"id": "m", "source": "/m"}]})
+    sts = build_statefulset(ModelGroupRef("g", "ml", "u", spec), settings.build_options())
+    assert "runAsUser" not in sts["spec"]["template"]["spec"]["securityContext"]

@@ -10,14 +10,18 @@ import pytest
 
 from gpufleet.api import labels
 from gpufleet.api.model_groups import ModelGroupsFile
-from gpufleet.api.modelgroup import ModelGroupSpec
+from gpufleet.api.modelgroup import MODEL_CACHE_DIR, ModelGroupSpec
 from gpufleet.operator.builders import (
+    LABEL_GROUP_UID,
     BuildOptions,
     ModelGroupRef,
     build_children,
     build_configmap,
+    build_disruption_budget,
+    build_model_cache_claim,
     build_role_binding,
     build_service,
+    build_service_account,
     build_statefulset,
     child_names,
     selector_labels,
@@ -52,7 +56,8 @@ def env_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def test_children_are_owned_labelled_and_valid() -> None:
     children = build_children(ref(), OPTIONS)
-    assert [c["kind"] for c in children] == ["ServiceAccount", "RoleBinding", "ConfigMap", "Service", "StatefulSet"]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "RoleBinding", "ConfigMap", "Service",
+                                             "PodDisruptionBudget", "StatefulSet"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == "ml"
@@ -75,7 +80,10 @@ def test_gpu_pinning_and_resources() -> None:
     sts = build_statefulset(ref(gpusPerPod=2, resources={"requests": {"cpu": 2}, "limits": {"memory": "8Gi"}}), OPTIONS)
     res = container(sts)["resources"]
     assert res["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "2"}
-    assert res["requests"] == {"cpu": "2", "nvidia.com/gpu": "2"}
+    # ephemeral-storage: room on the node for the scratch emptyDir, whose size is limited
+    assert res["requests"] == {"cpu": "2", "nvidia.com/gpu": "2", "ephemeral-storage": "20Gi"}
+    cache = next(v for v in pod_spec(sts)["volumes"] if v["name"] == "cache")
+    assert cache["emptyDir"] == {"sizeLimit": "20Gi"}
 
 
 def test_statefulset_shape() -> None:
@@ -100,7 +108,10 @@ def test_pod_server_env_matches_its_settings() -> None:
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["POD_URL"] == "http://$(POD_IP):8000"
+    assert env["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}  # owner of the pod's status Lease
     assert env["STATUS_ANNOTATION"] == "true"
+    assert env["DEVICES"] == "cuda:0"  # the pod's GPU, named: without CUDA the server fails, not falls back
+    assert env_of(build_statefulset(ref(gpusPerPod=4), OPTIONS))["DEVICES"] == "cuda:0,cuda:1,cuda:2,cuda:3"
     # Every plain value parses with the pod server's own settings.
     plain = {k.lower(): v for k, v in env.items() if isinstance(v, str) and k.lower() in PodServerSettings.model_fields}
     settings = PodServerSettings(**{**plain, "devices": "cpu:0", "pod_url": "http://10.0.0.1:8000"})
@@ -174,7 +185,12 @@ def test_exclusive_keeps_other_groups_off_our_nodes() -> None:
     terms = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms[0]["topologyKey"] == "kubernetes.io/hostname"
     exprs = {e["key"]: (e["operator"], e["values"]) for e in terms[0]["labelSelector"]["matchExpressions"]}
-    assert exprs[labels.LABEL_MODEL_GROUP] == ("NotIn", ["alpha"])
+    # Other namespaces' pod servers too, even a group of the same name: keyed by uid, not name.
+    assert terms[0]["namespaceSelector"] == {}
+    assert exprs[LABEL_GROUP_UID] == ("NotIn", ["uid-1"])
+    assert pod_spec(build_statefulset(ref(), OPTIONS)) is not None
+    template_labels = build_statefulset(ref(), OPTIONS)["spec"]["template"]["metadata"]["labels"]
+    assert template_labels[LABEL_GROUP_UID] == "uid-1"
     assert "affinity" not in pod_spec(build_statefulset(ref(), OPTIONS))
 
 
@@ -182,6 +198,100 @@ def test_spec_hash_changes_only_with_content() -> None:
     a = build_statefulset(ref(), OPTIONS)["metadata"]["annotations"][labels.SPEC_HASH_ANNOTATION]
     b = build_statefulset(ref(replicas=2), OPTIONS)["metadata"]["annotations"][labels.SPEC_HASH_ANNOTATION]
     assert a != b
+
+
+def test_pod_template_fields_under_their_kubernetes_names() -> None:
+    """What many GPU clusters need before a pod can run: pull secrets, the NVIDIA runtime
+    class, volumes with real weights, a cache that outlives the pod."""
+    group = ref(
+        imagePullSecrets=[{"name": "regcred"}],
+        runtimeClassName="nvidia",
+        priorityClassName="gpu-serving",
+        podMetadata={"labels": {"team": "a", labels.LABEL_MODEL_GROUP: "evil"}, "annotations": {"x/y": "z"}},
+        serviceAccount={"annotations": {"iam.gke.io/gcp-service-account": "sa@p.iam.gserviceaccount.com"}},
+        topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                    "whenUnsatisfiable": "ScheduleAnyway"}],
+        env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        envFrom=[{"secretRef": {"name": "extra-env"}}],
+        volumes=[{"name": "weights", "persistentVolumeClaim": {"claimName": "llama-weights", "readOnly": True}}],
+        volumeMounts=[{"name": "weights", "mountPath": "/weights", "readOnly": True}],
+        resources={"requests": {"cpu": 4, "rdma/hca_shared_devices_a": 1}, "limits": {"rdma/hca_shared_devices_a": 1}},
+        loadTimeoutSeconds=1800,
+        scratch={"sizeLimit": "50Gi"},
+        modelCache={"size": "200Gi", "storageClassName": "fast-rwo"},
+    )
+    sts = build_statefulset(group, OPTIONS)
+    kubernetes_validate.validate(sts, kubernetes_validate.latest_version(), strict=True)
+    spec, c = pod_spec(sts), container(sts)
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["runtimeClassName"] == "nvidia" and spec["priorityClassName"] == "gpu-serving"
+    meta = sts["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "a" and meta["labels"][labels.LABEL_MODEL_GROUP] == "alpha"  # ours win
+    assert meta["annotations"]["x/y"] == "z" and labels.CONFIG_HASH_ANNOTATION in meta["annotations"]
+    assert spec["topologySpreadConstraints"] == [{
+        "labelSelector": {"matchLabels": selector_labels("alpha")}, "maxSkew": 1,
+        "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]
+    assert env_of(sts)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert c["envFrom"] == [{"secretRef": {"name": "extra-env"}}]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "llama-weights", "readOnly": True}
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "50Gi"}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["weights"] == {"name": "weights", "mountPath": "/weights", "readOnly": True}
+    assert mounts["model-cache"]["mountPath"] == MODEL_CACHE_DIR
+    assert c["resources"]["requests"]["rdma/hca_shared_devices_a"] == "1"
+    assert c["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    assert env_of(sts)["MODEL_LOAD_TIMEOUT_S"] == "1800"
+    assert env_of(sts)["HF_HOME"] == f"{MODEL_CACHE_DIR}/huggingface"  # downloads land in the cache
+    probe = c["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 1800  # no restart while it loads
+    # A claim per pod, kept across pod replacement (StatefulSet), removed with the StatefulSet.
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "model-cache"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "200Gi"}},
+                             "storageClassName": "fast-rwo"}
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    assert build_model_cache_claim(group, OPTIONS) is None
+    sa = build_service_account(group, OPTIONS)
+    assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == "sa@p.iam.gserviceaccount.com"
+
+
+def test_a_shared_model_cache_is_one_claim_owned_by_the_group() -> None:
+    group = ref(replicas=3, modelCache={"size": "1Ti", "shared": True})
+    claim = build_model_cache_claim(group, OPTIONS)
+    assert claim is not None and claim["kind"] == "PersistentVolumeClaim"
+    kubernetes_validate.validate(claim, kubernetes_validate.latest_version(), strict=True)
+    assert claim["metadata"]["name"] == "alpha-model-cache"
+    assert claim["metadata"]["ownerReferences"][0]["kind"] == "ModelGroup"  # outlives pods, goes with the group
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    sts = build_statefulset(group, OPTIONS)
+    assert "volumeClaimTemplates" not in sts["spec"]
+    volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "alpha-model-cache"}
+    assert [c["kind"] for c in build_children(group, OPTIONS)].index("PersistentVolumeClaim") < 5  # before the pods
+
+
+def test_visible_devices_in_env_are_refused() -> None:
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES is set from gpusPerPod"):
+        ref(env=[{"name": "CUDA_VISIBLE_DEVICES", "value": "0,1"}])
+
+
+@pytest.mark.parametrize(("replicas", "max_unavailable", "budget"), [
+    (1, 1, {"minAvailable": 1}),  # one replica: a drain must not take the group down
+    (3, 1, {"maxUnavailable": 1}),
+    (4, "50%", {"maxUnavailable": "50%"}),
+])
+def test_disruption_budget(replicas: int, max_unavailable: Any, budget: dict[str, Any]) -> None:
+    pdb = build_disruption_budget(ref(replicas=replicas, disruption={"maxUnavailable": max_unavailable}), OPTIONS)
+    kubernetes_validate.validate(pdb, kubernetes_validate.latest_version(), strict=True)
+    assert pdb["spec"] == {"selector": {"matchLabels": selector_labels("alpha")}, **budget,
+                           "unhealthyPodEvictionPolicy": "AlwaysAllow"}
+
+
+def test_rollout_max_unavailable_only_when_asked() -> None:
+    assert build_statefulset(ref(), OPTIONS)["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    sts = build_statefulset(ref(replicas=4, rollout={"maxUnavailable": 2}), OPTIONS)
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}}
 
 
 # ---- drift --------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ class FakeKube:
         return copy.deepcopy(obj) if obj else None
 
     def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        return []
+        if label_selector:  # pods and Leases: none in these tests
+            return []
+        return [copy.deepcopy(o) for p, o in self.objects.items() if p.rpartition("/")[0] == path]
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         if manifest["kind"] == self.reject:
@@ -102,7 +104,7 @@ CM = object_path("v1", "ConfigMap", "ml", "alpha-model-groups")
 def test_first_reconcile_creates_every_child_and_a_status(kube: FakeKube) -> None:
     result = Reconciler(kube, BuildOptions()).reconcile(current(kube), pods=[])
     kinds = [r for t, r, _ in result.events if r == "Created"]
-    assert len(kinds) == 5
+    assert len(kinds) == 6  # ServiceAccount, RoleBinding, ConfigMap, Service, PodDisruptionBudget, StatefulSet
     assert {STS, CM} <= set(kube.objects)
     status = current(kube)["status"]
     assert status["readyReplicas"] == 0
@@ -195,3 +197,47 @@ def test_status_follows_pods_without_touching_children(kube: FakeKube) -> None:
     assert status["readyReplicas"] == 1
     assert status["placements"] == [{"pod": "alpha-0", "node": "gpu-0", "device": "cuda:0", "state": "current"}]
     assert ("Normal", "Ready", "1/1 pod servers ready") in result.events
+
+
+def test_a_model_id_claimed_twice_in_a_namespace_degrades_the_later_group(kube: FakeKube) -> None:
+    first = current(kube)
+    first["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    kube.objects[group_path("ml", "alpha")] = first
+    later = group(models=[{"id": "m", "source": "/other"}, {"id": "n", "source": "/n"}])
+    later["metadata"].update({"name": "beta", "uid": "beta-uid", "creationTimestamp": "2026-01-02T00:00:00Z"})
+    kube.objects[group_path("ml", "beta")] = copy.deepcopy(later)
+    result = Reconciler(kube, BuildOptions()).reconcile(later, pods=[])
+    assert result.blocked is None and result.status is not None
+    degraded = next(c for c in result.status.conditions if c.type == "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "ModelIdConflict")
+    assert "model id 'm' is already served by ModelGroup 'alpha'" in degraded.message
+    assert ("Warning", "ModelIdConflict", degraded.message) in result.events
+    # beta serves only its other model; alpha keeps 'm' and is not degraded.
+    beta_cm = kube.get(object_path("v1", "ConfigMap", "ml", "beta-model-groups"))
+    assert beta_cm is not None and '"id": "n"' in beta_cm["data"]["model_groups.json"]
+    assert '"id": "m"' not in beta_cm["data"]["model_groups.json"]
+    assert result.status.models == "n"
+    first_result = Reconciler(kube, BuildOptions()).reconcile(current(kube), pods=[])
+    assert next(c for c in first_result.status.conditions if c.type == "Degraded").status == "False"
+
+
+def test_a_group_whose_every_model_id_is_taken_is_blocked(kube: FakeKube) -> None:
+    kube.objects[group_path("ml", "alpha")]["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    later = group()
+    later["metadata"].update({"name": "beta", "uid": "beta-uid", "creationTimestamp": "2026-01-02T00:00:00Z"})
+    kube.objects[group_path("ml", "beta")] = copy.deepcopy(later)
+    result = Reconciler(kube, BuildOptions()).reconcile(later, pods=[])
+    assert result.blocked is not None and result.blocked.reason == "ModelIdConflict"
+    assert kube.get(object_path("apps/v1", "StatefulSet", "ml", "beta")) is None
+
+
+def test_a_group_deleted_meanwhile_is_no_error(kube: FakeKube) -> None:
+    body = current(kube)
+    del kube.objects[group_path("ml", "alpha")]  # deleted between the event and the status write
+
+    def gone(path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        raise ApiException(status=404, reason="Not Found")
+
+    kube.merge_patch = gone  # type: ignore[method-assign]
+    result = Reconciler(kube, BuildOptions()).refresh_status(body, pods=[])
+    assert result.status is not None

@@ -47,3 +47,20 @@ def test_kopf_settings_keep_bookkeeping_out_of_status() -> None:
     assert ks.persistence.progress_storage.prefix == "operator.gpufleet.io"
     assert ks.scanning.disabled is False
     assert kopf_settings(load_settings(namespaces=["ml"])).scanning.disabled is True
+
+
+def test_chart_defaults_fill_pod_template_fields_a_group_does_not_set() -> None:
+    from gpufleet.operator.reconcile import parse_spec
+
+    defaults = '{"runtimeClassName": "nvidia", "imagePullSecrets": [{"name": "regcred"}], "loadTimeoutSeconds": 900}'
+    options = load_settings(pod_server_defaults=defaults).build_options()
+    body = {"spec": {"models": [{"id": "m", "source": "/m"}], "imagePullSecrets": [{"name": "mine"}]}}
+    spec = parse_spec(body, options.defaults)
+    assert spec.runtime_class_name == "nvidia" and spec.load_timeout_seconds == 900
+    assert [s.name for s in spec.image_pull_secrets] == ["mine"]  # the group's own value wins
+
+
+@pytest.mark.parametrize("bad", ['{"replicas": 3}', '{"runtimeClassName": "Not A Name"}', "[1]"])
+def test_chart_defaults_are_checked_at_start_up(bad: str) -> None:
+    with pytest.raises(ConfigError, match="GPUFLEET_OPERATOR_POD_SERVER_DEFAULTS"):
+        load_settings(pod_server_defaults=bad)

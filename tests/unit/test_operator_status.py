@@ -10,7 +10,7 @@ import pytest
 from gpufleet.api import labels
 from gpufleet.api.modelgroup import ModelGroupSpec, ModelGroupStatus
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
-from gpufleet.operator.status import compute_status, condition_events, pod_view, status_body
+from gpufleet.operator.status import compute_status, condition_events, pod_view, status_body, with_leases
 
 pytestmark = pytest.mark.unit
 
@@ -149,3 +149,45 @@ def test_status_body_is_camel_case_json() -> None:
     json.dumps(body)
     assert {"observedGeneration", "readyReplicas", "conditions", "selector", "service"} <= set(body)
     assert body["conditions"][0]["lastTransitionTime"] == T0
+
+
+def _lease(name: str, owner_uid: str | None, ann: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "annotations": {labels.STATUS_ANNOTATION: ann}}
+    if owner_uid:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": owner_uid}]
+    return {"metadata": meta}
+
+
+def test_status_comes_from_the_pods_own_lease_only() -> None:
+    forged = pod("alpha-0", ann=annotation("alpha-0"), metadata={"uid": "u0"})  # on the Pod: not believed
+    fresh = pod("alpha-1", metadata={"uid": "u1"})
+    stale = pod("alpha-2", metadata={"uid": "u2-new"})
+    leases = {"alpha-1": _lease("alpha-1", "u1", annotation("alpha-1")),
+              "alpha-2": _lease("alpha-2", "u2-old", annotation("alpha-2"))}  # left by the pod's predecessor
+    views = [pod_view(p) for p in with_leases([forged, fresh, stale], leases)]
+    assert [v.server is not None for v in views] == [False, True, False]
+
+
+def test_observed_generation_waits_for_the_statefulset_controller() -> None:
+    pods = [pod("alpha-0", ann=annotation("alpha-0")), pod("alpha-1", ann=annotation("alpha-1"))]
+    before = compute_status("alpha", 4, SPEC2, sts(), pods, None, T0)
+    # Generation 5 applied: the StatefulSet's generation moved on, its controller has not seen it yet.
+    lagging = compute_status("alpha", 5, SPEC2, sts(generation=2, observed=1), pods, before, T1)
+    assert lagging.observed_generation == 4 and all(c.observed_generation == 4 for c in lagging.conditions)
+    caught_up = compute_status("alpha", 5, SPEC2, sts(generation=2, observed=2), pods, lagging, T1)
+    assert caught_up.observed_generation == 5 and all(c.observed_generation == 5 for c in caught_up.conditions)
+    assert compute_status("alpha", 1, SPEC2, None, [], None, T0).observed_generation is None
+
+
+def test_a_crashing_pod_server_says_why_in_degraded() -> None:
+    """The pod server told DEVICES=cuda:0 on a node without a usable GPU exits with one line;
+    the kubelet keeps it as the termination message; the group's Degraded condition shows it."""
+    crash = pod("alpha-0", ready=False, status={"containerStatuses": [{
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 2, "message":
+                      "gpufleet: configuration error: DEVICES: 'cuda:0' is unavailable: this machine has no visible"
+                      " CUDA device (is the NVIDIA container runtime set up for this pod?)\n"}}}]})
+    st = compute_status("alpha", 1, SPEC2, sts(), [crash], None, T0)
+    degraded = next(c for c in st.conditions if c.type == "Degraded")
+    assert degraded.reason == "PodFailing" and "last exit: gpufleet: configuration error: DEVICES: 'cuda:0'" in \
+        degraded.message

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
+from gpufleet.api import labels
 from gpufleet.api.errors import ConfigError, GpufleetError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from gpufleet.api.labels import STATUS_ANNOTATION
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.router import fleet_api
 from gpufleet.router.decide import Decider
-from gpufleet.router.kube_discovery import apply_event, parse_pod
+from gpufleet.router.kube_discovery import LEASES, ClusterView, apply_event, parse_lease, parse_pod
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.proxy import parse_routing, rewrite_exclusive
 from gpufleet.router.settings import load_router_settings
@@ -160,12 +161,18 @@ def test_decisions_are_counted() -> None:
 # --- Kubernetes pods ----------------------------------------------------------------------------
 
 
-def k8s_pod(name: str = "pod-a", *, ready: bool = True, ip: str | None = "10.0.0.5", annotation: Any = "doc",
-            deleting: bool = False, port: int | None = 8080, namespace: str = "ml") -> dict[str, Any]:
-    doc = _pod(name).model_dump_json() if annotation == "doc" else annotation
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "annotations": {}}
-    if doc is not None:
-        meta["annotations"][STATUS_ANNOTATION] = doc
+def k8s_pod(name: str = "pod-a", *, ready: bool = True, ip: str | None = "10.0.0.5", deleting: bool = False,
+            port: int | None = 8080, namespace: str = "ml", managed: bool = True, group: str = "alpha",
+            annotation: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": f"uid-{name}", "annotations": {},
+                            "labels": {labels.LABEL_COMPONENT: labels.COMPONENT_POD_SERVER,
+                                       labels.LABEL_MODEL_GROUP: group}}
+    if managed:
+        meta["labels"][labels.LABEL_MANAGED_BY] = labels.MANAGED_BY
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": group,
+                                    "uid": "sts-uid", "controller": True}]
+    if annotation is not None:
+        meta["annotations"][STATUS_ANNOTATION] = annotation
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     ports = [{"name": "metrics", "containerPort": 9090}] + ([{"name": "http", "containerPort": port}] if port else [])
@@ -182,10 +189,23 @@ def k8s_pod(name: str = "pod-a", *, ready: bool = True, ip: str | None = "10.0.0
     }
 
 
+def k8s_lease(name: str = "pod-a", *, owner: str | None = "same", doc: Any = "doc",
+              namespace: str = "ml") -> dict[str, Any]:
+    """A pod server's status Lease, as gpufleet.pod_server.status_publisher writes it."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "annotations": {}}
+    if owner is not None:
+        uid = f"uid-{name}" if owner == "same" else owner
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]
+    text = _pod(name).model_dump_json() if doc == "doc" else doc
+    if text is not None:
+        meta["annotations"][STATUS_ANNOTATION] = text
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
+
+
 def test_parse_a_ready_pod() -> None:
     obs = parse_pod(k8s_pod())
     assert obs.id == "ml/pod-a" and obs.url == "http://10.0.0.5:8080" and obs.ready and obs.node == "node-1"
-    assert obs.status is not None and obs.status.pod == "pod-a"
+    assert obs.managed and obs.uid == "uid-pod-a"
 
 
 @pytest.mark.parametrize(
@@ -203,26 +223,57 @@ def test_parse_pod_readiness_and_address(kw: dict[str, Any], ready: bool, url: s
     assert obs.ready is ready and obs.url == url
 
 
-def test_parse_pod_without_or_with_a_bad_annotation() -> None:
-    assert parse_pod(k8s_pod(annotation=None)).status is None
-    bad = parse_pod(k8s_pod(annotation='{"pod": 1}'))
+def test_a_status_annotation_on_the_pod_itself_is_not_believed() -> None:
+    """Pod servers cannot write pods: whoever wrote it, it is not the pod server."""
+    assert parse_pod(k8s_pod(annotation=_pod("pod-a").model_dump_json())).status is None
+
+
+def test_parse_lease_without_or_with_a_bad_document() -> None:
+    assert parse_lease(k8s_lease(doc=None)).status is None
+    bad = parse_lease(k8s_lease(doc='{"pod": 1}'))
     assert bad.status is None and bad.status_error is not None
+    other = parse_lease(k8s_lease("pod-a", doc=_pod("pod-b").model_dump_json()))  # describes another pod
+    assert other.status is None and "pod-b" in (other.status_error or "")
 
 
 def test_watch_events_update_the_fleet() -> None:
     state = FleetState(clock=lambda: 0.0)
-    apply_event(state, "RESET", "ml", [k8s_pod("pod-a"), k8s_pod("pod-b")], 8000)
-    assert sorted(state.by_name) == ["pod-a", "pod-b"]
-    assert state.models == {"m": "alpha"}
-    # Annotations carry no contact: the status counts as fresh only once a poll answers.
+    view = ClusterView()
+    apply_event(state, "RESET", "ml", [k8s_pod("pod-a"), k8s_pod("pod-b")], 8000, view=view)
+    assert sorted(state.by_name) == ["pod-a", "pod-b"] and state.models == {}  # no status yet
+    apply_event(state, "RESET", "ml", [k8s_lease("pod-a"), k8s_lease("pod-b")], 8000, resource=LEASES, view=view)
+    assert state.models == {"ml/m": "ml/alpha", "m": "ml/alpha"}  # qualified by namespace; unique: an alias
+    # Leases carry no contact: the status counts as fresh only once a poll answers.
     assert not state.snapshot().devices[0].fresh
-    apply_event(state, "MODIFIED", "ml", k8s_pod("pod-a", ready=False), 8000)
+    apply_event(state, "MODIFIED", "ml", k8s_pod("pod-a", ready=False), 8000, view=view)
     assert not state.routable(state.by_name["pod-a"])
-    apply_event(state, "DELETED", "ml", k8s_pod("pod-b"), 8000)
+    apply_event(state, "DELETED", "ml", k8s_pod("pod-b"), 8000, view=view)
     assert sorted(state.by_name) == ["pod-a"]
-    apply_event(state, "RESET", "other", [k8s_pod("pod-c", namespace="other")], 8000)
-    apply_event(state, "RESET", "ml", [], 8000)  # a relist without pod-a forgets it, not other namespaces
+    apply_event(state, "RESET", "other", [k8s_pod("pod-c", namespace="other")], 8000, view=view)
+    apply_event(state, "RESET", "ml", [], 8000, view=view)  # a relist without pod-a forgets it, not other namespaces
     assert sorted(state.by_name) == ["pod-c"]
+
+
+def test_only_operator_managed_pods_are_routed_to() -> None:
+    state = FleetState(clock=lambda: 0.0)
+    view = ClusterView()
+    apply_event(state, "RESET", "ml", [k8s_pod("pod-a"), k8s_pod("intruder", managed=False)], 8000, view=view)
+    assert sorted(state.by_name) == ["pod-a"]
+    mislabelled = k8s_pod("pod-a")
+    mislabelled["metadata"]["ownerReferences"][0]["name"] = "other-group"  # not its group's StatefulSet
+    apply_event(state, "MODIFIED", "ml", mislabelled, 8000, view=view)
+    assert state.by_name == {}
+
+
+def test_a_lease_counts_only_when_its_owner_is_the_live_pod() -> None:
+    state = FleetState(clock=lambda: 0.0)
+    view = ClusterView()
+    apply_event(state, "RESET", "ml", [k8s_pod("pod-a")], 8000, view=view)
+    for lease in (k8s_lease("pod-a", owner="uid-of-an-earlier-pod-a"), k8s_lease("pod-a", owner=None)):
+        apply_event(state, "MODIFIED", "ml", lease, 8000, resource=LEASES, view=view)
+        assert state.pods["ml/pod-a"].status is None
+    apply_event(state, "MODIFIED", "ml", k8s_lease("pod-a"), 8000, resource=LEASES, view=view)
+    assert state.pods["ml/pod-a"].status is not None
 
 
 # --- fleet documents ----------------------------------------------------------------------------
@@ -307,3 +358,40 @@ def test_decision_lines_are_json_and_written_in_batches() -> None:
     logger.info("route", extra={"request_id": "r3"})
     handler.flush()
     assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "r3"
+
+
+def test_same_named_groups_of_two_namespaces_stay_two_groups() -> None:
+    """team-a/chat and team-b/chat: each namespace's ids are qualified by it, and a model id
+    both serve has no unqualified alias (it would be ambiguous)."""
+    state = FleetState(clock=lambda: 0.0)
+    view = ClusterView()
+    for ns, ip in (("team-a", "10.0.0.5"), ("team-b", "10.0.1.5")):
+        apply_event(state, "RESET", ns, [k8s_pod("chat-0", namespace=ns, group="chat", ip=ip)], 8000, view=view)
+        lease = k8s_lease("chat-0", namespace=ns, doc=PodStatus(
+            pod="chat-0", ready=True, groups=["chat"], models={"m": "chat", f"only-{ns}": "chat"}, timestamp=0.0,
+            devices=[DeviceStatus(device="cuda:0", current_group="chat", cached_groups=["chat"])]).model_dump_json())
+        apply_event(state, "MODIFIED", ns, lease, 8000, resource=LEASES, view=view)
+    assert state.models == {"team-a/m": "team-a/chat", "team-b/m": "team-b/chat", "team-a/only-team-a": "team-a/chat",
+                            "team-b/only-team-b": "team-b/chat", "only-team-a": "team-a/chat",
+                            "only-team-b": "team-b/chat"}
+    assert state.local_models["team-b/m"] == "m" and state.local_models["only-team-a"] == "only-team-a"
+    groups = {d.pod: d.current_group for d in state.snapshot().devices}
+    assert groups == {"chat-0@10.0.0.5:8080": "team-a/chat", "chat-0@10.0.1.5:8080": "team-b/chat"}
+    assert {rec.status.devices[0].cached_groups[0] for rec in state.pods.values() if rec.status} == {
+        "team-a/chat", "team-b/chat"}
+    decider = Decider(state, RouterMetrics(), "affinity")
+    assert decider.group_of("team-b/m") == "team-b/chat"
+    with pytest.raises(ModelNotFound):
+        decider.group_of("m")  # served in two namespaces: say which
+
+
+def test_fleet_documents_qualify_ids_by_namespace() -> None:
+    card = {"data": [{"id": "m", "object": "model"}]}
+    docs = [fleet_api.PodDoc("a", None, "u", "ready", card, tenant="team-a"),
+            fleet_api.PodDoc("b", None, "u", "ready", card, tenant="team-b")]
+    assert [c["id"] for c in fleet_api.model_cards(docs)] == ["team-a/m", "team-b/m"]
+    groups = {"model_groups": [{"group_id": "chat", "models": [{"id": "m", "status": "loaded"}]}]}
+    merged = fleet_api.models([fleet_api.PodDoc("a", None, "u", "ready", groups, tenant="team-a"),
+                               fleet_api.PodDoc("b", None, "u", "ready", groups, tenant="team-b")])
+    assert [(g["group_id"], [m["id"] for m in g["models"]]) for g in merged["model_groups"]] == [
+        ("team-a/chat", ["team-a/m"]), ("team-b/chat", ["team-b/m"])]

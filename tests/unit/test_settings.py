@@ -8,7 +8,7 @@ import pytest
 from gpufleet.api.errors import ConfigError
 from gpufleet.api.model_groups import load_model_groups
 from gpufleet.pod_server.devices import parse_device_list
-from gpufleet.pod_server.settings import load_settings
+from gpufleet.pod_server.settings import PodServerSettings, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -114,3 +114,14 @@ def test_default_group_override_must_exist(tmp_path: Path) -> None:
     parsed = load_model_groups(_write(tmp_path, doc))
     with pytest.raises(ConfigError, match="DEFAULT_GROUP"):
         parsed.with_default("zzz")
+
+
+def test_server_fields_are_declared_once_for_pod_server_and_router() -> None:
+    from gpufleet.router.settings import RouterSettings
+    from gpufleet.settings_support import ServerSettings
+
+    shared = set(ServerSettings.model_fields)
+    assert shared == {"host", "port", "api_key", "max_body_bytes", "log_level"}
+    for cls in (PodServerSettings, RouterSettings):
+        assert issubclass(cls, ServerSettings)
+        assert not shared & set(cls.__annotations__), f"{cls.__name__} redeclares a shared field"

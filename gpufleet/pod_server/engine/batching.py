@@ -12,6 +12,7 @@ Created when a group becomes current on a device, stopped (cache freed) before i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import uuid
@@ -87,7 +88,7 @@ class BatchEngine:
             eos_token_id=self.eos_ids or -1,
             pad_token_id=self.eos_ids[0] if self.eos_ids else 0,
         )
-        config = ContinuousBatchingConfig(
+        config = _cb_config(
             page_size=sizing.page_size,
             num_blocks=sizing.num_blocks,
             max_batch_tokens=sizing.max_batch_tokens,
@@ -186,6 +187,19 @@ class BatchEngine:
             if not finished:
                 self._manager.cancel_request(request_id)
                 _forget_handler(self._manager, request_id)
+
+
+def _cb_config(**fields: Any) -> ContinuousBatchingConfig:
+    """The config for the installed transformers: 5.17 to 5.23 call the page size ``block_size``."""
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    if "page_size" not in names:
+        fields["block_size"] = fields.pop("page_size")
+    if "auto_switch_to_flash" not in names:  # before 5.18 the manager never switched attention itself
+        fields.pop("auto_switch_to_flash", None)
+    missing = sorted(set(fields) - names)
+    if missing:
+        raise RuntimeError(f"this transformers' ContinuousBatchingConfig lacks {missing}: see pyproject's pin")
+    return ContinuousBatchingConfig(**fields)
 
 
 def _forget_handler(manager: Any, request_id: str) -> None:

@@ -6,12 +6,15 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpufleet.local.processes import free_port
+
+__all__ = ["Process", "StartupError", "free_port", "start", "stop", "wait_until"]
 
 
 class StartupError(RuntimeError):
@@ -32,15 +35,6 @@ class Process:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "<no log>"
-
-
-def free_port() -> int:
-    """A currently free loopback port (another process could grab it before we bind it,
-    but components start within milliseconds and the kernel cycles through ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:

@@ -274,7 +274,8 @@ class TestCluster:
         Returns the Node once Ready (or as created, if wait=False)."""
         if pod_cidr is None and not self.existing:
             pod_cidr = str(next(self._cidrs))
-        resources = {"cpu": cpu, "memory": memory, "pods": str(pods), "nvidia.com/gpu": str(gpus)}
+        resources = {"cpu": cpu, "memory": memory, "pods": str(pods), "nvidia.com/gpu": str(gpus),
+                     "ephemeral-storage": "2Ti"}
         node: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Node",

@@ -34,7 +34,7 @@ gpufleet.io/component: {{ .component }}
 
 {{/* An image reference: (dict "ctx" $ "image" .Values.operator.image) */}}
 {{- define "gpufleet.image" -}}
-{{- $registry := .ctx.Values.image.registry -}}
+{{- $registry := (.ctx.Values.global | default dict).imageRegistry | default .ctx.Values.image.registry -}}
 {{- $tag := .image.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion -}}
 {{- if $registry -}}
 {{- printf "%s/%s:%s" $registry .image.repository $tag -}}
@@ -53,12 +53,26 @@ gpufleet.io/component: {{ .component }}
 {{- join "," $ns -}}
 {{- end -}}
 
+{{/* imagePullSecrets: the chart's plus global.imagePullSecrets (names or {name: ...}). */}}
+{{- define "gpufleet.imagePullSecrets" -}}
+{{- $out := list -}}
+{{- range concat (.Values.imagePullSecrets | default list) ((.Values.global | default dict).imagePullSecrets | default list) -}}
+{{- if kindIs "string" . }}{{ $out = append $out (dict "name" .) }}{{ else }}{{ $out = append $out . }}{{ end -}}
+{{- end -}}
+{{- with $out }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod and container security contexts that pass the "restricted" Pod Security Standard. */}}
 {{- define "gpufleet.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
+{{- with .Values.podSecurity.runAsUser }}
+runAsUser: {{ . }}
+runAsGroup: {{ . }}
+fsGroup: {{ . }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}

@@ -1,4 +1,5 @@
-"""A near-instant OpenAI-compatible backend that looks like a pod server to the router.
+"""A near-instant OpenAI-compatible backend that looks like a pod server to the router (router tests
+and bench/router_overhead both use it; it lives with the tests so that tests never import bench).
 
 Raw asyncio HTTP/1.1 (keep-alive, no framework) so that its own cost hardly shows in the
 figures. Non-streaming chat requests get a fixed answer (completions echo the body they
@@ -7,7 +8,7 @@ the monotonic time it was sent (``"t"``), so a client on this machine can tell h
 each chunk arrived.
 It also serves ``/api/status``, ``/api/queue``, ``/ready`` and ``/health`` for discovery.
 
-    python -m bench.router_overhead.echo_backend --port 9001 [--chunks 8] [--chunk-gap-ms 2]
+    python -m tests.support.echo_backend --port 9001 [--chunks 8] [--chunk-gap-ms 2]
 """
 
 from __future__ import annotations

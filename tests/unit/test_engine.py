@@ -1,0 +1,96 @@
+"""The batching engine on transformers' manager: explicit KV sizing, per-request seeds and greedy
+rows whatever the batch, cancellation that frees the sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gpufleet.api.errors import ConfigError
+from gpufleet.pod_server.engine.batching import BatchEngine, SamplingParams
+from gpufleet.pod_server.engine.kv_sizing import kv_bytes_per_token, size_kv_cache
+from gpufleet.pod_server.engine.sampling import draw_key
+
+pytestmark = pytest.mark.unit
+
+
+def test_kv_cache_is_sized_from_the_budget_and_capped_by_need() -> None:
+    s = size_kv_cache(
+        model_id="m", bytes_per_token=1024, budget_bytes=10**9, max_sequences=8, context_length=256, on_gpu=False
+    )
+    assert s.tokens == 8 * 256  # never more than 8 full contexts need
+    small = size_kv_cache(
+        model_id="m", bytes_per_token=1024, budget_bytes=600_000, max_sequences=8, context_length=256, on_gpu=False
+    )
+    assert small.tokens >= 256 and small.bytes <= 600_000
+    with pytest.raises(ConfigError, match="KV_CACHE_GB"):
+        size_kv_cache(
+            model_id="m", bytes_per_token=1024, budget_bytes=100_000, max_sequences=8, context_length=256, on_gpu=False
+        )
+
+
+def test_sampling_keys_depend_on_seed_and_position_only() -> None:
+    assert draw_key(7, 3) == draw_key(7, 3)
+    assert len({draw_key(7, p) for p in range(100)}) == 100
+    assert all(0 <= draw_key(s, p) < 2**31 for s in (0, 1, 2**40) for p in (0, 5))
+
+
+@pytest.fixture
+async def engine(demo_models: Path) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
+    doc = json.loads(demo_models.read_text())
+    source = next(m["source"] for m in doc["groups"]["alpha"]["models"] if m["id"] == "tiny-chat")
+    path = Path(source) if Path(source).is_absolute() else demo_models.parent / source
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    sizing = size_kv_cache(
+        model_id="tiny-chat",
+        bytes_per_token=kv_bytes_per_token(model.config, 4),
+        budget_bytes=2**24,
+        max_sequences=16,
+        context_length=256,
+        on_gpu=False,
+    )
+    e = BatchEngine("tiny-chat", model, "cpu:0", sizing, max_sequences=16, eos_ids=[tok.eos_token_id])
+    e.start()
+    try:
+        yield e, list(tok("Hello there", add_special_tokens=False)["input_ids"])
+    finally:
+        e.stop()
+
+
+async def _tokens(e: BatchEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    out: list[int] = []
+    async for step in e.generate(prompt, params):
+        out += step.token_ids
+    return out
+
+
+async def test_seeded_and_greedy_requests_reproduce_whatever_runs_beside_them(engine: Any) -> None:
+    e, prompt = engine
+    alone_seeded = await _tokens(e, prompt, SamplingParams(12, temperature=1.0, seed=11))
+    alone_greedy = await _tokens(e, prompt, SamplingParams(12, temperature=0.0))
+    crowd = [_tokens(e, prompt, SamplingParams(12, temperature=1.0)) for _ in range(6)]
+    results = await asyncio.gather(
+        _tokens(e, prompt, SamplingParams(12, temperature=1.0, seed=11)),
+        _tokens(e, prompt, SamplingParams(12, temperature=0.0)),
+        *crowd,
+    )
+    assert results[0] == alone_seeded and results[1] == alone_greedy
+    assert len({tuple(r) for r in results[2:]}) > 1  # unseeded requests differ
+
+
+async def test_leaving_early_cancels_the_sequence(engine: Any) -> None:
+    e, prompt = engine
+    steps = e.generate(prompt, SamplingParams(200, temperature=1.0))
+    await anext(steps)
+    assert e.running == 1
+    await steps.aclose()  # type: ignore[attr-defined]
+    assert e.running == 0
+    assert not e._manager.output_router.result_handlers  # nothing left behind for the cancelled request
