@@ -44,7 +44,7 @@ def test_cache_round_trip_pins_host_memory_and_keeps_outputs(demo_models: Path) 
     assert chat.host_bytes >= chat.bytes and "tiny-chat" in r.ledger.host_copies()
     r.make_current("alpha", groups.groups["alpha"])
     assert r.make_current("beta", groups.groups["beta"]).source == "cache"
-    assert torch.cuda.memory_allocated(0) <= on_device + 64 << 20  # alpha's device copy is gone
+    assert torch.cuda.memory_allocated(0) <= on_device + (64 << 20)  # alpha's device copy is gone
     assert r.make_current("alpha", groups.groups["alpha"]).source == "cache"
     assert next(model.parameters()).device.type == "cuda"
     assert torch.allclose(before, model(input_ids=ids).logits.float().cpu())
