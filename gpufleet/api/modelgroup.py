@@ -125,6 +125,17 @@ class ServiceAccountSettings(_Camel):
     )
 
 
+class CacheInit(_Camel):
+    """A step run before the pod server in each pod, with the cache mounted (e.g. download
+    the weights if missing); it should be idempotent: it runs again in every new pod."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=512, description="Default: the pod server's.")
+    command: list[str] = Field(min_length=1, max_length=64)
+    args: list[str] = Field(default_factory=list, max_length=256)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+
+
 class ModelCache(_Camel):
     """A PersistentVolumeClaim for weights that survives pod replacement."""
 
@@ -137,6 +148,7 @@ class ModelCache(_Camel):
     access_modes: list[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
         default_factory=list, description="Default: ReadWriteMany if shared, else ReadWriteOnce."
     )
+    init: CacheInit | None = Field(default=None, description="Fills the cache before the pod server starts.")
 
 
 class Scratch(_Camel):

@@ -419,6 +419,31 @@ def build_pod_template(ref: ModelGroupRef, options: BuildOptions, config_hash: s
         "containers": [container],
         "volumes": volumes,
     }
+    cache_init = spec.model_cache.init if spec.model_cache else None
+    if cache_init is not None:
+        init: Manifest = {
+            "name": "fill-model-cache",
+            "image": cache_init.image or container["image"],
+            "imagePullPolicy": spec.image_pull_policy,
+            "command": list(cache_init.command),
+            "env": [
+                {"name": "MODEL_CACHE_DIR", "value": MODEL_CACHE_DIR},
+                {"name": "HOME", "value": CACHE_DIR},
+                *(e.model_dump(by_alias=True, exclude_none=True) for e in cache_init.env),
+            ],
+            "volumeMounts": [
+                {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR},
+                {"name": "cache", "mountPath": CACHE_DIR},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+            "securityContext": dict(container["securityContext"]),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if cache_init.args:
+            init["args"] = list(cache_init.args)
+        if cache_init.env_from:
+            init["envFrom"] = [e.model_dump(by_alias=True, exclude_none=True) for e in cache_init.env_from]
+        pod_spec["initContainers"] = [init]
     if spec.env_from:
         container["envFrom"] = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env_from]
     if spec.image_pull_secrets:

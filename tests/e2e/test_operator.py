@@ -374,7 +374,8 @@ def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(
         "volumeMounts": [{"name": "weights", "mountPath": "/weights", "readOnly": True}],
         "loadTimeoutSeconds": 600,
         "scratch": {"sizeLimit": "5Gi"},
-        "modelCache": {"size": "10Gi", "storageClassName": storage_class},
+        "modelCache": {"size": "10Gi", "storageClassName": storage_class,
+                       "init": {"command": ["sh", "-c", "test -e $(MODEL_CACHE_DIR)/ready || true"]}},
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
     }}
     fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump(doc))
@@ -382,6 +383,7 @@ def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(
     [pod] = fleet.pods("gamma")
     spec = pod["spec"]
     assert spec["runtimeClassName"] == f"{fleet.release}-nvidia" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert [c["name"] for c in spec["initContainers"]] == ["fill-model-cache"]
     assert pod["metadata"]["labels"]["team"] == "a"
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
     assert claims["model-cache"] == "model-cache-gamma-0"

@@ -308,3 +308,17 @@ def test_drift_reports_changed_missing_and_resized() -> None:
     have = {"spec": {"replicas": 5, "env": [{"name": "A"}, {"name": "B"}]}}
     assert drift(want, have) == [".spec.replicas", ".spec.env", ".spec.data"]
     assert drift({"a": True}, {"a": 1}) == [".a"]
+
+
+def test_an_init_step_fills_the_model_cache_before_the_server_starts() -> None:
+    group = ref(modelCache={"size": "100Gi", "init": {
+        "command": ["sh", "-c"], "args": ["test -e $(MODEL_CACHE_DIR)/done || fetch-weights"],
+        "envFrom": [{"secretRef": {"name": "hf"}}]}})
+    sts = build_statefulset(group, OPTIONS)
+    kubernetes_validate.validate(sts, kubernetes_validate.latest_version(), strict=True)
+    [init] = pod_spec(sts)["initContainers"]
+    assert init["image"] == container(sts)["image"] and init["command"] == ["sh", "-c"]
+    assert {"name": "model-cache", "mountPath": MODEL_CACHE_DIR} in init["volumeMounts"]
+    assert init["envFrom"] == [{"secretRef": {"name": "hf"}}]
+    assert init["securityContext"]["allowPrivilegeEscalation"] is False  # passes `restricted` too
+    assert "initContainers" not in pod_spec(build_statefulset(ref(), OPTIONS))
