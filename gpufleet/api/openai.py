@@ -108,7 +108,8 @@ class CompletionRequest(_Generation):
 
 class EmbeddingRequest(_Body):
     input: str | list[str] = Field()
-    encoding_format: Literal["float"] = "float"
+    # The openai SDK asks for base64 by default: little-endian float32, base64-encoded, as OpenAI sends.
+    encoding_format: Literal["float", "base64"] = "float"
 
     @field_validator("input")
     @classmethod

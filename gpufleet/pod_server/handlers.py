@@ -70,7 +70,8 @@ class OpenAIHandlers:
             self._observe(device, plan.group, job, started)
             self._count(device, plan.spec.id, plan.group, "embeddings", status)
         self.metrics.prompt_tokens.labels(**self.metrics.labels(device), model=plan.spec.id).inc(tokens)
-        return JSONResponse(embeddings_body(plan.spec.id, vectors, tokens), headers=_served_headers(device, job))
+        body = embeddings_body(plan.spec.id, vectors, tokens, plan.encoding)
+        return JSONResponse(body, headers=_served_headers(device, job))
 
     # --- generation ---------------------------------------------------------------------------
 

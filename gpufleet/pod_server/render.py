@@ -6,7 +6,9 @@ the same document an HTTP error carries.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -76,10 +78,15 @@ def completion_body(meta: Meta, choices: list[ChoiceResult], prompt_tokens: int)
     }
 
 
-def embeddings_body(model: str, vectors: list[list[float]], tokens: int) -> dict[str, Any]:
+def embeddings_body(model: str, vectors: list[list[float]], tokens: int, encoding: str = "float") -> dict[str, Any]:
+    def encode(v: list[float]) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii")
+        return v
+
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

@@ -47,6 +47,7 @@ class EmbeddingPlan:
     group: str
     texts: list[str]
     exclusive: str | None
+    encoding: str = "float"
 
 
 class Validator:
@@ -83,7 +84,7 @@ class Validator:
 
     def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
         spec, group = self.model(req.model, ("embedding",), "/v1/embeddings")
-        return EmbeddingPlan(spec, group, req.inputs(), req.exclusive_gpu)
+        return EmbeddingPlan(spec, group, req.inputs(), req.exclusive_gpu, req.encoding_format)
 
     async def _plan(
         self,

@@ -91,6 +91,18 @@ def test_embeddings_are_normalised_vectors(client: httpx.Client) -> None:
     assert abs(norm - 1.0) < 1e-3
 
 
+def test_embeddings_in_base64_as_the_openai_sdk_asks_by_default(client: httpx.Client) -> None:
+    import base64
+    import struct
+
+    plain = client.post("/v1/embeddings", json={"model": "minilm", "input": "a cat"}).json()["data"][0]["embedding"]
+    r = client.post("/v1/embeddings", json={"model": "minilm", "input": "a cat", "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert len(decoded) == 384 and max(abs(a - b) for a, b in zip(decoded, plain, strict=True)) < 1e-6
+
+
 def test_streaming_chat_is_sse_ending_with_done(client: httpx.Client) -> None:
     body = chat("tiny-chat", stream=True, stream_options={"include_usage": True})
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
