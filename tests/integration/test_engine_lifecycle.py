@@ -88,19 +88,23 @@ def _open_request(server: ServerProcess, body: dict[str, object]) -> socket.sock
 
 def test_clients_that_leave_free_their_slots_at_once(server: ServerProcess) -> None:
     generated_before = _metric(server, "gpufleet_generation_tokens_total")
-    long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}
-    streaming = [_open_request(server, {**long, "stream": True}) for _ in range(MAX_SEQUENCES)]
-    wait_until(lambda: _queue(server)["running"] == MAX_SEQUENCES, 30, "the streams to run")
-    queued = [_open_request(server, long) for _ in range(4)]  # non-streaming, behind the full batch
-    wait_until(lambda: _queue(server)["queued"] == 4, 30, "the others to queue")
-    for sock in streaming:
-        assert sock.recv(64).startswith(b"HTTP/1.1 200")  # they really stream
-    for sock in streaming + queued:
-        sock.close()
+    long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 230}
+    # Two streams of n=2 fill the batch: a request holds its slots until its last choice ends, so a
+    # random end token in one choice cannot free the batch before the clients leave.
+    sockets = [_open_request(server, {**long, "stream": True, "n": 2}) for _ in range(2)]
+    try:
+        wait_until(lambda: _queue(server)["running"] == MAX_SEQUENCES, 30, "the streams to run")
+        sockets += [_open_request(server, long) for _ in range(6)]  # non-streaming, behind the full batch
+        wait_until(lambda: _queue(server) == {"running": MAX_SEQUENCES, "queued": 6}, 30, "the others to queue")
+        for sock in sockets[:2]:
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")  # they really stream
+    finally:
+        for sock in sockets:
+            sock.close()
     wait_until(lambda: _queue(server) == {"running": 0, "queued": 0}, 1.0, "every slot to be freed")
-    # Cancelled sequences stopped early: 8 requests x 200 tokens were never generated.
+    # Cancelled sequences stopped early: 10 sequences x 230 tokens were never all generated.
     spent = _metric(server, "gpufleet_generation_tokens_total") - generated_before
-    assert spent < 8 * 200, spent
+    assert spent < 10 * 230, spent
 
 
 def test_a_stop_string_never_leaks_a_prefix(server: ServerProcess) -> None:
