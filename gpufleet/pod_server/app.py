@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.api.errors import ModelNotFound
+from gpufleet.api.headers import ROUTED_DEVICE_HEADER
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
@@ -79,15 +80,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await handlers(request).chat(body, request.receive, _request_id(request))
+        return await handlers(request).chat(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await handlers(request).completion(body, request.receive, _request_id(request))
+        return await handlers(request).completion(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        return await handlers(request).embeddings(body, request.receive, _request_id(request))
+        return await handlers(request).embeddings(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -142,6 +143,11 @@ def _request_id(request: Request) -> str | None:
     # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
     rid = request.scope.get("state", {}).get("request_id")
     return str(rid) if rid is not None else None
+
+
+def _routed_device(request: Request) -> str | None:
+    # The device the router chose for this request: honoured while it is still eligible.
+    return request.headers.get(ROUTED_DEVICE_HEADER)
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gpufleet.api.errors import InvalidRequest, Overloaded, Unavailable
+from gpufleet.api.errors import Overloaded
 from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.pod_server.devices import is_cuda
@@ -31,7 +32,8 @@ from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 from gpufleet.pod_server.scheduler import DeviceScheduler, InsufficientDeviceMemory, Job, SchedulerHooks
 from gpufleet.pod_server.settings import PodServerSettings
-from gpufleet.routing.policy import Decision, DeviceState, Outcome, RouteRequest, Snapshot, choose_device
+from gpufleet.routing.policy import Costs, Decision, Outcome, RouteRequest, Snapshot, honour_choice
+from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,11 @@ class PodService:
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetching: set[str] = set()
         self.prefetch_loads = 0
-        policy = QueuePolicy(max_wait_s=settings.switch_max_wait_s, min_residency_s=settings.switch_min_residency_s)
+        policy = QueuePolicy(
+            max_wait_s=settings.switch_max_wait_s,
+            min_residency_s=settings.switch_min_residency_s,
+            linger_s=settings.switch_linger_s,
+        )
         for device in settings.devices:
             hooks = SchedulerHooks(
                 on_switch=self._on_switch, on_load_failed=self._on_load_failed, on_change=self._on_change
@@ -197,34 +203,32 @@ class PodService:
     # --- dispatch --------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        states = []
-        for device, s in self.schedulers.items():
-            r = s.residency
-            states.append(
-                DeviceState(
-                    pod=self.pod,
-                    device=device,
-                    node=self.settings.node_name,
-                    current_group=r.current_group,
-                    cached_groups=frozenset(r.cached_groups()),
-                    failed_groups=frozenset(s.failed_groups()),
-                    healthy=not s.closing,
-                    workers=s.max_sequences,  # sequences that run at once, batched
-                    queue_limit=s.queue_limit,
-                    load=s.load,
-                    switching_to=s.switching_to,
-                    switch_s_from_cache=s.switch_s.get("cache"),
-                    switch_s_from_disk=s.switch_s.get("disk"),
-                    last_switch_at=s.last_switch_at,
-                )
-            )
-        return Snapshot(tuple(states), now=time.monotonic())
+        """This pod's devices as routing sees them, with the switch and service times measured here."""
+        states = tuple(
+            dataclasses.replace(s.device_state(), pod=self.pod, node=self.settings.node_name)
+            for s in self.schedulers.values()
+        )
+        return Snapshot(states, now=time.monotonic(), costs=self.costs())
+
+    def costs(self) -> Costs:
+        """Routing costs with this pod's learned service time (the devices' mean of what they learned)."""
+        learned = [s.service.seconds for s in self.schedulers.values() if s.service.seconds is not None]
+        if not learned:
+            return Costs()
+        return dataclasses.replace(Costs(), service_s=round(sum(learned) / len(learned), 4))
 
     def dispatch(
-        self, model_id: str, group: str, exclusive: str | None, weight: int, request_id: str | None = None
+        self,
+        model_id: str,
+        group: str,
+        exclusive: str | None,
+        weight: int,
+        request_id: str | None = None,
+        routed_device: str | None = None,
     ) -> tuple[str, Job]:
-        """Queue a request holding ``weight`` sequence slots on the best device for ``group``."""
-        decision = choose_device(RouteRequest(group=group, exclusive=exclusive), self.snapshot())
+        """Queue a request holding ``weight`` sequence slots on the best device for ``group``; the
+        device the router chose (``routed_device``) while it is still eligible."""
+        decision = honour_choice(RouteRequest(group=group, exclusive=exclusive), self.snapshot(), routed_device)
         log.info(
             "dispatch",
             extra={
@@ -248,26 +252,13 @@ class PodService:
             raise
 
     def _refusal(self, d: Decision, group: str, exclusive: str | None) -> Exception:
-        if d.outcome is Outcome.UNKNOWN_TARGET:
-            known = ", ".join(self.schedulers)
-            return InvalidRequest(
-                f"exclusive_gpu {exclusive!r} is not a device of this server (devices: {known})",
-                param="exclusive_gpu",
-                code="unknown_device",
-            )
-        if d.outcome is Outcome.SATURATED:
-            wait = min(s.retry_after_s() for s in self.schedulers.values())
-            return Overloaded(f"every eligible device queue is full for group {group!r}", retry_after_s=wait)
         if d.outcome is Outcome.GROUP_FAILED and all(group in s.unfit for s in self.schedulers.values()):
             s0 = next(iter(self.schedulers.values()))
             return InsufficientDeviceMemory(s0.unfit[group].message(group, s0.device))
-        if d.outcome is Outcome.GROUP_FAILED:
-            errors = {e for s in self.schedulers.values() for g, e in s.failed_groups().items() if g == group}
-            detail = next(iter(errors), "load failed")
-            return Unavailable(
-                f"model group {group!r} is unavailable: {detail}", code="model_load_failed", retry_after_s=30
-            )
-        return Unavailable(f"no device can serve group {group!r}: {d.reason}", retry_after_s=5)
+        errors = {e for s in self.schedulers.values() for g, e in s.failed_groups().items() if g == group}
+        ctx = RefusalContext("this server", tuple(self.schedulers), next(iter(sorted(errors)), None))
+        snap = self.snapshot()
+        return refusal_error(d, group, exclusive, ctx, retry_after_s(snap.devices, snap.costs))
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -459,6 +450,7 @@ class PodService:
                 "kv_blocks_total": total,
                 "current_group": current,
                 "switching_to": s.switching_to,
+                "waiting_groups": sorted({j.group for j in s.jobs()}),
             }
         return {
             "devices": devices,
