@@ -25,6 +25,12 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = load_settings(**overrides)
     setup_logging("pod-server", settings.log_level)
+    if not sys.stderr.isatty():
+        # Logs are JSON lines; a progress bar without newlines would splice into them. The pod's own
+        # structured lines report every load and switch.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     path = settings.model_groups
     if path is None:
         path = build_demo_models(settings.demo_models_dir, progress=lambda m: print(m, file=sys.stderr, flush=True))

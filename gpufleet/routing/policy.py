@@ -1,17 +1,19 @@
 """Where a request should run: a pure function over a snapshot of device states.
 
-The pod server calls it with its own devices; the router calls it with every device of
-every pod. Order of concerns:
+The router calls it with every device of every pod, the pod server's dispatcher with its own
+devices (keeping the router's choice while it holds: ``honour_choice``), the benchmark with
+simulated ones. Order of concerns:
 
 1. An exclusive target named by the client: only matching devices, never elsewhere.
-2. Group affinity: a device where the group is current, then where it is cached in CPU
-   memory, then the one whose switch costs least. Affinity is a *cost*, not an absolute
-   rule: a queued device loses to an idle one once the expected wait exceeds the switch.
+2. Group affinity as a cost in expected seconds until the answer. A device batches up to
+   ``workers`` sequences of its current group, so joining it costs the wait for a slot plus the
+   request's own time in that batch. Any other device must first drain its batch, serve the
+   groups already queued there, then switch (from its CPU cache or from disk); a group already
+   waiting there rides along with that switch.
 3. Least load breaks the remaining ties.
 
-Costs are expected seconds until the request starts. A switch away from a group that
-became current only moments ago pays a hysteresis penalty, so two hot groups sharing a
-device do not thrash it.
+Making a device leave a group that is busy there, or that arrived only moments ago, costs the
+switch that will bring it back, so two hot groups sharing a device do not thrash it.
 """
 
 from __future__ import annotations
