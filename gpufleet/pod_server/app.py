@@ -18,6 +18,7 @@ from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
 from gpufleet.pod_server.handlers import OpenAIHandlers
+from gpufleet.pod_server.load_header import LoadHeaderMiddleware
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.service import PodService
 from gpufleet.pod_server.settings import PodServerSettings
@@ -64,6 +65,12 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
     install_error_handlers(app)
+
+    def load() -> str:
+        service: PodService | None = getattr(app.state, "service", None)
+        return service.load_header() if service is not None else "TEXT "
+
+    app.add_middleware(LoadHeaderMiddleware, report=load)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
     )

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpufleet.api.errors import Overloaded
+from gpufleet.api.load_report import DeviceLoad, format_load
 from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.pod_server.devices import is_cuda
@@ -52,6 +53,7 @@ class PodService:
         self.metrics = metrics
         self.pod = settings.pod_name or "local"
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
+        self.status_version = 0  # bumped when the status document changes in a way routing cares about
         self.ready = False
         self.preload_task: asyncio.Task[None] | None = None  # the default group's preload, when there is one
         self.schedulers: dict[str, DeviceScheduler] = {}
@@ -193,6 +195,7 @@ class PodService:
         for r in failures:
             log.error("default group preload failed", extra={"group": group, "error": str(r)})
         self.ready = len(failures) < len(results)
+        self.status_version += 1
         self._on_change()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -294,7 +297,16 @@ class PodService:
                 m.model_device_bytes.labels(**m.labels(device), model=mid, kind="weights").set(e.weight_bytes)
                 m.model_device_bytes.labels(**m.labels(device), model=mid, kind="kv_cache").set(e.kv_bytes)
 
+    def load_header(self) -> str:
+        """This pod's load for the ``endpoint-load-metrics`` header of every answer."""
+        devices = {}
+        for device, s in self.schedulers.items():
+            used, total = s.runtime.kv_usage() if s.runtime else (0, 0)
+            devices[device] = DeviceLoad(s.running, s.queued, used / total if total else 0.0)
+        return format_load(devices, self.status_version)
+
     def _on_switch(self, device: str, result: SwitchResult) -> None:
+        self.status_version += 1  # residency changed: routers refetch the status document
         labels = self.metrics.labels(device)
         self.metrics.switches.labels(**labels, group=result.group, source=result.source).inc()
         self.metrics.switch_seconds.labels(**labels, source=result.source).observe(result.seconds)
@@ -303,6 +315,7 @@ class PodService:
         self._refresh_residency_metrics()
 
     def _on_load_failed(self, device: str, group: str, error: str) -> None:
+        self.status_version += 1
         self.metrics.load_failures.labels(**self.metrics.labels(device), group=group).inc()
 
     def _refresh_residency_metrics(self) -> None:
@@ -364,6 +377,7 @@ class PodService:
             groups=sorted(self.groups.groups),
             models={m.id: g for g, spec in self.groups.groups.items() for m in spec.models},
             timestamp=time.time(),
+            status_version=self.status_version,
             cpu_cache_bytes=self.host_cache.used_bytes(),
             cpu_cache_limit_bytes=self.host_cache.max_bytes,
         )

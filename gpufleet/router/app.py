@@ -107,7 +107,9 @@ def create_app(
         pool, headers = runtime.pool, runtime.pod_headers
 
         async def poll_queues() -> None:
-            await poll_queues_once(runtime.state, pool, settings.poll_timeout_s, headers)
+            await poll_queues_once(
+                runtime.state, pool, settings.poll_timeout_s, headers, idle_poll_s=settings.idle_poll_s
+            )
 
         tasks = [
             asyncio.create_task(found.run(runtime.state, pool), name="discovery"),

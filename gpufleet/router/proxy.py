@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, UpstreamError
 from gpufleet.api.headers import ROUTED_DEVICE_HEADER
+from gpufleet.api.load_report import LOAD_HEADER, parse_load
 from gpufleet.router.decide import Decider
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState, Ticket
@@ -29,6 +30,7 @@ from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
 from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
 from gpufleet.routing.refusal import FAILURE_STATUSES, RETRY_STATUSES, may_retry_elsewhere
 
+LOAD_HEADER_BYTES = LOAD_HEADER.encode()
 log = logging.getLogger(__name__)
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
@@ -41,6 +43,7 @@ _DROP = frozenset(
         b"date",
         b"server",
         b"x-request-id",
+        LOAD_HEADER.encode(),  # the pod's load is for routers, not clients
         b"proxy-connection",
         b"upgrade",
         b"te",
@@ -283,6 +286,10 @@ class Proxy:
                 f"status_{status}", f"pod answered {status}", response=(status, out, data),
                 failure=status in FAILURE_STATUSES,
             )
+        load = response.header(LOAD_HEADER_BYTES)
+        report = parse_load(load.decode("latin-1")) if load else None
+        if report is not None:
+            self.state.observe_load(ticket.pod, report)
         device = response.header(b"x-served-by-device")
         self.state.served(ticket, device.decode() if device else None, response.header(b"x-group-switch") == b"true")
         sse = stream and status == 200 and (response.header(b"content-type") or b"").startswith(b"text/event-stream")

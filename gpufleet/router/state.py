@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpufleet.api.load_report import LoadReport
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
@@ -62,6 +63,7 @@ class PodRecord:
     annotated: bool = False  # its status comes from Kubernetes (the pod's status Lease)
     tenant: str | None = None  # its namespace: its group and model ids are qualified by it (router.tenancy)
     confirmed: bool = True  # False after an ejection until a new status document arrives
+    status_due: bool = False  # an answer announced a newer status version than the document we hold
     name: str = ""  # unique routing name, set by FleetState
 
     @property
@@ -192,6 +194,7 @@ class FleetState:
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
         rec.status, rec.status_at, rec.confirmed = doc, now, True
+        rec.status_due = False
         rec.annotated = rec.annotated or not contact
         if renamed:
             self._reindex()
@@ -202,6 +205,40 @@ class FleetState:
             exp = self.expected.get(key)
             if exp is not None and (d.switching_to or d.current_group) == exp.group:
                 del self.expected[key]  # the document has caught up with what we expected
+
+    def observe_load(self, pod: str, report: LoadReport) -> None:
+        """A pod's answer carried its load (``endpoint-load-metrics``): as good as a queue poll."""
+        rec = self.by_name.get(pod)
+        if rec is None:
+            return
+        now = self.clock()
+        rec.others = {
+            device: max(0, d.running + d.waiting - self.inflight.get(f"{rec.name}/{device}", 0))
+            for device, d in report.devices.items()
+        }
+        rec.queue_at = rec.contact_at = now
+        held = rec.status.status_version if rec.status is not None else None
+        if report.status_version is not None and held is not None and report.status_version > held:
+            rec.status_due = True
+
+    def due_status(self, idle_poll_s: float) -> list[PodRecord]:
+        """Pods whose status document should be fetched now: none yet, announced newer, or idle too long."""
+        now = self.clock()
+        return [
+            rec
+            for rec in self.pods.values()
+            if rec.url
+            and (rec.status is None or rec.status_due or rec.contact_at is None or now - rec.contact_at >= idle_poll_s)
+        ]
+
+    def due_queue(self, idle_poll_s: float) -> list[PodRecord]:
+        """Pods whose load nothing has reported for ``idle_poll_s`` (answers report it otherwise)."""
+        now = self.clock()
+        return [
+            rec
+            for rec in self.pods.values()
+            if rec.url and rec.status is not None and (rec.queue_at is None or now - rec.queue_at >= idle_poll_s)
+        ]
 
     def observe_queue(self, pod_id: str, doc: dict[str, Any]) -> None:
         rec = self.pods.get(pod_id)
