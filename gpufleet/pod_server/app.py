@@ -26,6 +26,7 @@ from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
+from gpufleet.web.openapi import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, router=False)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
     )

@@ -56,7 +56,7 @@ class OpenAIHandlers:
         return await self._generate(await self.validator.completion(req), receive, request_id)
 
     async def embeddings(self, req: EmbeddingRequest, receive: Receive, request_id: str | None = None) -> Any:
-        plan = self.validator.embeddings(req)
+        plan = await self.validator.embeddings(req)
         started = time.monotonic()
         device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, 1, request_id)
         status = "error"
