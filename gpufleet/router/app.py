@@ -76,6 +76,7 @@ def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_s=settings.first_byte_timeout_s,
         idle_s=settings.idle_timeout_s,
+        keepalive_s=settings.upstream_keepalive_s,
     )
     proxy = Proxy(state, decider, metrics, pool, config)
     return Runtime(settings, state, metrics, pool, proxy, headers)
@@ -224,4 +225,5 @@ def server_config(settings: RouterSettings) -> Any:
         access_log=False,  # every routing decision is already one log line
         proxy_headers=False,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_s,  # longer than clients' pools keep idle connections
     )
