@@ -8,7 +8,7 @@ field with a value other than its default, is a 400 naming it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -177,34 +177,24 @@ class CompletionRequest(_Generation):
 
 
 EmbeddingInput = str | list[int]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class EmbeddingRequest(_Body):
     endpoint: ClassVar[Endpoint] = "embedding"
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A string, a list of strings, a list of token ids, or a list of token-id lists."
-    )
+    input: (
+        _Text
+        | Annotated[list[_Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | _TokenIds
+        | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    ) = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
     # The openai SDK asks for base64 by default: little-endian float32, base64-encoded, as OpenAI sends.
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(
         default=None, ge=1, description="Only the model's native dimension: the models are not Matryoshka-trained."
     )
-
-    @field_validator("input")
-    @classmethod
-    def _non_empty(cls, v: str | list[str] | list[int] | list[list[int]]) -> Any:
-        items = _inputs(v)
-        if not items:
-            raise ValueError("input must not be empty")
-        if len(items) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
-        for item in items:
-            if not item:
-                raise ValueError("every input must be a non-empty string or token-id list")
-            if isinstance(item, list) and min(item) < 0:
-                raise ValueError("token ids must not be negative")
-        return v
 
     def inputs(self) -> list[EmbeddingInput]:
         return _inputs(self.input)

@@ -111,6 +111,13 @@ class Validator:
         prompt_param: str,
     ) -> GenerationPlan:
         info = await self.tokenizers.info(spec)
+        if not prompt_ids:
+            # An empty prompt starts from the start-of-text token, as OpenAI does; the engine
+            # cannot run a sequence of no tokens.
+            start = info.tokenizer.bos_token_id if info.tokenizer.bos_token_id is not None else info.eos_ids[:1]
+            if start == ():
+                raise InvalidRequest(f"{prompt_param}: must not be empty", param=prompt_param)
+            prompt_ids = [start] if isinstance(start, int) else list(start)
         context = info.context_length
         if len(prompt_ids) >= context:
             raise ContextLengthExceeded(
