@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gpufleet.api.fields import Endpoint, check_fields, refused_schema
@@ -18,6 +18,20 @@ from gpufleet.api.fields import Endpoint, check_fields, refused_schema
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 16
 MAX_EMBEDDING_INPUTS = 256
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON does not tell 3 from 3.0, and neither does JSON Schema's "integer"; strict mode would.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema means it: 3.0 is one, "3" is not. (The bounds go before the validator,
+# or pydantic leaves them out of the schema.)
+_WHOLE = BeforeValidator(_whole_number)
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), _WHOLE]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), _WHOLE]  # 64-bit signed, as OpenAI's
 
 
 def _add_refused(schema: dict[str, Any], cls: type[BaseModel]) -> None:
@@ -57,25 +71,18 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
-    include_obfuscation: bool | None = Field(default=None, description="Only false: streams are never padded.")
-
-    @field_validator("include_obfuscation")
-    @classmethod
-    def _no_obfuscation(cls, v: bool | None) -> bool | None:
-        if v:
-            raise PydanticCustomError("unsupported_parameter", "not supported: streams are never padded")
-        return v
+    include_obfuscation: Literal[False] | None = Field(default=None, description="Only false: streams are never padded.")
 
 
 class _Generation(_Body):
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: TokenCount | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt.")
+    seed: Seed | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = Field(default=1, description="Choices for the prompt.")
 
     @field_validator("stop")
     @classmethod
@@ -145,7 +152,7 @@ class ChatCompletionRequest(_Generation):
     endpoint: ClassVar[Endpoint] = "chat"
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: TokenCount | None = None
     safety_identifier: str | None = Field(default=None, description="Metadata, as user.")
     prompt_cache_key: str | None = Field(default=None, description="A caching hint; no effect on the answer.")
     metadata: dict[str, str] | None = Field(default=None, max_length=16, description="Metadata; nothing is stored.")
@@ -159,15 +166,10 @@ class ChatCompletionRequest(_Generation):
 class CompletionRequest(_Generation):
     endpoint: ClassVar[Endpoint] = "completion"
 
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        # Batched prompts are rare in practice; one keeps streaming semantics simple.
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return v
+    # Batched prompts are rare in practice; one keeps streaming semantics simple.
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt: a string, or a list of one string."
+    )
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -178,7 +180,7 @@ class CompletionRequest(_Generation):
 
 EmbeddingInput = str | list[int]
 _Text = Annotated[str, Field(min_length=1)]
-_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0), _WHOLE]], Field(min_length=1)]
 
 
 class EmbeddingRequest(_Body):
@@ -192,8 +194,8 @@ class EmbeddingRequest(_Body):
     ) = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
     # The openai SDK asks for base64 by default: little-endian float32, base64-encoded, as OpenAI sends.
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(
-        default=None, ge=1, description="Only the model's native dimension: the models are not Matryoshka-trained."
+    dimensions: Annotated[int, Field(ge=1), _WHOLE] | None = Field(
+        default=None, description="Only the model's native dimension: the models are not Matryoshka-trained."
     )
 
     def inputs(self) -> list[EmbeddingInput]:

@@ -54,6 +54,16 @@ RETRY_AFTER = {
 }
 
 
+# Before OpenAPI 3.2, the schema of an event stream describes one event.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "description": "Each event's data is a JSON chunk (an error document if generation fails mid-stream); "
+    "the last is `[DONE]`.",
+}
+
+
 def error_response(status: int) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "description": ERRORS[status],
@@ -77,9 +87,7 @@ def _openai_operation(path: str, router: bool) -> dict[str, Any]:
     summary, request, response, streams = OPENAI_ROUTES[path]
     ok: dict[str, Any] = {"application/json": {"schema": {"$ref": REF.format(model=response.__name__)}}}
     if streams:
-        ok["text/event-stream"] = {
-            "schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`."}
-        }
+        ok["text/event-stream"] = {"schema": SSE_EVENT}
     statuses = (*POST_STATUSES, 502) if router else POST_STATUSES
     return {
         "summary": summary,

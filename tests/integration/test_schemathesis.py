@@ -30,6 +30,7 @@ BOUNDED = {
 }
 # Which device or lease serves a request is a property of the fleet, not of the schema.
 ROUTING_FIELDS = ("exclusive_gpu", "lease")
+MINILM_VOCAB = 30522
 
 
 def positive_document(doc: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +44,14 @@ def positive_document(doc: dict[str, Any]) -> dict[str, Any]:
                 props[field] = schema
         for field in ROUTING_FIELDS:
             props.pop(field, None)
+    # Like the names, a model's embedding size and vocabulary are the fleet's, not the schema's.
+    embedding = out["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    embedding["dimensions"] = {"enum": [None, 384]}
+    for option in embedding["input"]["anyOf"]:
+        items = option.get("items", {})
+        for ints in (items, items.get("items", {})):
+            if ints.get("type") == "integer":
+                ints["maximum"] = MINILM_VOCAB - 1
     out["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]["schema"] = {"enum": ["tiny-chat", "minilm"]}
     return out
 
