@@ -71,7 +71,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
-    include_obfuscation: Literal[False] | None = Field(default=None, description="Only false: streams are never padded.")
+    include_obfuscation: Literal[False] | None = Field(default=None, description="Only false: no padding is sent.")
 
 
 class _Generation(_Body):

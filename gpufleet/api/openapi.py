@@ -106,7 +106,7 @@ def _openai_operation(path: str, router: bool) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": REF.format(model=request.__name__)}}},
         },
         "responses": {
-            "200": {"description": "The answer" + ("; server-sent events with `stream: true`." if streams else "."), "content": ok},
+            "200": {"description": "The answer" + ("; events with `stream: true`." if streams else "."), "content": ok},
             **{str(s): error_response(s) for s in sorted(statuses)},
         },
     }

@@ -15,7 +15,9 @@ from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, Me
 log = logging.getLogger(__name__)
 # pydantic names the member of a union that failed in the error's location ("input.list[int].0"):
 # a type, not a field, so it stays out of ``param``. Field names are never capitalised or bracketed.
-_UNION_TAG = re.compile(r"^(str|int|float|bool|none|constrained-\w+|[a-z]+\[.*\]|[A-Z]\w*(\[.*\])?|function-\w+\[.*\])$")
+_UNION_TAG = re.compile(
+    r"^(str|int|float|bool|none|constrained-\w+|[a-z]+\[.*\]|[A-Z]\w*(\[.*\])?|function-\w+\[.*\])$"
+)
 
 
 def error_response(exc: GpufleetError) -> JSONResponse:

@@ -63,7 +63,8 @@ def schemathesis(document: dict[str, Any], url: str, mode: str, tmp: Path) -> su
     argv = [str(st), "run", str(path), "--url", url, "--checks", "all", "--mode", mode]
     argv += ["--max-examples", "4", "--workers", "1", "--seed", "11", "--phases", "coverage,fuzzing"]
     argv += ["--request-timeout", "30", "--generation-database", "none", "--no-color", "--warnings", "off"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    # In tmp: schemathesis keeps a cache of crashes in its working directory.
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, cwd=tmp)
 
 
 @pytest.mark.parametrize("target", ["router", "pod"])

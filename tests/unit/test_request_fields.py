@@ -46,9 +46,7 @@ def test_unknown_fields_are_refused_by_name(cls: type[BaseModel], base: dict[str
     assert (err["param"], err["code"]) == ("frobnicate", "unknown_parameter")
 
 
-@pytest.mark.parametrize(
-    ("cls", "base"), [m for m in MODELS if m[0] is not EmbeddingRequest]
-)
+@pytest.mark.parametrize(("cls", "base"), [m for m in MODELS if m[0] is not EmbeddingRequest])
 def test_refused_fields_pass_only_with_their_default(cls: type[BaseModel], base: dict[str, Any]) -> None:
     refused = [r for r in rules(cls.endpoint).values() if r.support == "refused"]  # type: ignore[attr-defined]
     assert refused
