@@ -185,3 +185,27 @@ def test_completion_of_a_document_is_pure() -> None:
     draft: dict[str, Any] = {"paths": {}}
     complete_document(draft, router=True)
     assert draft == {"paths": {}}
+
+
+async def test_wrong_methods_are_405_with_allow() -> None:
+    import httpx
+
+    from gpufleet.api.model_groups import ModelGroupsFile
+    from gpufleet.pod_server.app import create_app
+    from gpufleet.pod_server.settings import load_settings
+
+    groups = ModelGroupsFile.model_validate(
+        {"default_group": "g", "groups": {"g": {"models": [{"id": "m", "source": "/nowhere", "task": "chat"}]}}}
+    )
+    pod = create_app(load_settings(devices=["cpu:0"]), groups)  # no lifespan: routing alone answers these
+    router = create_router(load_router_settings(pod_urls=["http://127.0.0.1:1"]))
+    for app, path, allow in (
+        (pod, "/v1/chat/completions", "POST"),
+        (pod, "/v1/models", "GET"),
+        (router, "/v1/embeddings", "POST"),  # a raw proxy path
+        (router, "/api/queue", "GET"),
+    ):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            r = await client.delete(path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (path, r.status_code, r.headers)
+        assert r.json()["error"]["code"] == "method_not_allowed"
