@@ -44,3 +44,27 @@ def test_idle_connections_outlive_the_old_keep_alive(fleet: Fleet) -> None:
     finally:
         for c in conns:
             c.close()
+
+
+def test_overload_is_answered_never_reset(fleet: Fleet) -> None:
+    """Bursts far over capacity (2 sequences, 1 waiting) through the router, on pooled connections
+    reused after an idle gap just past the old keep-alive: every request gets an answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    body = {**CHAT, "max_tokens": 2}
+    statuses: list[int] = []
+    with httpx.Client(base_url=fleet.router_url, timeout=60, limits=httpx.Limits(max_keepalive_connections=8)) as c:
+
+        def one(_: int) -> int:
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code != 429 or int(r.headers["retry-after"]) >= 1
+            return r.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses += pool.map(one, range(24))
+            time.sleep(OLD_KEEP_ALIVE_S + 0.5)  # idle, as under test: the pooled connections are reused next
+            statuses += pool.map(one, range(24))
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+    assert 429 in statuses, "the bursts overloaded the fleet"
