@@ -28,6 +28,7 @@ from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
+from gpufleet.web.openapi import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, router=False)
 
     def load() -> str:
         service: PodService | None = getattr(app.state, "service", None)

@@ -37,7 +37,14 @@ def run_serve(args: argparse.Namespace) -> int:
     groups = load_model_groups(path).with_default(settings.default_group)
     _configure_torch(settings.torch_threads, len(settings.devices))
     app = create_app(settings, groups)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_s,  # longer than the router's pool keeps idle connections
+    )
     return 0
 
 

@@ -62,7 +62,7 @@ class OpenAIHandlers:
     async def embeddings(
         self, req: EmbeddingRequest, receive: Receive, request_id: str | None = None, routed: str | None = None
     ) -> Any:
-        plan = self.validator.embeddings(req)
+        plan = await self.validator.embeddings(req)
         started = time.monotonic()
         device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, 1, request_id, routed)
         status = "error"

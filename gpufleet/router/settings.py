@@ -54,6 +54,11 @@ class RouterSettings(ServerSettings):
         default=300.0, gt=0, description="Until the pod answers; covers its queue and a group switch."
     )
     idle_timeout_s: float = Field(default=60.0, gt=0, description="Longest silence between two chunks.")
+    upstream_keepalive_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Idle connections to pods are dropped after this; keep it below the pods' KEEP_ALIVE_S.",
+    )
     retries: int = Field(default=1, ge=0, le=3, description="Retries on another pod before the first byte.")
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
     eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")
