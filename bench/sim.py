@@ -356,8 +356,9 @@ class Simulator:
             nxt = self.now + (d.running[0][0] - d.progress) * self.cfg.steps.step_s(len(d.running))
         if d.switching_to is None:
             deadline = switch_deadline(self._state(d), self.cfg.queue_policy)
-            if deadline is not None:
-                # Just past the deadline, as the scheduler wakes (a float landing on it would wait forever).
+            if deadline is not None and deadline + 1e-6 > self.now:
+                # Just past the deadline, as the scheduler wakes (a float landing on it would wait forever);
+                # one already past waits for the next event (a finished sequence), as the scheduler does.
                 nxt = min(nxt, max(deadline, self.now) + 1e-6)
         if nxt < math.inf:
             self._push(max(nxt, self.now), _TICK, d.index, d.version)

@@ -247,7 +247,10 @@ class DeviceScheduler:
                 continue
             self._prefetch_waiting(state.current_group)
             deadline = switch_deadline(state, self.policy)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.001
+            left = None if deadline is None else deadline - time.monotonic()
+            # A deadline long past changes nothing until work finishes, which wakes us: no busy wait. One
+            # just past may still be a float short of the rule's own comparison: look once more.
+            timeout = None if left is None or left < -0.01 else max(0.0, left) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
