@@ -13,7 +13,7 @@ from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
 from gpufleet.routing.alternatives import POLICIES, Policy
-from gpufleet.routing.policy import Decision, RouteRequest
+from gpufleet.routing.policy import Decision, RouteRequest, choose_device
 from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
 log = logging.getLogger(ROUTE_LOGGER)
@@ -38,8 +38,12 @@ class Decider:
     def decide(
         self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int
     ) -> Decision:
-        snap = self.state.snapshot(exclude)
-        decision = self.policy(RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence), snap)
+        request = RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence)
+        if self.policy is choose_device and not exclude:
+            # The kept index: a bounded candidate set, the same answer as the full function.
+            decision = self.state.decide(request)
+        else:
+            decision = self.policy(request, self.state.snapshot(exclude))
         choice = decision.choice
         if log.isEnabledFor(logging.INFO):
             self._log(request_id, model, group, exclusive, attempt, decision)

@@ -17,6 +17,7 @@ decides when it switches (``pod_server.queue_order``).
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ from gpufleet.api.load_report import LoadReport
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
-from gpufleet.routing.policy import Costs, DeviceState, Snapshot
+from gpufleet.routing.index import DeviceIndex
+from gpufleet.routing.policy import Costs, Decision, DeviceState, RouteRequest, Snapshot
 from gpufleet.routing.service_time import ServiceTime
 
 Clock = Callable[[], float]
 QUEUE_CATCH_UP_S = 1.0  # a queue document this much younger than a send has seen it
+RESYNC_EVERY_S = 0.25  # how often decisions look for devices that changed with time alone
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class PodRecord:
     tenant: str | None = None  # its namespace: its group and model ids are qualified by it (router.tenancy)
     confirmed: bool = True  # False after an ejection until a new status document arrives
     status_due: bool = False  # an answer announced a newer status version than the document we hold
+    indexed: set[str] = field(default_factory=set)  # its device keys in FleetState.index
+    signature: tuple[object, ...] = ()  # its time-dependent flags when last indexed
     name: str = ""  # unique routing name, set by FleetState
 
     @property
@@ -127,6 +132,9 @@ class FleetState:
         self.expected: dict[str, _Expectation] = {}
         self.sequence = 0
         self.service = ServiceTime()  # a request's time on an idle device, learned from answers
+        self.index = DeviceIndex()  # every device as routing sees it, kept as it changes
+        self._resynced_at = float("-inf")
+        self._expiries: list[tuple[float, str]] = []  # (when an expectation ends, device key)
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
 
     # --- discovery ----------------------------------------------------------------------------
@@ -148,17 +156,20 @@ class FleetState:
             )
         rec.url, rec.hint_name, rec.node, rec.discovered_ready = url, name or rec.hint_name, node or rec.node, ready
         self._reindex()
+        self._sync(rec)
         return rec
 
     def remove(self, pod_id: str) -> None:
-        if self.pods.pop(pod_id, None) is not None:
+        rec = self.pods.pop(pod_id, None)
+        if rec is not None:
+            self._unindex(rec)
             self._reindex()
 
     def replace_all(self, pod_ids: Iterable[str]) -> None:
         """Forget every pod not in ``pod_ids`` (a fresh list from discovery)."""
         keep = set(pod_ids)
         for gone in [p for p in self.pods if p not in keep]:
-            del self.pods[gone]
+            self._unindex(self.pods.pop(gone))
         self._reindex()
 
     def _reindex(self) -> None:
@@ -168,7 +179,11 @@ class FleetState:
         self.by_name = {}
         for rec in self.pods.values():
             base = rec.base_name
-            rec.name = base if counts[base] == 1 else f"{base}@{urlsplit(rec.url or rec.id).netloc or rec.id}"
+            name = base if counts[base] == 1 else f"{base}@{urlsplit(rec.url or rec.id).netloc or rec.id}"
+            if name != rec.name:
+                self._unindex(rec)  # its devices' keys change with it
+                rec.name = name
+                rec.signature = ()  # re-indexed at the next sync
             self.by_name[rec.name] = rec
         self.models = {}
         for rec in self.pods.values():
@@ -205,6 +220,7 @@ class FleetState:
             exp = self.expected.get(key)
             if exp is not None and (d.switching_to or d.current_group) == exp.group:
                 del self.expected[key]  # the document has caught up with what we expected
+        self._sync(rec)
 
     def observe_load(self, pod: str, report: LoadReport) -> None:
         """A pod's answer carried its load (``endpoint-load-metrics``): as good as a queue poll."""
@@ -220,6 +236,7 @@ class FleetState:
         held = rec.status.status_version if rec.status is not None else None
         if report.status_version is not None and held is not None and report.status_version > held:
             rec.status_due = True
+        self._sync(rec)
 
     def due_status(self, idle_poll_s: float) -> list[PodRecord]:
         """Pods whose status document should be fetched now: none yet, announced newer, or idle too long."""
@@ -259,6 +276,7 @@ class FleetState:
             if exp is not None and now - exp.since > QUEUE_CATCH_UP_S and exp.group not in waiting:
                 del self.expected[key]
         self._contact(rec, now)
+        self._sync(rec)
 
     def observe_failure(self, pod_id: str, error: str) -> None:
         """A poll of the pod failed (refused, timed out, bad answer)."""
@@ -278,11 +296,18 @@ class FleetState:
         self.inflight[key] = self.inflight.get(key, 0) + 1
         now = self.last_used[key] = self.clock()
         self.sequence += 1
+        self._sync_key(pod, device)
         return Ticket(pod, key, group, started_at=now, idle=idle, device=device)
 
     def expect(self, pod: str, device: str, group: str) -> None:
         """The router just sent ``group`` to a device that did not hold it: assume the switch."""
-        self.expected[f"{pod}/{device}"] = _Expectation(group, self.clock())
+        self._expect(f"{pod}/{device}", group)
+        self._sync_key(pod, device)
+
+    def _expect(self, key: str, group: str) -> None:
+        now = self.clock()
+        self.expected[key] = _Expectation(group, now)
+        heapq.heappush(self._expiries, (now + self.expectation_ttl_s, key))
 
     def served(self, ticket: Ticket, device: str | None, switched: bool) -> None:
         """The pod answered: it names the device that served, and whether it switched groups."""
@@ -294,10 +319,12 @@ class FleetState:
                 ticket.key = key
             if switched:
                 ticket.switched = True
-                self.expected[key] = _Expectation(ticket.group, self.clock())
+                self._expect(key, ticket.group)
         rec = self.by_name.get(ticket.pod)
         if rec is not None and rec.outlier.success(self.clock()):
             self.on_eject(rec.name, False)
+        if rec is not None:
+            self._sync(rec)
 
     def finish(self, ticket: Ticket, *, ok: bool = False) -> None:
         """Release the ticket; ``ok`` answers from an idle device that switched nothing teach the
@@ -308,6 +335,8 @@ class FleetState:
         self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
         if ok and ticket.idle and not ticket.switched:
             self.service.observe(self.clock() - ticket.started_at)
+        pod, _, device = ticket.key.rpartition("/")
+        self._sync_key(pod, device)
 
     @property
     def service_s(self) -> float | None:
@@ -332,6 +361,7 @@ class FleetState:
         # readiness already says that.
         rec.confirmed = rec.annotated
         self.on_eject(rec.name, True)
+        self._sync(rec)
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -344,52 +374,117 @@ class FleetState:
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> Snapshot:
         now = self.clock()
-        states: list[DeviceState] = []
-        for rec in self.pods.values():
-            doc = rec.status
-            if doc is None or rec.status_at is None:
-                continue
-            usable = self.routable(rec) and rec.name not in exclude
-            fresh = rec.contact_at is not None and now - rec.contact_at < self.stale_after_s
-            queue_fresh = rec.queue_at is not None and now - rec.queue_at < self.stale_after_s
-            for d in doc.devices:
-                key = f"{rec.name}/{d.device}"
-                mine = self.inflight.get(key, 0)
-                others = rec.others.get(d.device, 0) if queue_fresh else 0
-                last_switch = (
-                    rec.status_at - (doc.timestamp - d.last_switch_unix) if d.last_switch_unix is not None else None
-                )
-                queue = (rec.queue_doc or {}).get("devices", {}).get(d.device, {}) if queue_fresh else {}
-                waiting_groups = set(queue.get("waiting_groups") or ())
-                exp = self.expected.get(key)
-                # We sent a group the device does not hold: it waits there for a switch until the
-                # pod's documents say otherwise (the device, not the router, decides when it switches).
-                live = exp is not None and now - exp.since < self.expectation_ttl_s
-                if exp is not None and live and (d.switching_to or d.current_group) != exp.group:
-                    waiting_groups.add(exp.group)
-                states.append(
-                    DeviceState(
-                        pod=rec.name,
-                        device=d.device,
-                        node=doc.node or rec.node,
-                        current_group=d.current_group,
-                        cached_groups=frozenset(d.cached_groups),
-                        failed_groups=frozenset(d.failed_groups),
-                        healthy=usable and d.healthy,
-                        workers=d.workers,
-                        queue_limit=d.queue_limit,
-                        load=mine + others,
-                        waiting=int(queue.get("queue_size", 0)),
-                        waiting_groups=frozenset(waiting_groups),
-                        switching_to=d.switching_to,
-                        switch_s_from_cache=d.switch_seconds_from_cache,
-                        switch_s_from_disk=d.switch_seconds_from_disk,
-                        last_switch_at=last_switch,
-                        fresh=fresh,
-                        last_used_at=self.last_used.get(key),
-                    )
-                )
+        states = [d for rec in self.pods.values() for d in self._device_states(rec, now, exclude)]
         return Snapshot(tuple(states), now=now, costs=self.costs_now())
+
+    def decide(self, request: RouteRequest) -> Decision:
+        """``choose_device`` over the whole fleet from the kept index: a bounded candidate set."""
+        self.resync()
+        return self.index.choose(request, self.clock(), self.costs_now())
+
+    # --- the index: the fleet's DeviceStates, kept as their inputs change ------------------------
+
+    def _time_signature(self, rec: PodRecord, now: float) -> tuple[object, ...]:
+        """What makes a pod's devices change with time alone (staleness, cool-downs); expectations
+        expire on their own schedule (``_expiries``)."""
+        return (
+            self.routable(rec),
+            rec.contact_at is not None and now - rec.contact_at < self.stale_after_s,
+            rec.queue_at is not None and now - rec.queue_at < self.stale_after_s,
+        )
+
+    def _sync(self, rec: PodRecord, device: str | None = None) -> None:
+        """Put ``rec``'s devices (or one of them) in the index as they are now."""
+        now = self.clock()
+        signature = self._time_signature(rec, now)
+        if signature != rec.signature:
+            device = None  # time changed the whole pod since it was last indexed
+        rec.signature = signature
+        states = self._device_states(rec, now, only=device)
+        keys = {d.key for d in states}
+        for d in states:
+            self.index.put(d)
+        if device is None:
+            for gone in rec.indexed - keys:
+                self.index.remove(gone)
+            rec.indexed = keys
+        else:
+            rec.indexed |= keys
+
+    def _sync_key(self, pod: str, device: str) -> None:
+        rec = self.by_name.get(pod)
+        if rec is not None:
+            self._sync(rec, device)
+
+    def _unindex(self, rec: PodRecord) -> None:
+        for key in rec.indexed:
+            self.index.remove(key)
+        rec.indexed = set()
+
+    def resync(self) -> None:
+        """Re-index the pods whose devices changed with time alone; cheap when none did."""
+        now = self.clock()
+        if now - self._resynced_at < RESYNC_EVERY_S:
+            return
+        self._resynced_at = now
+        for rec in self.pods.values():
+            if rec.signature != self._time_signature(rec, now):
+                self._sync(rec)
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key = heapq.heappop(self._expiries)
+            pod, _, device = key.rpartition("/")
+            self._sync_key(pod, device)
+
+    def _device_states(
+        self, rec: PodRecord, now: float, exclude: frozenset[str] = frozenset(), only: str | None = None
+    ) -> list[DeviceState]:
+        doc = rec.status
+        if doc is None or rec.status_at is None:
+            return []
+        usable = self.routable(rec) and rec.name not in exclude
+        fresh = rec.contact_at is not None and now - rec.contact_at < self.stale_after_s
+        queue_fresh = rec.queue_at is not None and now - rec.queue_at < self.stale_after_s
+        states = []
+        for d in doc.devices:
+            if only is not None and d.device != only:
+                continue
+            key = f"{rec.name}/{d.device}"
+            mine = self.inflight.get(key, 0)
+            others = rec.others.get(d.device, 0) if queue_fresh else 0
+            last_switch = (
+                rec.status_at - (doc.timestamp - d.last_switch_unix) if d.last_switch_unix is not None else None
+            )
+            queue = (rec.queue_doc or {}).get("devices", {}).get(d.device, {}) if queue_fresh else {}
+            waiting_groups = set(queue.get("waiting_groups") or ())
+            exp = self.expected.get(key)
+            # We sent a group the device does not hold: it waits there for a switch until the
+            # pod's documents say otherwise (the device, not the router, decides when it switches).
+            live = exp is not None and now - exp.since < self.expectation_ttl_s
+            if exp is not None and live and (d.switching_to or d.current_group) != exp.group:
+                waiting_groups.add(exp.group)
+            states.append(
+                DeviceState(
+                    pod=rec.name,
+                    device=d.device,
+                    node=doc.node or rec.node,
+                    current_group=d.current_group,
+                    cached_groups=frozenset(d.cached_groups),
+                    failed_groups=frozenset(d.failed_groups),
+                    healthy=usable and d.healthy,
+                    workers=d.workers,
+                    queue_limit=d.queue_limit,
+                    load=mine + others,
+                    waiting=int(queue.get("queue_size", 0)),
+                    waiting_groups=frozenset(waiting_groups),
+                    switching_to=d.switching_to,
+                    switch_s_from_cache=d.switch_seconds_from_cache,
+                    switch_s_from_disk=d.switch_seconds_from_disk,
+                    last_switch_at=last_switch,
+                    fresh=fresh,
+                    last_used_at=self.last_used.get(key),
+                )
+            )
+        return states
 
     def pod_state(self, rec: PodRecord) -> str:
         if not rec.outlier.admitted:

@@ -286,3 +286,55 @@ def test_service_time_is_learned_from_requests_that_found_their_device_idle() ->
     clock.advance(0.15)
     state.finish(t, ok=True)
     assert state.snapshot().costs.service_s == pytest.approx(0.05 + 0.2 * 0.1)
+
+
+def test_the_kept_index_is_the_snapshot_after_any_sequence_of_events() -> None:
+    """The router decides from an index kept as events arrive; it must always hold exactly the
+    devices a fresh snapshot would build, and decide as choose_device does on them."""
+    import random
+
+    from gpufleet.api.load_report import DeviceLoad, LoadReport
+    from gpufleet.routing.policy import RouteRequest, choose_device
+
+    rng = random.Random(5)
+    clock = Clock()
+    state = FleetState(clock=clock, stale_after_s=30.0)
+    groups = ["alpha", "beta", "gamma"]
+    pods = [f"pod-{i}" for i in range(40)]
+    for p in pods:
+        state.upsert(f"http://{p}:8000", f"http://{p}:8000")
+    tickets = []
+    for step in range(400):
+        p = rng.choice(pods)
+        url = f"http://{p}:8000"
+        kind = rng.random()
+        if kind < 0.25:
+            devs = [DeviceStatus(device=f"cuda:{i}", current_group=rng.choice([*groups, None]),
+                                 cached_groups=rng.sample(groups, 1), workers=4) for i in range(2)]
+            state.observe_status(url, status(p, *devs, ready=rng.random() > 0.1))
+        elif kind < 0.4:
+            state.observe_load(p, LoadReport({"cuda:0": DeviceLoad(rng.randint(0, 9), rng.randint(0, 3))}, None))
+        elif kind < 0.6 and state.by_name.get(p) and state.by_name[p].status:
+            tickets.append(state.begin(p, "cuda:0", rng.choice(groups)))
+            if rng.random() < 0.3:
+                state.expect(p, "cuda:0", rng.choice(groups))
+        elif kind < 0.8 and tickets:
+            state.finish(tickets.pop(rng.randrange(len(tickets))), ok=True)
+        elif kind < 0.85:
+            state.failed(p, "boom")
+        else:
+            clock.advance(rng.choice([0.1, 1.0, 40.0]))
+        if step % 10 == 0:
+            state._resynced_at = float("-inf")  # as if the resync period had passed
+            state.resync()
+            snap = state.snapshot()
+            kept = {d.key: d for d in state.index.devices}
+            built = {d.key: d for d in snap.devices}
+            assert kept.keys() == built.keys()
+            differ = [(kept[k], built[k]) for k in kept if kept[k] != built[k]]
+            assert not differ, differ[:1]
+            request = RouteRequest(rng.choice(groups))
+            full = choose_device(request, snap)
+            state._resynced_at = float("-inf")
+            fast = state.decide(request)
+            assert (fast.outcome, fast.choice and fast.choice.key) == (full.outcome, full.choice and full.choice.key)
