@@ -10,7 +10,7 @@ from pydantic_settings import NoDecode
 from gpufleet.api.labels import COMPONENT_POD_SERVER, LABEL_COMPONENT
 from gpufleet.settings_support import ServerSettings, parse_settings, split_csv
 
-PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex"]
+PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex", "gie"]
 
 
 class RouterSettings(ServerSettings):
@@ -30,7 +30,7 @@ class RouterSettings(ServerSettings):
     )
     pod_port: int = Field(default=8000, ge=1, le=65535, description="Pod-server port when a Pod names none.")
     pod_api_key: str | None = Field(default=None, description="Bearer key the router sends to pod servers.")
-    routing_policy: PolicyName = Field(default="affinity", description="affinity|round_robin|least_load|lru_multiplex")
+    routing_policy: PolicyName = Field(default="affinity", description="affinity|round_robin|least_load|lru_multiplex|gie")
     status_interval_s: float = Field(
         default=1.0,
         gt=0,
