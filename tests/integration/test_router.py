@@ -139,11 +139,13 @@ def test_two_groups_stay_put_under_mixed_traffic(fleet: Fleet) -> None:
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(one, range(24)))
     after = fleet.switches()
+    # At most one more switch (a tiny CPU switch is cheap, so a second device may take beta once);
+    # no device alternates between the groups.
     assert after - before <= 1, (before, after, results)
     beta_served = {pod for model, pod, _ in results if model != "tiny-chat"}
     alpha_served = {pod for model, pod, _ in results if model == "tiny-chat"}
-    assert beta_served == {beta_pod}
-    assert beta_pod not in alpha_served
+    assert beta_pod in beta_served and beta_pod not in alpha_served
+    assert len(alpha_served & beta_served) <= after - before
     assert fleet.current()[beta_pod] == "beta"
 
 
