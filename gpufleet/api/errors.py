@@ -63,6 +63,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(GpufleetError):
+    """The request collides with the current state of something (a device held by a lease)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(GpufleetError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -49,6 +49,7 @@ class PodService:
         self.groups = groups
         self.metrics = metrics
         self.pod = settings.pod_name or "local"
+        self.device_uuids: dict[str, str | None] = {}  # device -> its GPU's UUID, set from the stats source
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
         self.ready = False
         self.preload_task: asyncio.Task[None] | None = None  # the default group's preload, when there is one
@@ -216,6 +217,7 @@ class PodService:
                     switch_s_from_cache=s.switch_s.get("cache"),
                     switch_s_from_disk=s.switch_s.get("disk"),
                     last_switch_at=s.last_switch_at,
+                    uuid=self.device_uuids.get(device),
                 )
             )
         return Snapshot(tuple(states), now=time.monotonic())
@@ -342,6 +344,7 @@ class PodService:
             devices.append(
                 DeviceStatus(
                     device=device,
+                    uuid=self.device_uuids.get(device),
                     current_group=r.current_group,
                     cached_groups=r.cached_groups(),
                     failed_groups=sorted(s.failed_groups()),

@@ -72,6 +72,7 @@ class Validator:
     async def chat(self, req: ChatCompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/chat/completions")
         _refuse_logprobs(req)
+        _refuse_lease(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await self.tokenizers.encode_chat(spec, messages)
         return await self._plan("chat", spec, group, ids, req, "messages")
@@ -79,11 +80,13 @@ class Validator:
     async def completion(self, req: CompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/completions")
         _refuse_logprobs(req)
+        _refuse_lease(req)
         ids = await self.tokenizers.encode(spec, req.prompt_text())
         return await self._plan("completion", spec, group, ids, req, "prompt")
 
     def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
         spec, group = self.model(req.model, ("embedding",), "/v1/embeddings")
+        _refuse_lease(req)
         return EmbeddingPlan(spec, group, req.inputs(), req.exclusive_gpu, req.encoding_format)
 
     async def _plan(
@@ -137,5 +140,16 @@ def _refuse_logprobs(req: ChatCompletionRequest | CompletionRequest) -> None:
         raise InvalidRequest(
             f"{field} is not supported by this server: the batching engine returns no log-probabilities",
             param=field,
+            code="unsupported_parameter",
+        )
+
+
+def _refuse_lease(req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> None:
+    # The router consumes leases and never forwards them: one reaching a pod was sent to it directly.
+    if req.lease is not None:
+        raise InvalidRequest(
+            "lease: exclusive leases are taken and honoured by the router (POST /api/leases there); "
+            "a pod server serves no leases",
+            param="lease",
             code="unsupported_parameter",
         )

@@ -12,6 +12,7 @@ from gpufleet.api.errors import GpufleetError, InvalidRequest, ModelNotFound, Ov
 from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
+from gpufleet.routing import leases
 from gpufleet.routing.alternatives import POLICIES, Policy
 from gpufleet.routing.policy import Decision, Outcome, RouteRequest
 
@@ -35,13 +36,15 @@ class Decider:
         return group
 
     def decide(
-        self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int
+        self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int,
+        lease: str | None = None,
     ) -> Decision:
         snap = self.state.snapshot(exclude)
-        decision = self.policy(RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence), snap)
+        request = RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence, lease=lease)
+        decision = self.policy(request, snap)
         choice = decision.choice
         if log.isEnabledFor(logging.INFO):
-            self._log(request_id, model, group, exclusive, attempt, decision)
+            self._log(request_id, model, group, exclusive, attempt, decision, lease)
         self.metrics.decision(
             self.policy_name,
             decision.outcome.value,
@@ -52,7 +55,8 @@ class Decider:
         return decision
 
     def _log(
-        self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision
+        self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision,
+        lease: str | None = None,
     ) -> None:
         """One structured line per decision."""
         choice = decision.choice
@@ -68,12 +72,21 @@ class Decider:
         }
         if exclusive is not None:
             extra["exclusive_gpu"] = exclusive
+        if lease is not None:
+            extra["lease"] = lease
         if attempt:
             extra["attempt"] = attempt
         log.info("route", extra=extra)
 
-    def refusal(self, decision: Decision, group: str, exclusive: str | None) -> GpufleetError:
+    def refusal(
+        self, decision: Decision, group: str, exclusive: str | None, lease: str | None = None
+    ) -> GpufleetError:
         outcome = decision.outcome
+        held = self.state.held_devices().values()
+        wait = min((x.expires_at for x in held), default=self.state.leases.now() + 1) - self.state.leases.now()
+        lease_error = leases.refusal(decision, exclusive, lease, retry_after_s=wait)
+        if lease_error is not None:
+            return lease_error
         if outcome is Outcome.UNKNOWN_TARGET:
             known = sorted({f"{d.pod}/{d.device}" for d in self.state.snapshot().devices})
             return InvalidRequest(

@@ -44,6 +44,11 @@ class RouterSettings(ServerSettings):
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
     eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")
     eject_cooldown_max_s: float = Field(default=120.0, gt=0)
+    lease_max_ttl_s: int = Field(default=86400, ge=1, description="Longest TTL an exclusive lease may ask for.")
+    lease_namespace: str | None = Field(
+        default=None,
+        description="Namespace of the router's Lease objects (kubernetes discovery); default: the router's own.",
+    )
 
     _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(split_csv)
 

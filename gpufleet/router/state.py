@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
+from gpufleet.routing import leases
 from gpufleet.routing.policy import Costs, DeviceState, Snapshot
 
 Clock = Callable[[], float]
@@ -126,6 +127,7 @@ class FleetState:
         self._costs_for: float | None = None
         self._costs = self.costs
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
+        self.leases: leases.LeaseView = leases.NoLeases()  # the router's lease store, set by the app
 
     # --- discovery ----------------------------------------------------------------------------
 
@@ -340,9 +342,19 @@ class FleetState:
                         last_switch_at=last_switch,
                         fresh=fresh,
                         last_used_at=self.last_used.get(key),
+                        uuid=d.uuid,
                     )
                 )
-        return Snapshot(tuple(states), now=now, costs=self.costs_now())
+        snap = Snapshot(tuple(states), now=now, costs=self.costs_now())
+        return leases.with_leases(snap, self.leases.all(), self.leases.now())
+
+    def held_devices(self) -> dict[str, leases.Lease]:
+        """Device key -> the live lease holding it."""
+        return leases.held_devices(self.leases.all(), self.leases.now())
+
+    def pod_has_lease(self, pod: str) -> bool:
+        prefix = f"{pod}/"
+        return any(key.startswith(prefix) for key in self.held_devices())
 
     def pod_state(self, rec: PodRecord) -> str:
         if not rec.outlier.admitted:
@@ -384,6 +396,8 @@ class FleetState:
                         "load": d.load,
                         "router_inflight": self.inflight.get(d.key, 0),
                         "capacity": d.capacity,
+                        "uuid": d.uuid,
+                        "leased_by": d.leased_by,
                     }
                     for key, d in snap.items()
                     if d.pod == rec.name
