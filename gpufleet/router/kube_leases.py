@@ -39,6 +39,7 @@ from gpufleet.routing.leases import Lease
 log = logging.getLogger(__name__)
 SELECTOR = f"{labels.LABEL_MANAGED_BY}={labels.ROUTER_LEASE_MANAGED_BY}"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+MERGE_PATCH = "application/merge-patch+json"  # the client would pick JSON Patch for a dict
 SWEEP_INTERVAL_S = 30.0
 SWEEP_AFTER_S = 60.0  # an expired object stays this long (a late renewal is refused, not confusing)
 
@@ -258,7 +259,9 @@ class KubeLeaseStore:
             "spec": {"renewTime": micro_time(lease.renewed_at), "leaseDurationSeconds": lease.ttl_s},
         }
         try:
-            patched = await self._api_call("patch_namespaced_lease", lease_id, self.namespace, patch)
+            patched = await self._api_call(
+                "patch_namespaced_lease", lease_id, self.namespace, patch, _content_type=MERGE_PATCH
+            )
         except ApiException as exc:
             if exc.status == 404:
                 raise not_found(lease_id) from None
