@@ -124,3 +124,37 @@ def test_a_lease_keeps_its_device_for_its_holder_until_it_expires(up: Up) -> Non
     r = up.chat(lease=lid)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_lease"
     assert up.http.get("/api/gpu_stats").json()["devices"][TARGET]["lease"] is None
+
+
+def test_on_a_pod_with_two_devices_plain_traffic_is_pinned_off_the_leased_one(
+    demo_models: Path, tmp_path: Path
+) -> None:
+    """One pod server driving cpu:0 and cpu:1 behind the router: the pod would otherwise
+    choose its device again, so the router pins every request on that pod to a device."""
+    from tests.integration.test_router_proxy import start_router
+    from tests.support.processes import start_pod_server
+
+    pod = start_pod_server(tmp_path, demo_models, devices="cpu:0,cpu:1", name="duo", LAZY_LOAD_MODEL="true")
+    router: ServerProcess | None = None
+    try:
+        pod.wait_ready(180)
+        router = start_router(tmp_path, [pod.url])
+        router.wait_ready(60)
+        with httpx.Client(base_url=router.url, timeout=120) as http:
+            wait_until(lambda: "duo" in http.get("/api/fleet").json()["pods"], 30, "the router knows the pod")
+            lease = http.post("/api/leases", json={"target": "duo/cpu:1", "ttl_s": 300}).json()
+
+            def served(**extra: Any) -> str:
+                r = http.post("/v1/chat/completions", json={**CHAT, **extra})
+                assert r.status_code == 200, r.text
+                return str(r.headers["x-served-by-device"])
+
+            with ThreadPoolExecutor(4) as pool:  # concurrent: the pod's least-load choice would use cpu:1
+                plain = list(pool.map(lambda _: served(), range(8)))
+                held = list(pool.map(lambda _: served(lease=lease["id"]), range(4)))
+            assert set(plain) == {"cpu:0"} and set(held) == {"cpu:1"}
+            assert served(exclusive_gpu="duo", lease=lease["id"]) == "cpu:1"
+    finally:
+        if router is not None:
+            router.stop()
+        pod.stop()
