@@ -168,6 +168,7 @@ class GpuStats:
                 "memory_total": r.memory_total,
                 "memory_percent": r.memory_percent,
                 "peak_utilization": self.peak[d],
+                "uuid": r.uuid or None,  # the GPU's NVML UUID: an exclusive and lease target
             }
             for d, r in readings.items()
         }

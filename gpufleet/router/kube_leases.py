@@ -242,7 +242,6 @@ class KubeLeaseStore:
         if holders:
             await self._delete_object(lease.id)
             raise leases.conflict_error(target, holders)
-        log.info("lease taken", extra={"lease": lease.id, "target": target, "devices": list(devices), "ttl_s": ttl_s})
         return lease
 
     async def renew(self, lease_id: str, ttl_s: int | None) -> Lease:
@@ -277,7 +276,6 @@ class KubeLeaseStore:
         if current is None or not current.live(self.clock()):
             raise not_found(lease_id)
         await self._delete_object(lease_id)
-        log.info("lease released", extra={"lease": lease_id})
 
     async def _delete_object(self, lease_id: str, version: str | None = None) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -13,6 +13,7 @@ the write and refuses a device another live lease holds (409 ``device_leased``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from gpufleet.router.lease_store import LeaseStore, live
 from gpufleet.router.state import FleetState
 from gpufleet.routing import leases
 
+log = logging.getLogger(__name__)
 TtlField = Annotated[int, Field(strict=True, description="Seconds the lease holds unless renewed.")]
 
 
@@ -54,6 +56,10 @@ def install(app: FastAPI, parts: Callable[[Request], tuple[FleetState, LeaseStor
         devices = leases.resolve(body.target, state.snapshot().devices)
         uuids = tuple(d.uuid for d in devices if d.uuid)
         lease = await store.create(body.target, tuple(d.key for d in devices), uuids, body.ttl_s)
+        log.info(
+            "lease taken",
+            extra={"lease": lease.id, "target": body.target, "devices": list(lease.devices), "ttl_s": lease.ttl_s},
+        )
         return JSONResponse(leases.document(lease, store.now()), status_code=201,
                             headers={"location": f"/api/leases/{lease.id}"})
 
@@ -76,10 +82,12 @@ def install(app: FastAPI, parts: Callable[[Request], tuple[FleetState, LeaseStor
         if ttl is not None:
             leases.check_ttl(ttl, max_ttl)
         lease = await store.renew(lease_id, ttl)
+        log.info("lease renewed", extra={"lease": lease_id, "ttl_s": lease.ttl_s})
         return leases.document(lease, store.now())
 
     @app.delete("/api/leases/{lease_id}")
     async def release(lease_id: str, request: Request) -> dict[str, Any]:
         _, store, _ = parts(request)
         await store.delete(lease_id)
+        log.info("lease released", extra={"lease": lease_id})
         return {"id": lease_id, "object": "lease", "deleted": True}

@@ -204,6 +204,7 @@ def test_renewal_counts_from_now() -> None:
         (Outcome.LEASED, None, 503, "all_devices_leased", None),
         (Outcome.UNKNOWN_LEASE, None, 400, "unknown_lease", "lease"),
         (Outcome.LEASE_MISMATCH, "q", 400, "lease_mismatch", "exclusive_gpu"),
+        (Outcome.TARGET_DOWN, None, 503, "target_unavailable", None),  # its devices are down
     ],
 )
 def test_lease_refusals_map_to_openai_errors(
@@ -215,8 +216,8 @@ def test_lease_refusals_map_to_openai_errors(
     assert err is not None and err.status_code == status and err.code == code and err.param == param
     body = err.to_openai()["error"]
     assert body["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if isinstance(err, Unavailable):
-        assert err.headers() == {"Retry-After": "7"}
+    if outcome is Outcome.LEASED and isinstance(err, Unavailable):
+        assert err.headers() == {"Retry-After": "7"}  # until the earliest lease expires
     assert leases.refusal(Decision(Outcome.SATURATED, None, "x"), None, None, 1.0) is None
 
 
