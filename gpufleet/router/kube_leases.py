@@ -12,7 +12,7 @@ Two replicas taking the same device at once are settled without a lock: each cre
 object, then lists afresh and withdraws (409) if another live lease holds one of its
 devices. The later of the two lists sees both objects, so at most one survives (both may
 withdraw; the client retries). Objects expired for a while are deleted by any replica.
-Parsing and building are pure; the API calls run in threads (the synchronous client).
+Parsing and building are pure; the API calls run in threads (the synchronous client's ApiClient, JSON in and out).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gpufleet.api import labels
 from gpufleet.api.errors import Conflict, Unavailable
@@ -39,7 +40,8 @@ from gpufleet.routing.leases import Lease
 log = logging.getLogger(__name__)
 SELECTOR = f"{labels.LABEL_MANAGED_BY}={labels.ROUTER_LEASE_MANAGED_BY}"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-MERGE_PATCH = "application/merge-patch+json"  # the client would pick JSON Patch for a dict
+MERGE_PATCH = "application/merge-patch+json"
+API_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 30.0
 SWEEP_AFTER_S = 60.0  # an expired object stays this long (a late renewal is refused, not confusing)
 
@@ -187,36 +189,53 @@ class KubeLeaseStore:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            self._api = client.CoordinationV1Api()
+            self._api = client.ApiClient()
         return self._api
 
-    def _call(self, method: str, *args: Any, **kw: Any) -> Any:  # pragma: no cover - needs a cluster
-        response = getattr(self._client(), method)(*args, _preload_content=False, **kw)
-        return json.loads(response.data) if response.data else {}
+    def _rest(
+        self, method: str, name: str | None = None, body: Any = None, *, query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:  # pragma: no cover - needs a cluster (tests/e2e)
+        """JSON in, JSON out (the typed models would re-encode our MicroTimes and bodies)."""
+        from kubernetes.client.exceptions import ApiException
 
-    async def _api_call(self, method: str, *args: Any, **kw: Any) -> Any:
+        api = self._client()
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{quote(self.namespace)}/leases"
+        if name is not None:
+            path += f"/{quote(name)}"
+        m, url, headers, data, post = api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+        )
+        resp = api.call_api(m, url, header_params=headers, body=data, post_params=post, _request_timeout=API_TIMEOUT_S)
+        raw = resp.read()
+        if not 200 <= resp.status < 300:
+            raise ApiException(http_resp=resp)
+        return json.loads(raw) if raw else {}
+
+    async def _api_call(self, method: str, name: str | None = None, body: Any = None, **kw: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return await asyncio.to_thread(self._call, method, *args, **kw)
+            return await asyncio.to_thread(self._rest, method, name, body, **kw)
         except ApiException as exc:
             if exc.status in (404, 409):
                 raise  # the callers' business: gone, or changed meanwhile
-            log.warning("lease API call failed", extra={"call": method, "status": exc.status, "reason": exc.reason})
+            log.warning("lease API call failed", extra={"method": method, "status": exc.status, "reason": exc.reason})
             raise Unavailable(
-                f"the Kubernetes API refused {method} ({exc.status} {exc.reason})", retry_after_s=2,
+                f"the Kubernetes API refused {method} leases ({exc.status} {exc.reason})", retry_after_s=2,
                 code="lease_store_unavailable",
             ) from None
 
     async def _list(self) -> list[dict[str, Any]]:
-        body = await self._api_call("list_namespaced_lease", self.namespace, label_selector=SELECTOR)
+        body = await self._api_call("GET", query=[("labelSelector", SELECTOR)])
         return list(body.get("items") or [])
 
     async def _get(self, lease_id: str) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            obj: dict[str, Any] = await self._api_call("read_namespaced_lease", lease_id, self.namespace)
+            obj: dict[str, Any] = await self._api_call("GET", lease_id)
         except ApiException as exc:
             if exc.status == 404:
                 self.cache.pop(lease_id, None)
@@ -234,7 +253,7 @@ class KubeLeaseStore:
         if holders:  # what this replica already knows: no write needed to refuse
             raise leases.conflict_error(target, holders)
         lease = Lease(new_lease_id(), target, devices, ttl_s, acquired_at=now, renewed_at=now, uuids=uuids)
-        created = await self._api_call("create_namespaced_lease", self.namespace, lease_object(lease, self.namespace))
+        created = await self._api_call("POST", None, lease_object(lease, self.namespace))
         self.observe(created)
         # Another replica may have taken one of these devices meanwhile: the fresh list settles it.
         others = [x for x in (parse_lease_object(o) for o in await self._list()) if x is not None]
@@ -258,9 +277,7 @@ class KubeLeaseStore:
             "spec": {"renewTime": micro_time(lease.renewed_at), "leaseDurationSeconds": lease.ttl_s},
         }
         try:
-            patched = await self._api_call(
-                "patch_namespaced_lease", lease_id, self.namespace, patch, _content_type=MERGE_PATCH
-            )
+            patched = await self._api_call("PATCH", lease_id, patch, content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status == 404:
                 raise not_found(lease_id) from None
@@ -282,7 +299,7 @@ class KubeLeaseStore:
 
         body = {"preconditions": {"resourceVersion": version}} if version else None
         try:
-            await self._api_call("delete_namespaced_lease", lease_id, self.namespace, body=body)
+            await self._api_call("DELETE", lease_id, body)
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
