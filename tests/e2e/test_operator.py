@@ -420,12 +420,30 @@ def test_an_exclusive_lease_is_a_lease_object_every_router_replica_honours(fleet
 
             # Released through the second replica: the object goes, and the first replica frees the device.
             assert other.delete(f"/api/leases/{lease['id']}").status_code == 200
-        assert try_get(fleet.api, f"{router_leases}/{lease['id']}") is None
-        fleet.wait(lambda: client.get("/api/leases").json()["data"] == [], "the first replica drops the lease", 30)
+            assert try_get(fleet.api, f"{router_leases}/{lease['id']}") is None
+            fleet.wait(lambda: client.get("/api/leases").json()["data"] == [], "the first replica drops the lease", 30)
+
+            # Both replicas asked for the device at once: at most one wins, and only its object stays.
+            selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dgpufleet-router"
+            for _ in range(3):
+                with ThreadPoolExecutor(2) as pool:
+                    answers = list(pool.map(lambda c: c.post("/api/leases", json={"target": target, "ttl_s": 60}),
+                                            (client, other)))
+                assert sorted(r.status_code for r in answers) in ([201, 409], [409, 409]), [r.text for r in answers]
+                won = [r.json()["id"] for r in answers if r.status_code == 201]
+                names = [o["metadata"]["name"] for o in fleet.api.get(f"{router_leases}?{selector}")["items"]]
+                assert names == won
+                for lid in won:
+                    assert client.delete(f"/api/leases/{lid}").status_code == 200
+                fleet.wait(lambda: client.get("/api/leases").json()["data"] == []
+                           and other.get("/api/leases").json()["data"] == [], "both replicas see it released", 30)
         r = client.post("/api/leases", json={"target": target, "ttl_s": 2})  # and a short one simply expires
         assert r.status_code == 201, r.text
         fleet.wait(lambda: client.get("/api/leases").json()["data"] == [], "the 2 s lease expires", 30)
         if all(p["status"].get("podIP", "").startswith("127.") for p in fleet.pods("alpha")):
+            # (kwok marks pods Ready before their server listens: the router may have ejected it a while)
+            fleet.wait(lambda: client.get("/api/fleet").json()["pods"]["alpha-0"]["state"] == "ready",
+                       "the router routes to alpha-0", 90)
             r = client.post("/v1/chat/completions", json={**chat, "exclusive_gpu": target})
             assert r.status_code == 200 and served_by(r) == "alpha-0", r.text
 
