@@ -109,6 +109,14 @@ class Decider:
                     f"exclusive_gpu {exclusive!r} is down or not ready", retry_after_s=5, code="target_unavailable"
                 )
             return Unavailable(f"no ready pod can serve group {group!r}", retry_after_s=5, code="no_ready_pod")
+        if outcome is Outcome.GROUP_NOT_SERVED:
+            if exclusive:
+                return InvalidRequest(
+                    f"exclusive_gpu {exclusive!r} does not serve model group {group!r}",
+                    param="exclusive_gpu",
+                    code="target_lacks_model",
+                )
+            return Unavailable(f"no pod that serves group {group!r} is known", retry_after_s=5, code="no_ready_pod")
         if outcome is Outcome.GROUP_FAILED:
             return Unavailable(
                 f"model group {group!r} failed to load on every eligible device",

@@ -343,6 +343,7 @@ class FleetState:
                         fresh=fresh,
                         last_used_at=self.last_used.get(key),
                         uuid=d.uuid,
+                        groups=frozenset(doc.groups) if doc.groups else None,
                     )
                 )
         snap = Snapshot(tuple(states), now=now, costs=self.costs_now())

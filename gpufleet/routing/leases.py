@@ -174,6 +174,8 @@ def refusal(decision: Decision, exclusive: str | None, lease: str | None, retry_
         )
     if outcome is Outcome.LEASE_MISMATCH:
         return InvalidRequest(decision.reason, param="exclusive_gpu", code="lease_mismatch")
+    if outcome is Outcome.GROUP_NOT_SERVED and lease is not None and not exclusive:
+        return InvalidRequest(f"lease {lease!r}: {decision.reason}", param="lease", code="target_lacks_model")
     if outcome is Outcome.TARGET_DOWN and lease is not None:
         return Unavailable(
             f"the device(s) of lease {lease!r} are down or not ready", retry_after_s=5, code="target_unavailable"

@@ -43,6 +43,7 @@ class DeviceState:
     last_used_at: float | None = None  # when a request last went here (same clock); for LRU policies
     uuid: str | None = None  # the physical GPU's NVML UUID ("GPU-..."); None on CPU devices
     leased_by: str | None = None  # id of the live lease holding this device
+    groups: frozenset[str] | None = None  # the groups its pod can serve at all; None: any
 
     @property
     def key(self) -> str:
@@ -97,6 +98,7 @@ class Outcome(StrEnum):
     LEASED = "leased"  # every device it may use is held by a lease it does not carry
     UNKNOWN_LEASE = "unknown_lease"  # it carries a lease id that is not live (never was, expired, deleted)
     LEASE_MISMATCH = "lease_mismatch"  # its exclusive target and its lease share no device
+    GROUP_NOT_SERVED = "group_not_served"  # no eligible device's pod serves the group at all
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,11 @@ def eligible(request: RouteRequest, snap: Snapshot) -> tuple[list[DeviceState], 
             return held
         pool = held
         scope = "lease" if request.lease is not None else scope
+    serving = [d for d in pool if d.groups is None or request.group in d.groups]
+    if not serving:
+        # A pod of another ModelGroup would answer 404: never send it there, whatever it costs.
+        return Decision(Outcome.GROUP_NOT_SERVED, None, f"{scope}: no device serves group {request.group!r}")
+    pool = serving
     healthy = [d for d in pool if d.healthy]
     if not healthy:
         return Decision(Outcome.TARGET_DOWN, None, f"{scope}: no healthy device among {len(pool)}")

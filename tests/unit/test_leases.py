@@ -225,3 +225,37 @@ def test_conflict_error_is_a_409_naming_the_devices() -> None:
     err = leases.conflict_error("node-b", [lease(("beta-0/cuda:1",))])
     assert isinstance(err, Conflict) and err.status_code == 409 and err.code == "device_leased"
     assert "beta-0/cuda:1" in err.message
+
+
+# --- a pod serves only its own groups ---------------------------------------------------------------
+
+
+MIXED = (
+    dev("chat-0", current_group=None, groups=frozenset({"team-a/chat"}), load=40),  # busy, but it serves chat
+    dev("embed-0", current_group=None, groups=frozenset({"team-a/embed"})),  # idle, cheaper: never for chat
+    dev("local", "cpu:0", current_group=None),  # groups unknown (an older pod server): may serve anything
+)
+
+
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_a_group_goes_only_to_pods_that_serve_it(policy_name: str) -> None:
+    for seq in range(6):
+        d = POLICIES[policy_name](RouteRequest("team-a/chat", sequence=seq), Snapshot(MIXED))
+        assert d.routed and d.choice is not None and d.choice.pod in ("chat-0", "local"), d.reason
+
+
+def test_an_exclusive_target_of_another_group_is_refused_by_name() -> None:
+    from gpufleet.api.errors import InvalidRequest as Bad
+    from gpufleet.router.decide import Decider
+    from gpufleet.router.metrics import RouterMetrics
+    from gpufleet.router.state import FleetState
+
+    d = choose_device(RouteRequest("team-a/chat", "embed-0"), Snapshot(MIXED))
+    assert d.outcome is Outcome.GROUP_NOT_SERVED
+    err = Decider(FleetState(), RouterMetrics(), "affinity").refusal(d, "team-a/chat", "embed-0")
+    assert isinstance(err, Bad) and err.code == "target_lacks_model" and err.param == "exclusive_gpu"
+    snap = leases.with_leases(Snapshot(MIXED), [lease(("embed-0/cuda:0",))], NOW)
+    d = choose_device(RouteRequest("team-a/chat", lease="lease-1"), snap)
+    assert d.outcome is Outcome.GROUP_NOT_SERVED
+    refused = leases.refusal(d, None, "lease-1", 1.0)
+    assert refused is not None and refused.param == "lease" and refused.code == "target_lacks_model"
