@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 from gpufleet.api import labels
 from gpufleet.api.errors import Conflict, Unavailable
-from gpufleet.router.kube_discovery import LEASES, _watch
+from gpufleet.router.kube_discovery import LEASES, _watch, import_kubernetes
 from gpufleet.router.lease_store import WallClock, new_lease_id, not_found
 from gpufleet.routing import leases
 from gpufleet.routing.leases import Lease
@@ -325,6 +325,7 @@ class KubeLeaseStore:
     async def run(self) -> None:  # pragma: no cover - needs a cluster (tests/e2e)
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+        import_kubernetes()  # here, not first in several threads at once
 
         def emit(resource: str, kind: str, namespace: str, payload: Any) -> None:
             loop.call_soon_threadsafe(self.apply_event, kind, payload)
