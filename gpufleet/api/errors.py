@@ -76,6 +76,14 @@ class MethodNotAllowed(GpufleetError):
         return {"Allow": self.allow}
 
 
+class Conflict(GpufleetError):
+    """The request collides with the current state of something (a device held by a lease)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(GpufleetError):
     status_code = 413
     error_type = "invalid_request_error"

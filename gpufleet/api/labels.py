@@ -31,3 +31,10 @@ OPERATOR_STATE_PREFIX = f"operator.{DOMAIN}"
 # Node labels users' GPU tooling already sets.
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+# Exclusive leases the router takes (coordination.k8s.io Leases in the router's namespace). Their own
+# managed-by value keeps them apart from the pod servers' status Leases (component=pod-server).
+ROUTER_LEASE_MANAGED_BY = "gpufleet-router"
+LABEL_LEASE_TARGET = f"{DOMAIN}/lease-target"  # label: the target, sanitised; annotation: exactly
+LEASE_DEVICES_ANNOTATION = f"{DOMAIN}/lease-devices"  # JSON list of the "pod/device" keys held
+LEASE_UUIDS_ANNOTATION = f"{DOMAIN}/lease-gpu-uuids"  # JSON list of the held GPUs' UUIDs, where known

@@ -51,14 +51,18 @@ class _Body(BaseModel):
     exclusive_gpu: str | None = Field(
         default=None,
         min_length=1,
-        description="gpufleet extension. Serve only on this device: 'cuda:1' on a pod, or 'pod-or-node/cuda:1' "
-        "through the router.",
+        description=(
+            "Serve only here: 'cuda:1' on a pod; through the router also 'pod/cuda:1', 'node/cuda:1', a pod, "
+            "a node or a GPU UUID ('GPU-...'). A target naming a device must name exactly one."
+        ),
     )
     lease: str | None = Field(
         default=None,
         min_length=1,
-        description="gpufleet extension. Serve on the devices this lease holds (also the x-gpufleet-lease header); "
-        "the router consumes it.",
+        description=(
+            "Id of an exclusive lease (POST /api/leases on the router; or header x-gpufleet-lease): the request "
+            "runs only on the lease's devices, which serve nobody else. The router consumes it; pod servers refuse it."
+        ),
     )
 
     @model_validator(mode="before")

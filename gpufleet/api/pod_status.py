@@ -16,6 +16,9 @@ class DeviceStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     device: str = Field(description="Device name on the pod, e.g. 'cuda:0' or 'cpu:1'.")
+    uuid: str | None = Field(
+        default=None, description="The physical GPU's NVML UUID ('GPU-...'), a stable exclusive target; None on CPU."
+    )
     current_group: str | None = None
     cached_groups: list[str] = Field(default_factory=list, description="Groups parked in this device's CPU cache.")
     failed_groups: list[str] = Field(default_factory=list, description="Groups whose last load failed here.")

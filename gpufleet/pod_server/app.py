@@ -39,6 +39,7 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
         metrics = PodMetrics(settings.pod_name or "local", settings.pod_namespace or "")
         service = PodService(settings, groups, metrics)
         stats = GpuStats(open_stats_source(settings.devices), settings.devices, service.ledger)
+        service.device_uuids = {d: stats.source.uuid(d) for d in settings.devices}
         app.state.service = service
         app.state.metrics = metrics
         app.state.stats = stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,10 @@ class DeviceReading:
 class StatsSource(Protocol):
     def read(self, device: str) -> DeviceReading: ...
 
+    def uuid(self, device: str) -> str | None:
+        """The physical GPU's UUID ("GPU-..."), published as an exclusive target; None on CPU."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -56,6 +61,9 @@ class HostSource:
             name="cpu",
         )
 
+    def uuid(self, device: str) -> str | None:
+        return None
+
     def close(self) -> None:
         pass
 
@@ -64,23 +72,35 @@ class NvmlSource:
     """Reads CUDA devices through NVML, mapping cuda:N to the physical GPU by UUID so that
     CUDA_VISIBLE_DEVICES renumbering cannot point at the wrong card."""
 
-    def __init__(self) -> None:
-        import pynvml
+    def __init__(self, nvml: Any = None, cuda_uuid: Callable[[int], str] | None = None) -> None:
+        # ``nvml``: the pynvml module (a fake of its few calls in tests); ``cuda_uuid``: torch's
+        # UUID of CUDA device N as this process numbers it.
+        if nvml is None:
+            import pynvml
 
-        self._nvml: Any = pynvml
-        pynvml.nvmlInit()
+            nvml = pynvml
+        self._nvml: Any = nvml
+        self._cuda_uuid = cuda_uuid or _torch_cuda_uuid
+        nvml.nvmlInit()
         self._handles: dict[str, Any] = {}
         self._fallback = HostSource()
 
     def _handle(self, device: str) -> Any:
         if device not in self._handles:
-            import torch
-
-            index = int(device.split(":")[1])
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
-            uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            uuid = str(self._cuda_uuid(int(device.split(":")[1])))
+            uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
             self._handles[device] = self._nvml.nvmlDeviceGetHandleByUUID(uuid)
         return self._handles[device]
+
+    def uuid(self, device: str) -> str | None:
+        if not device.startswith("cuda"):
+            return None
+        try:
+            raw = self._nvml.nvmlDeviceGetUUID(self._handle(device))
+        except Exception as exc:  # a target we cannot name is only a missing convenience
+            log.warning("nvml uuid failed", extra={"device": device, "error": str(exc)})
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def read(self, device: str) -> DeviceReading:
         if not device.startswith("cuda"):
@@ -107,6 +127,12 @@ class NvmlSource:
         # It may be shut down already, or never fully initialised.
         with contextlib.suppress(Exception):
             self._nvml.nvmlShutdown()
+
+
+def _torch_cuda_uuid(index: int) -> str:
+    import torch
+
+    return str(torch.cuda.get_device_properties(index).uuid)
 
 
 def open_stats_source(devices: list[str]) -> StatsSource:
@@ -142,6 +168,7 @@ class GpuStats:
                 "memory_total": r.memory_total,
                 "memory_percent": r.memory_percent,
                 "peak_utilization": self.peak[d],
+                "uuid": r.uuid or None,  # the GPU's NVML UUID: an exclusive and lease target
             }
             for d, r in readings.items()
         }

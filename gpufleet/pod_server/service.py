@@ -52,6 +52,7 @@ class PodService:
         self.groups = groups
         self.metrics = metrics
         self.pod = settings.pod_name or "local"
+        self.device_uuids: dict[str, str | None] = {}  # device -> its GPU's UUID, set from the stats source
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
         self.status_version = 0  # bumped when the status document changes in a way routing cares about
         self.ready = False
@@ -208,8 +209,10 @@ class PodService:
     def snapshot(self) -> Snapshot:
         """This pod's devices as routing sees them, with the switch and service times measured here."""
         states = tuple(
-            dataclasses.replace(s.device_state(), pod=self.pod, node=self.settings.node_name)
-            for s in self.schedulers.values()
+            dataclasses.replace(
+                s.device_state(), pod=self.pod, node=self.settings.node_name, uuid=self.device_uuids.get(device)
+            )
+            for device, s in self.schedulers.items()
         )
         return Snapshot(states, now=time.monotonic(), costs=self.costs())
 
@@ -346,6 +349,7 @@ class PodService:
             devices.append(
                 DeviceStatus(
                     device=device,
+                    uuid=self.device_uuids.get(device),
                     current_group=r.current_group,
                     cached_groups=r.cached_groups(),
                     failed_groups=sorted(s.failed_groups()),

@@ -71,17 +71,20 @@ class Validator:
 
     async def chat(self, req: ChatCompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/chat/completions")
+        _refuse_lease(req)
         messages = [_message(m) for m in req.messages]
         ids = await self.tokenizers.encode_chat(spec, messages)
         return await self._plan("chat", spec, group, ids, req, "messages")
 
     async def completion(self, req: CompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/completions")
+        _refuse_lease(req)
         ids = await self.tokenizers.encode(spec, req.prompt_text())
         return await self._plan("completion", spec, group, ids, req, "prompt")
 
     async def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
         spec, group = self.model(req.model, ("embedding",), "/v1/embeddings")
+        _refuse_lease(req)
         inputs = req.inputs()
         if req.dimensions is not None or any(isinstance(i, list) for i in inputs):
             info = await self.tokenizers.info(spec)
@@ -158,3 +161,14 @@ def _message(m: ChatMessage) -> dict[str, str]:
     if m.name is not None:
         doc["name"] = m.name  # templates that know speakers use it
     return doc
+
+
+def _refuse_lease(req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> None:
+    # The router consumes leases and never forwards them: one reaching a pod was sent to it directly.
+    if req.lease is not None:
+        raise InvalidRequest(
+            "lease: exclusive leases are taken and honoured by the router (POST /api/leases there); "
+            "a pod server serves no leases",
+            param="lease",
+            code="unsupported_parameter",
+        )

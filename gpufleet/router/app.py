@@ -23,16 +23,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufleet.api.errors import MethodNotAllowed, ModelNotFound, Unavailable
-from gpufleet.router import fleet_api
+from gpufleet.router import fleet_api, lease_api
 from gpufleet.router.decide import Decider
 from gpufleet.router.decision_log import flush_periodically, install_batching
 from gpufleet.router.discovery import Discovery, make_discovery, pod_headers
+from gpufleet.router.lease_store import LeaseStore, MemoryLeaseStore
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once
 from gpufleet.router.proxy import PROXY_PATHS, Proxy, ProxyConfig, send_error
 from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import Clock, EjectionPolicy, FleetState
 from gpufleet.router.upstream import UpstreamPool
+from gpufleet.routing import leases as leases_rules
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
@@ -48,9 +50,19 @@ class Runtime:
     pool: UpstreamPool  # one keep-alive pool for proxying, polls and the fleet API
     proxy: Proxy
     pod_headers: list[tuple[bytes, bytes]]
+    leases: LeaseStore
 
 
-def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
+def make_lease_store(settings: RouterSettings) -> LeaseStore:
+    """Kubernetes discovery keeps leases as Lease objects (shared by replicas, kept over restarts)."""
+    if settings.discovery == "kubernetes":
+        from gpufleet.router.kube_leases import KubeLeaseStore, router_namespace
+
+        return KubeLeaseStore(settings.lease_namespace or router_namespace())
+    return MemoryLeaseStore()
+
+
+def build_runtime(settings: RouterSettings, clock: Clock, leases: LeaseStore | None = None) -> Runtime:
     metrics = RouterMetrics()
     state = FleetState(
         clock=clock,
@@ -66,6 +78,8 @@ def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
         log.warning("pod ejected" if ejected else "pod re-admitted", extra={"pod": pod})
 
     state.on_eject = on_eject
+    store = leases if leases is not None else make_lease_store(settings)
+    state.leases = store
     headers = pod_headers(settings)
     config = ProxyConfig(
         retries=settings.retries,
@@ -79,7 +93,7 @@ def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
         keepalive_s=settings.upstream_keepalive_s,
     )
     proxy = Proxy(state, decider, metrics, pool, config)
-    return Runtime(settings, state, metrics, pool, proxy, headers)
+    return Runtime(settings, state, metrics, pool, proxy, headers, store)
 
 
 class RouterApp:
@@ -103,11 +117,15 @@ class RouterApp:
 
 
 def create_app(
-    settings: RouterSettings, *, discovery: Discovery | None = None, clock: Clock = time.monotonic
+    settings: RouterSettings,
+    *,
+    discovery: Discovery | None = None,
+    clock: Clock = time.monotonic,
+    leases: LeaseStore | None = None,
 ) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = build_runtime(settings, clock)
+        runtime = build_runtime(settings, clock, leases)
         found = discovery or make_discovery(settings)
         pool, headers = runtime.pool, runtime.pod_headers
 
@@ -119,6 +137,7 @@ def create_app(
         tasks = [
             asyncio.create_task(found.run(runtime.state, pool), name="discovery"),
             asyncio.create_task(every(settings.queue_interval_s, poll_queues, "queue poll"), name="queues"),
+            asyncio.create_task(runtime.leases.run(), name="leases"),
         ]
         batching = install_batching()
         if batching is not None:
@@ -127,7 +146,12 @@ def create_app(
         gc.freeze()  # start-up objects never die: keep them out of every later collection
         log.info(
             "router started",
-            extra={"discovery": found.kind, "policy": settings.routing_policy, "pods": settings.pod_urls},
+            extra={
+                "discovery": found.kind,
+                "policy": settings.routing_policy,
+                "pods": settings.pod_urls,
+                "leases": runtime.leases.kind,
+            },
         )
         try:
             yield
@@ -179,9 +203,16 @@ def _routes(app: FastAPI) -> None:
                 return card
         raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
 
+    def device_leases(runtime: Runtime) -> dict[str, dict[str, Any]]:
+        return {
+            key: {"id": x.id, "expires_at": leases_rules.rfc3339(x.expires_at)}
+            for key, x in runtime.state.held_devices().items()
+        }
+
     @app.get("/api/gpu_stats")
     async def gpu_stats(request: Request) -> dict[str, Any]:
-        return fleet_api.gpu_stats(await fan_out(rt(request), "/api/gpu_stats"))
+        runtime = rt(request)
+        return fleet_api.gpu_stats(await fan_out(runtime, "/api/gpu_stats"), device_leases(runtime))
 
     @app.get("/api/models")
     async def api_models(request: Request) -> dict[str, Any]:
@@ -190,7 +221,9 @@ def _routes(app: FastAPI) -> None:
     @app.get("/api/queue")
     async def api_queue(request: Request) -> dict[str, Any]:
         runtime = rt(request)
-        return fleet_api.queue(await fan_out(runtime, "/api/queue"), dict(runtime.state.inflight))
+        return fleet_api.queue(
+            await fan_out(runtime, "/api/queue"), dict(runtime.state.inflight), device_leases(runtime)
+        )
 
     @app.get("/api/fleet")
     async def api_fleet(request: Request) -> dict[str, Any]:
@@ -203,6 +236,12 @@ def _routes(app: FastAPI) -> None:
 
     install_health_routes(app, readiness)
 
+    def lease_parts(request: Request) -> tuple[FleetState, LeaseStore, int]:
+        runtime = rt(request)
+        return runtime.state, runtime.leases, runtime.settings.lease_max_ttl_s
+
+    lease_api.install(app, lease_parts)
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         runtime = rt(request)
@@ -212,6 +251,7 @@ def _routes(app: FastAPI) -> None:
             counts[s] = counts.get(s, 0) + 1
         for s in ("ready", "ejected", "not_ready", "stale", "unknown"):
             runtime.metrics.pods.labels(s).set(counts.get(s, 0))
+        runtime.metrics.leases_now(runtime.state.snapshot())
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

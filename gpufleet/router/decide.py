@@ -12,6 +12,7 @@ from gpufleet.api.errors import GpufleetError, ModelNotFound, Unavailable
 from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
+from gpufleet.routing import leases
 from gpufleet.routing.alternatives import POLICIES, Policy
 from gpufleet.routing.policy import Decision, RouteRequest, choose_device
 from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
@@ -36,9 +37,10 @@ class Decider:
         return group
 
     def decide(
-        self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int
+        self, request_id: str, model: str, group: str, exclusive: str | None, exclude: frozenset[str], attempt: int,
+        lease: str | None = None,
     ) -> Decision:
-        request = RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence)
+        request = RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence, lease=lease)
         if self.policy is choose_device and not exclude:
             # The kept index: a bounded candidate set, the same answer as the full function.
             decision = self.state.decide(request)
@@ -46,7 +48,7 @@ class Decider:
             decision = self.policy(request, self.state.snapshot(exclude))
         choice = decision.choice
         if log.isEnabledFor(logging.INFO):
-            self._log(request_id, model, group, exclusive, attempt, decision)
+            self._log(request_id, model, group, exclusive, attempt, decision, lease)
         self.metrics.decision(
             self.policy_name,
             decision.outcome.value,
@@ -57,7 +59,8 @@ class Decider:
         return decision
 
     def _log(
-        self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision
+        self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision,
+        lease: str | None = None,
     ) -> None:
         """One structured line per decision."""
         choice = decision.choice
@@ -73,11 +76,20 @@ class Decider:
         }
         if exclusive is not None:
             extra["exclusive_gpu"] = exclusive
+        if lease is not None:
+            extra["lease"] = lease
         if attempt:
             extra["attempt"] = attempt
         log.info("route", extra=extra)
 
-    def refusal(self, decision: Decision, group: str, exclusive: str | None) -> GpufleetError:
+    def refusal(
+        self, decision: Decision, group: str, exclusive: str | None, lease: str | None = None
+    ) -> GpufleetError:
+        held = self.state.held_devices().values()
+        wait = min((x.expires_at for x in held), default=self.state.leases.now() + 1) - self.state.leases.now()
+        lease_error = leases.refusal(decision, exclusive, lease, retry_after_s=wait)
+        if lease_error is not None:
+            return lease_error
         snap = self.state.snapshot()
         ctx = RefusalContext("this fleet", tuple(sorted({d.key for d in snap.devices})))
         return refusal_error(decision, group, exclusive, ctx, retry_after_s(snap.devices, snap.costs))

@@ -32,11 +32,14 @@ def _pods_summary(docs: list[PodDoc]) -> dict[str, Any]:
     }
 
 
-def gpu_stats(docs: list[PodDoc]) -> dict[str, Any]:
+def gpu_stats(docs: list[PodDoc], leases: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``leases``: device key -> {id, expires_at} of the live lease holding it."""
+    held = leases or {}
     devices: dict[str, Any] = {}
     for p in docs:
         for device, fields in ((p.doc or {}).get("devices") or {}).items():
-            devices[f"{p.pod}/{device}"] = {**fields, "pod": p.pod, "node": p.node, "device": device}
+            key = f"{p.pod}/{device}"
+            devices[key] = {**fields, "pod": p.pod, "node": p.node, "device": device, "lease": held.get(key)}
     out: dict[str, Any] = {
         "available": any(bool((p.doc or {}).get("available")) for p in docs),
         "devices": devices,
@@ -44,7 +47,7 @@ def gpu_stats(docs: list[PodDoc]) -> dict[str, Any]:
     }
     if devices:  # the original single-device fields, for clients of one pod server
         first = next(iter(devices.values()))
-        out.update({k: v for k, v in first.items() if k not in ("pod", "node", "device")})
+        out.update({k: v for k, v in first.items() if k not in ("pod", "node", "device", "lease")})
     return out
 
 
@@ -83,7 +86,10 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
     return {"model_groups": out, "pods": _pods_summary(docs)}
 
 
-def queue(docs: list[PodDoc], inflight: dict[str, int]) -> dict[str, Any]:
+def queue(
+    docs: list[PodDoc], inflight: dict[str, int], leases: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    held = leases or {}
     devices: dict[str, Any] = {}
     pods: dict[str, Any] = {}
     for p in docs:
@@ -91,7 +97,7 @@ def queue(docs: list[PodDoc], inflight: dict[str, int]) -> dict[str, Any]:
         for device, fields in (doc.get("devices") or {}).items():
             key = f"{p.pod}/{device}"
             devices[key] = {**fields, "pod": p.pod, "node": p.node, "device": device,
-                            "router_inflight": inflight.get(key, 0)}
+                            "router_inflight": inflight.get(key, 0), "lease": held.get(key)}
         pods[p.pod] = {
             **_pods_summary([p])[p.pod],
             "total_queued": int(doc.get("total_queued", 0)),

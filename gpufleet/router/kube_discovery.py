@@ -232,7 +232,19 @@ Emit = Callable[[str, str, str, Any], None]  # (resource, kind, namespace, paylo
 LEASE_SELECTOR = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_POD_SERVER}"
 
 
+def import_kubernetes() -> None:
+    """Import the client once, in the calling thread, before any watch thread starts: its
+    lazily loaded modules, imported first by several threads at once, can fail with
+    ``_DeadlockError`` and kill a watch for good."""
+    from kubernetes import client, config, watch  # noqa: F401
+    from kubernetes.client import exceptions  # noqa: F401
+
+    for name in ("ApiClient", "Configuration", "CoreV1Api", "CoordinationV1Api"):
+        getattr(client, name)
+
+
 def _watch(resource: str, namespace: str, selector: str, emit: Emit, stop: threading.Event) -> None:  # pragma: no cover
+    import_kubernetes()  # a no-op when the caller did it first, as it should
     from kubernetes import client, config, watch
     from kubernetes.client.exceptions import ApiException
 
@@ -299,6 +311,7 @@ class KubernetesDiscovery:
         loop = asyncio.get_running_loop()
         stop = threading.Event()
         view = ClusterView()
+        import_kubernetes()
 
         def emit(resource: str, kind: str, namespace: str, payload: Any) -> None:
             loop.call_soon_threadsafe(

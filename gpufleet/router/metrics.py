@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gpufleet.routing.policy import Snapshot
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -29,6 +31,11 @@ class RouterMetrics:
         self.ejections = Counter("gpufleet_router_ejections_total", "Pods ejected as outliers", ["pod"], registry=r)
         self.pods = Gauge("gpufleet_router_pods", "Pods known, by state", ["state"], registry=r)
         self.inflight = Gauge("gpufleet_router_requests_running", "Requests being proxied", registry=r)
+        self.leases_active = Gauge("gpufleet_router_leases_active", "Live exclusive leases", registry=r)
+        self.device_leased = Gauge(
+            "gpufleet_router_device_leased", "1 while a live exclusive lease holds the device", ["pod", "gpu"],
+            registry=r,
+        )
         self.ttfb = Histogram(
             "gpufleet_router_time_to_first_byte_seconds",
             "From request to the first chunk of a stream",
@@ -52,6 +59,13 @@ class RouterMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child
+
+    def leases_now(self, snap: Snapshot) -> None:
+        """Set at scrape time from the snapshot: live leases, and which devices they hold."""
+        self.leases_active.set(len(snap.leases))
+        self.device_leased.clear()
+        for d in snap.devices:
+            self.device_leased.labels(d.pod, d.device).set(1 if d.leased_by else 0)
 
     def decision(self, policy: str, outcome: str, reason: str, pod: str, gpu: str) -> None:
         self._child(self.decisions, policy, outcome, reason, pod, gpu).inc()

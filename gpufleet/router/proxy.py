@@ -1,12 +1,15 @@
 """Forwarding OpenAI requests to the chosen pod: buffered answers, SSE pass-through, one retry.
 
-The hot path parses only what routing needs (``model``, ``exclusive_gpu``, ``stream``) and
-forwards the client's raw bytes; the body is re-serialised only to rewrite an exclusive
-target into the pod's own device name. Nothing reaches the client before the pod's first
-byte, so any failure up to then (refused connection, reset, timeout, a 5xx or 429) is
-retried once on another eligible pod. Non-streaming answers are read whole before the
-client sees them, so they are always retryable; an SSE stream is committed at its first
-chunk and every later chunk is forwarded the moment it arrives.
+The hot path parses only what routing needs (``model``, ``exclusive_gpu``, ``lease``,
+``stream``; the lease may also come in the ``x-gpufleet-lease`` header) and forwards the
+client's raw bytes; the body is re-serialised only to rewrite an exclusive target into the
+pod's own device name, to pin the device on a pod that has a leased one, or to drop the
+``lease`` field (the router consumes leases; pod servers know nothing of them). Nothing
+reaches the client before the pod's first byte, so any failure up to then (refused
+connection, reset, timeout, a 5xx or 429) is retried once on another eligible pod.
+Non-streaming answers are read whole before the client sees them, so they are always
+retryable; an SSE stream is committed at its first chunk and every later chunk is
+forwarded the moment it arrives.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState, Ticket
 from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
 from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
+from gpufleet.routing.leases import HEADER as LEASE_HEADER
+from gpufleet.routing.policy import DeviceState, names_one_device
 from gpufleet.routing.refusal import FAILURE_STATUSES, RETRY_STATUSES, may_retry_elsewhere
 
 LOAD_HEADER_BYTES = LOAD_HEADER.encode()
@@ -51,6 +56,7 @@ _DROP = frozenset(
     }
 )
 _JSON = (b"content-type", b"application/json")
+_LEASE_HEADER = LEASE_HEADER.encode()
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,12 @@ async def read_body(receive: Receive) -> bytes:
 
 @dataclass(frozen=True)
 class Routing:
-    """What the router reads from a body: ``model``, ``exclusive_gpu`` and ``stream``."""
+    """What the router reads from a body: ``model``, ``exclusive_gpu``, ``lease`` and ``stream``."""
 
     model: str
     exclusive_gpu: str | None
     stream: bool
+    lease: str | None = None
 
 
 def parse_routing(body: bytes) -> tuple[dict[str, Any], Routing]:
@@ -120,19 +127,33 @@ def parse_routing(body: bytes) -> tuple[dict[str, Any], Routing]:
     exclusive = doc.get("exclusive_gpu")
     if exclusive is not None and (not isinstance(exclusive, str) or not exclusive):
         raise InvalidRequest("exclusive_gpu: must be a non-empty string", param="exclusive_gpu")
+    lease = doc.get("lease")
+    if lease is not None and (not isinstance(lease, str) or not lease):
+        raise InvalidRequest("lease: must be a non-empty string (a lease id)", param="lease")
     stream = doc.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("stream: must be a boolean", param="stream")
-    return doc, Routing(model, exclusive, stream)
+    return doc, Routing(model, exclusive, stream, lease)
 
 
-def rewrite_exclusive(doc: dict[str, Any], target: str, device: str) -> bytes:
-    """The body for the pod: a device target becomes the pod-local device name; a pod or
-    node target is dropped, since the pod may then use any of its devices."""
-    out = dict(doc)
-    if "/" in target or target == device:
+def request_lease(fields: Routing, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The lease a request carries: its body field or its header (they must agree)."""
+    header = next((v.decode("latin-1") for k, v in headers if k == _LEASE_HEADER), None)
+    if header is not None and not header.strip():
+        raise InvalidRequest(f"{LEASE_HEADER}: must be a lease id", param="lease")
+    if header is not None and fields.lease is not None and header.strip() != fields.lease:
+        raise InvalidRequest(f"the {LEASE_HEADER} header and the body field lease name different leases",
+                             param="lease")
+    return fields.lease or (header.strip() if header is not None else None)
+
+
+def pod_body(doc: dict[str, Any], device: str | None) -> bytes:
+    """The body for the pod: ``exclusive_gpu`` set to the pod-local ``device`` (pinned), or
+    dropped (None: the pod may use any of its devices); never the router's ``lease``."""
+    out = {k: v for k, v in doc.items() if k != "lease"}
+    if device is not None:
         out["exclusive_gpu"] = device
     else:
         out.pop("exclusive_gpu", None)
@@ -186,6 +207,7 @@ class Proxy:
         body = await read_body(receive)
         try:
             doc, fields = parse_routing(body)
+            lease = request_lease(fields, scope["headers"])
             group = self.decider.group_of(fields.model)
         except GpufleetError as exc:
             await send_error(send, exc)
@@ -195,18 +217,20 @@ class Proxy:
         last: _Retryable | None = None
         last_pod = ""
         for attempt in range(1 + self.config.retries):
-            decision = self.decider.decide(request_id, fields.model, group, exclusive, frozenset(tried), attempt)
+            decision = self.decider.decide(
+                request_id, fields.model, group, exclusive, frozenset(tried), attempt, lease=lease
+            )
             choice = decision.choice
             rec = self.state.by_name.get(choice.pod) if choice is not None else None
             if choice is None or rec is None or rec.url is None:
                 if last is None:
-                    await send_error(send, self.decider.refusal(decision, group, exclusive))
+                    await send_error(send, self.decider.refusal(decision, group, exclusive, lease))
                     return
                 break
             retry_status = last.response[0] if last is not None and last.response is not None else None
             if retry_status is not None and not may_retry_elsewhere(retry_status, choice, group):
                 break
-            payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
+            payload = self._payload(body, doc, exclusive, lease, choice)
             local = self.state.local_models.get(fields.model)
             if local is not None and local != fields.model:
                 # "team-a/chat" is "chat" to the pod server (it knows only its namespace's ids).
@@ -248,6 +272,20 @@ class Proxy:
             await send({"type": "http.response.body", "body": data})
             return
         await send_error(send, UpstreamError(f"pod {last_pod!r} failed: {last.message}", code=f"upstream_{last.kind}"))
+
+    def _payload(
+        self, body: bytes, doc: dict[str, Any], exclusive: str | None, lease: str | None, choice: DeviceState
+    ) -> bytes:
+        # Pinned to the chosen device when the client named it, when it is leased, and on a pod
+        # with a leased device (there the pod's own choice could land on the leased one).
+        pin = (
+            lease is not None
+            or (exclusive is not None and names_one_device(exclusive, choice))
+            or self.state.pod_has_lease(choice.pod)
+        )
+        if not pin and exclusive is None and "lease" not in doc:
+            return body
+        return pod_body(doc, choice.device if pin else None)
 
     async def _forward(
         self, base_url: str, path: str, payload: bytes, stream: bool, ticket: Ticket, request_id: str,

@@ -30,7 +30,9 @@ class RouterSettings(ServerSettings):
     )
     pod_port: int = Field(default=8000, ge=1, le=65535, description="Pod-server port when a Pod names none.")
     pod_api_key: str | None = Field(default=None, description="Bearer key the router sends to pod servers.")
-    routing_policy: PolicyName = Field(default="affinity", description="affinity|round_robin|least_load|lru_multiplex|gie")
+    routing_policy: PolicyName = Field(
+        default="affinity", description="affinity|round_robin|least_load|lru_multiplex|gie"
+    )
     status_interval_s: float = Field(
         default=1.0,
         gt=0,
@@ -63,6 +65,11 @@ class RouterSettings(ServerSettings):
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
     eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")
     eject_cooldown_max_s: float = Field(default=120.0, gt=0)
+    lease_max_ttl_s: int = Field(default=86400, ge=1, description="Longest TTL an exclusive lease may ask for.")
+    lease_namespace: str | None = Field(
+        default=None,
+        description="Namespace of the router's Lease objects (kubernetes discovery); default: the router's own.",
+    )
 
     _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(split_csv)
 

@@ -28,8 +28,9 @@ from gpufleet.api.load_report import LoadReport
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
+from gpufleet.routing import leases
 from gpufleet.routing.index import DeviceIndex
-from gpufleet.routing.policy import Costs, Decision, DeviceState, RouteRequest, Snapshot
+from gpufleet.routing.policy import Costs, Decision, DeviceState, RouteRequest, Snapshot, choose_device
 from gpufleet.routing.service_time import ServiceTime
 
 Clock = Callable[[], float]
@@ -136,6 +137,7 @@ class FleetState:
         self._resynced_at = float("-inf")
         self._expiries: list[tuple[float, str]] = []  # (when an expectation ends, device key)
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
+        self.leases: leases.LeaseView = leases.NoLeases()  # the router's lease store, set by the app
 
     # --- discovery ----------------------------------------------------------------------------
 
@@ -375,10 +377,22 @@ class FleetState:
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> Snapshot:
         now = self.clock()
         states = [d for rec in self.pods.values() for d in self._device_states(rec, now, exclude)]
-        return Snapshot(tuple(states), now=now, costs=self.costs_now())
+        snap = Snapshot(tuple(states), now=now, costs=self.costs_now())
+        return leases.with_leases(snap, self.leases.all(), self.leases.now())
+
+    def held_devices(self) -> dict[str, leases.Lease]:
+        """Device key -> the live lease holding it."""
+        return leases.held_devices(self.leases.all(), self.leases.now())
+
+    def pod_has_lease(self, pod: str) -> bool:
+        prefix = f"{pod}/"
+        return any(key.startswith(prefix) for key in self.held_devices())
 
     def decide(self, request: RouteRequest) -> Decision:
-        """``choose_device`` over the whole fleet from the kept index: a bounded candidate set."""
+        """``choose_device`` over the whole fleet: from the kept index (a bounded candidate set), or,
+        while leases hold devices or the request carries one, over a full snapshot with them."""
+        if request.lease is not None or self.held_devices():
+            return choose_device(request, self.snapshot())
         self.resync()
         return self.index.choose(request, self.clock(), self.costs_now())
 
@@ -482,6 +496,8 @@ class FleetState:
                     last_switch_at=last_switch,
                     fresh=fresh,
                     last_used_at=self.last_used.get(key),
+                    uuid=d.uuid,
+                    groups=frozenset(doc.groups) if doc.groups else None,
                 )
             )
         return states
@@ -526,6 +542,8 @@ class FleetState:
                         "load": d.load,
                         "router_inflight": self.inflight.get(d.key, 0),
                         "capacity": d.capacity,
+                        "uuid": d.uuid,
+                        "leased_by": d.leased_by,
                     }
                     for key, d in snap.items()
                     if d.pod == rec.name

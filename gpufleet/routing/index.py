@@ -253,7 +253,14 @@ class DeviceIndex:
 
 
 def _eligible(d: DeviceState, group: str) -> bool:
-    return d.healthy and group not in d.failed_groups and d.load < d.capacity
+    # Requests with leases, and fleets with leased devices, take the full function (FleetState.decide).
+    return (
+        d.healthy
+        and group not in d.failed_groups
+        and d.load < d.capacity
+        and d.leased_by is None
+        and (d.groups is None or group in d.groups)
+    )
 
 
 def _settled(d: DeviceState, now: float, costs: Costs) -> bool:

@@ -5,6 +5,8 @@ devices (keeping the router's choice while it holds: ``honour_choice``), the ben
 simulated ones. Order of concerns:
 
 1. An exclusive target named by the client: only matching devices, never elsewhere.
+   Then leases (``gpufleet.routing.leases``): a leased device serves only requests that
+   carry its lease, and a request carrying a lease runs only on that lease's devices.
 2. Group affinity as a cost in expected seconds until the answer. A device batches up to
    ``workers`` sequences of its current group, so joining it costs the wait for a slot plus the
    request's own time in that batch. Any other device must first drain its batch, serve the
@@ -43,6 +45,9 @@ class DeviceState:
     last_switch_at: float | None = None  # same clock as Snapshot.now
     fresh: bool = True  # False when the figures are too old to trust
     last_used_at: float | None = None  # when a request last went here (same clock); for LRU policies
+    uuid: str | None = None  # the physical GPU's NVML UUID ("GPU-..."); None on CPU devices
+    leased_by: str | None = None  # id of the live lease holding this device
+    groups: frozenset[str] | None = None  # the groups its pod can serve at all; None: any
 
     @property
     def key(self) -> str:
@@ -81,6 +86,7 @@ class Snapshot:
     devices: tuple[DeviceState, ...]
     now: float = 0.0
     costs: Costs = field(default_factory=Costs)
+    leases: frozenset[str] = frozenset()  # ids of the live leases (their devices carry ``leased_by``)
 
 
 @dataclass(frozen=True)
@@ -88,16 +94,21 @@ class RouteRequest:
     group: str
     exclusive: str | None = None  # "cuda:1", "pod-a", "node-a", "pod-a/cuda:1", "node-a/cuda:1"
     sequence: int = 0  # a counter the caller increments per request; round-robin policies use it
+    lease: str | None = None  # the lease id the request carries
 
 
 class Outcome(StrEnum):
     ROUTED = "routed"
     UNKNOWN_TARGET = "unknown_target"  # the exclusive target names nothing we know
-    AMBIGUOUS_TARGET = "ambiguous_target"  # a bare device name that several pods have
+    AMBIGUOUS_TARGET = "ambiguous_target"  # names several devices where one is meant, or several things
     TARGET_DOWN = "target_down"  # it exists but cannot serve
     GROUP_FAILED = "group_failed"  # every eligible device failed to load the group
     SATURATED = "saturated"  # every eligible queue is full
     NO_DEVICES = "no_devices"
+    LEASED = "leased"  # every device it may use is held by a lease it does not carry
+    UNKNOWN_LEASE = "unknown_lease"  # it carries a lease id that is not live (never was, expired, deleted)
+    LEASE_MISMATCH = "lease_mismatch"  # its exclusive target and its lease share no device
+    GROUP_NOT_SERVED = "group_not_served"  # no eligible device's pod serves the group at all
 
 
 @dataclass(frozen=True)
@@ -119,12 +130,67 @@ class Decision:
         return self.outcome is Outcome.ROUTED
 
 
-def matches_target(d: DeviceState, target: str) -> bool:
-    """Does device ``d`` answer to the exclusive target string?"""
+def target_readings(devices: Sequence[DeviceState], target: str) -> dict[str, list[DeviceState]]:
+    """Every way ``target`` can be read, with the devices each reading names (empty readings left out).
+
+    ``owner/device`` reads the owner as a pod or as a node; a bare word as a pod, a node, a
+    device name or a GPU UUID. Shared by exclusive targets and lease targets."""
     if "/" in target:
         owner, _, device = target.partition("/")
-        return d.device == device and owner in (d.pod, d.node)
-    return target in (d.device, d.pod, d.node)
+        readings = {
+            "pod/device": [d for d in devices if d.device == device and d.pod == owner],
+            "node/device": [d for d in devices if d.device == device and d.node == owner],
+        }
+    else:
+        folded = target.casefold()
+        readings = {
+            "pod": [d for d in devices if d.pod == target],
+            "node": [d for d in devices if d.node == target],
+            "device": [d for d in devices if d.device == target],
+            "uuid": [d for d in devices if d.uuid is not None and d.uuid.casefold() == folded],
+        }
+    return {k: v for k, v in readings.items() if v}
+
+
+ONE_DEVICE_READINGS = frozenset({"pod/device", "node/device", "device", "uuid"})
+
+
+def matches_target(d: DeviceState, target: str) -> bool:
+    """Does device ``d`` answer to the exclusive target string (in any reading)?"""
+    return bool(target_readings([d], target))
+
+
+def names_one_device(target: str, chosen: DeviceState) -> bool:
+    """Did ``target`` name ``chosen`` itself (not its pod or node)? Then the pod must use exactly it."""
+    return any(k in ONE_DEVICE_READINGS for k in target_readings([chosen], target))
+
+
+def select_target(devices: Sequence[DeviceState], target: str) -> list[DeviceState] | Decision:
+    """The devices an exclusive target names, or the refusal when it names none or is ambiguous.
+
+    A target that names a device (``cuda:1``, ``pod/cuda:1``, ``node/cuda:1``, a GPU UUID)
+    must name exactly one: ``node-a/cuda:0`` with four pods on node-a could mean any of four
+    GPUs, and guessing would break exclusivity. A pod or node names all its devices, but a
+    word that reads two ways (a pod and a node of that name, say) naming different devices
+    is refused too.
+    """
+    readings = target_readings(devices, target)
+    if not readings:
+        return Decision(Outcome.UNKNOWN_TARGET, None, f"exclusive target {target!r} matches no device")
+    distinct = {tuple(sorted(d.key for d in pool)) for pool in readings.values()}
+    pool = next(iter(readings.values()))
+    one_device = set(readings) <= ONE_DEVICE_READINGS
+    if len(distinct) > 1 or (one_device and len(pool) > 1):
+        named = sorted({d.key for ds in readings.values() for d in ds})
+        pods = sorted({d.pod for ds in readings.values() for d in ds})
+        how = " or ".join(sorted(readings))
+        return Decision(
+            Outcome.AMBIGUOUS_TARGET,
+            None,
+            f"exclusive target {target!r} is ambiguous ({how}): it names {len(named)} devices of "
+            f"{len(pods)} pod(s) ({', '.join(named[:12])}); name one as 'pod/device' or by GPU UUID",
+        )
+    return pool
 
 
 def affinity_note(d: DeviceState, group: str) -> str:
@@ -189,26 +255,6 @@ def estimate_cost(d: DeviceState, group: str, snap: Snapshot) -> tuple[float, st
     return cost, note
 
 
-def select_target(devices: Sequence[DeviceState], target: str) -> list[DeviceState] | Decision:
-    """The devices an exclusive target names, or the refusal when it names none or is ambiguous.
-
-    A bare device name (``cuda:1``) is accepted only while it belongs to a single pod:
-    with several pods it could mean any of them, and guessing would break exclusivity.
-    """
-    pool = [d for d in devices if matches_target(d, target)]
-    if not pool:
-        return Decision(Outcome.UNKNOWN_TARGET, None, f"exclusive target {target!r} matches no device")
-    if "/" not in target and not any(target in (d.pod, d.node) for d in pool):
-        pods = sorted({d.pod for d in pool})
-        if len(pods) > 1:
-            return Decision(
-                Outcome.AMBIGUOUS_TARGET,
-                None,
-                f"exclusive target {target!r} is a device of {len(pods)} pods ({', '.join(pods)}); name 'pod/{target}'",
-            )
-    return pool
-
-
 def eligible(request: RouteRequest, snap: Snapshot) -> tuple[list[DeviceState], str] | Decision:
     """Devices that may serve ``request`` (target, health, failed loads), with the scope's name;
     or the refusal explaining why none may. Shared by every policy."""
@@ -222,6 +268,17 @@ def eligible(request: RouteRequest, snap: Snapshot) -> tuple[list[DeviceState], 
             return selected
         pool = selected
         scope = "exclusive"
+    if request.lease is not None or any(d.leased_by is not None for d in pool):
+        held = lease_pool(request, snap, pool)
+        if isinstance(held, Decision):
+            return held
+        pool = held
+        scope = "lease" if request.lease is not None else scope
+    serving = [d for d in pool if d.groups is None or request.group in d.groups]
+    if not serving:
+        # A pod of another ModelGroup would answer 404: never send it there, whatever it costs.
+        return Decision(Outcome.GROUP_NOT_SERVED, None, f"{scope}: no device serves group {request.group!r}")
+    pool = serving
     healthy = [d for d in pool if d.healthy]
     if not healthy:
         return Decision(Outcome.TARGET_DOWN, None, f"{scope}: no healthy device among {len(pool)}")
@@ -229,6 +286,27 @@ def eligible(request: RouteRequest, snap: Snapshot) -> tuple[list[DeviceState], 
     if not loadable:
         return Decision(Outcome.GROUP_FAILED, None, f"{scope}: group {request.group!r} failed to load on every device")
     return loadable, scope
+
+
+def lease_pool(request: RouteRequest, snap: Snapshot, pool: Sequence[DeviceState]) -> list[DeviceState] | Decision:
+    """The devices of ``pool`` a request may use under the live leases (see gpufleet.routing.leases)."""
+    lease = request.lease
+    if lease is None:
+        free = [d for d in pool if d.leased_by is None]
+        if free:
+            return free
+        what = f"exclusive target {request.exclusive!r}" if request.exclusive else "every device"
+        return Decision(Outcome.LEASED, None, f"{what}: all {len(pool)} device(s) held by a lease the request lacks")
+    if lease not in snap.leases:
+        return Decision(Outcome.UNKNOWN_LEASE, None, f"lease {lease!r} is not live (unknown, expired or deleted)")
+    held = [d for d in pool if d.leased_by == lease]
+    if held:
+        return held
+    if request.exclusive:
+        return Decision(
+            Outcome.LEASE_MISMATCH, None, f"exclusive target {request.exclusive!r} is not held by lease {lease!r}"
+        )
+    return Decision(Outcome.TARGET_DOWN, None, f"lease {lease!r}: none of its devices is known to the router now")
 
 
 def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:

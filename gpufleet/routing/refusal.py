@@ -60,6 +60,15 @@ def refusal_error(
             )
         return Unavailable(f"no ready device can serve group {group!r}", retry_after_s=DOWN_RETRY_S,
                            code="no_ready_pod")
+    if outcome is Outcome.GROUP_NOT_SERVED:
+        if exclusive:
+            return InvalidRequest(
+                f"exclusive_gpu {exclusive!r} does not serve model group {group!r}",
+                param="exclusive_gpu",
+                code="target_lacks_model",
+            )
+        return Unavailable(f"no device that serves group {group!r} is known", retry_after_s=DOWN_RETRY_S,
+                           code="no_ready_pod")
     if outcome is Outcome.GROUP_FAILED:
         detail = f": {ctx.failed_detail}" if ctx.failed_detail else ""
         return Unavailable(

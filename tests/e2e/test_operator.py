@@ -349,6 +349,105 @@ def test_a_pod_server_identity_can_write_only_its_own_status(fleet: Fleet) -> No
                    "the router has alpha-0's status from its Lease", 30)
 
 
+def test_an_exclusive_lease_is_a_lease_object_every_router_replica_honours(fleet: Fleet) -> None:
+    """POST /api/leases makes a coordination.k8s.io Lease in the router's namespace; a second
+    router replica (or the same one restarted) sees it, honours it and refuses the device
+    to others; releasing it through either frees it everywhere. Neither a pod server's
+    identity nor the router's can cross into the other's kind of Lease."""
+    router_leases = f"/apis/coordination.k8s.io/v1/namespaces/{fleet.system_ns}/leases"
+    merge = "application/merge-patch+json"
+    assert fleet.router is not None
+    with httpx.Client(base_url=fleet.router_url, timeout=30) as client:
+        fleet.wait(lambda: "alpha-0" in client.get("/api/fleet").json()["pods"], "the router knows alpha-0", 90)
+        device = next(iter(client.get("/api/fleet").json()["pods"]["alpha-0"]["devices"]))
+        target = f"alpha-0/{device}"
+        r = client.post("/api/leases", json={"target": target, "ttl_s": 120})
+        assert r.status_code == 201, r.text
+        lease = r.json()
+        obj = fleet.api.get(f"{router_leases}/{lease['id']}")
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "gpufleet-router"
+        assert obj["spec"]["holderIdentity"] == lease["id"] and obj["spec"]["leaseDurationSeconds"] == 120
+        assert json.loads(obj["metadata"]["annotations"][labels.LEASE_DEVICES_ANNOTATION]) == [target]
+        chat = {"model": "tiny-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        r = client.post("/v1/chat/completions", json={**chat, "exclusive_gpu": target})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "device_leased", r.text
+
+        # A second replica (what a restarted router is too): it lists the lease from the API server.
+        port = _free_port()
+        second = LocalComponent(fleet.api, fleet.router.deployment, fleet.workdir / "router-2",
+                                {"HOST": "127.0.0.1", "PORT": str(port)})
+        with second, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as other:
+
+            def second_holds_it() -> bool:
+                try:
+                    pods = other.get("/api/fleet").json()["pods"]
+                    listed = [x["id"] for x in other.get("/api/leases").json()["data"]]
+                except httpx.HTTPError:
+                    return False
+                return "alpha-0" in pods and listed == [lease["id"]]
+
+            fleet.wait(second_holds_it, "the second router replica lists the lease", 60)
+            r = other.post("/v1/chat/completions", json={**chat, "exclusive_gpu": target})
+            assert r.status_code == 409, r.text
+            r = other.post("/api/leases", json={"target": target, "ttl_s": 30})  # the device is taken
+            assert r.status_code == 409 and r.json()["error"]["code"] == "device_leased", r.text
+
+            renewed = other.post(f"/api/leases/{lease['id']}/renew", json={"ttl_s": 300})
+            assert renewed.status_code == 200 and renewed.json()["ttl_s"] == 300
+            fleet.wait(lambda: client.get(f"/api/leases/{lease['id']}").json().get("ttl_s") == 300,
+                       "the first replica sees the renewal", 30)
+
+            # Identities: a pod server may not turn its status Lease into a router lease, nor touch
+            # the router's; the router may not write a Lease that is not one of its own.
+            pod = next(p for p in fleet.pods("alpha") if p["metadata"]["name"] == "alpha-0")
+            as_pod = Api(fleet.api.url, service_account_token(fleet.api, fleet.ns, pod["spec"]["serviceAccountName"],
+                                                              pod), fleet.api.ca_file, insecure=fleet.api.insecure)
+            pod_leases = f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases"
+            disguise = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "gpufleet-router"}}}
+            with pytest.raises(ApiError) as refused:
+                as_pod.request("PATCH", f"{pod_leases}/alpha-0", disguise, content_type=merge)
+            assert refused.value.status == 403 and "only the gpufleet router" in str(refused.value)
+            with pytest.raises(ApiError) as refused:
+                as_pod.request("DELETE", f"{router_leases}/{lease['id']}")
+            assert refused.value.status == 403
+            router_sa = fleet.router.deployment["spec"]["template"]["spec"]["serviceAccountName"]
+            as_router = Api(fleet.api.url, service_account_token(fleet.api, fleet.system_ns, router_sa),
+                            fleet.api.ca_file, insecure=fleet.api.insecure)
+            with pytest.raises(ApiError) as refused:
+                as_router.create(router_leases, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                                 "metadata": {"name": "not-a-router-lease"}})
+            assert refused.value.status == 403 and "only its own leases" in str(refused.value)
+
+            # Released through the second replica: the object goes, and the first replica frees the device.
+            assert other.delete(f"/api/leases/{lease['id']}").status_code == 200
+            assert try_get(fleet.api, f"{router_leases}/{lease['id']}") is None
+            fleet.wait(lambda: client.get("/api/leases").json()["data"] == [], "the first replica drops the lease", 30)
+
+            # Both replicas asked for the device at once: at most one wins, and only its object stays.
+            selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dgpufleet-router"
+            for _ in range(3):
+                with ThreadPoolExecutor(2) as pool:
+                    answers = list(pool.map(lambda c: c.post("/api/leases", json={"target": target, "ttl_s": 60}),
+                                            (client, other)))
+                assert sorted(r.status_code for r in answers) in ([201, 409], [409, 409]), [r.text for r in answers]
+                won = [r.json()["id"] for r in answers if r.status_code == 201]
+                names = [o["metadata"]["name"] for o in fleet.api.get(f"{router_leases}?{selector}")["items"]]
+                assert names == won
+                for lid in won:
+                    assert client.delete(f"/api/leases/{lid}").status_code == 200
+                fleet.wait(lambda: client.get("/api/leases").json()["data"] == []
+                           and other.get("/api/leases").json()["data"] == [], "both replicas see it released", 30)
+        r = client.post("/api/leases", json={"target": target, "ttl_s": 2})  # and a short one simply expires
+        assert r.status_code == 201, r.text
+        fleet.wait(lambda: client.get("/api/leases").json()["data"] == [], "the 2 s lease expires", 30)
+        if all(p["status"].get("podIP", "").startswith("127.") for p in fleet.pods("alpha")):
+            # (kwok marks pods Ready before their server listens: the router may have ejected it a while)
+            fleet.wait(lambda: client.get("/api/fleet").json()["pods"]["alpha-0"]["state"] == "ready",
+                       "the router routes to alpha-0", 90)
+            r = client.post("/v1/chat/completions", json={**chat, "exclusive_gpu": target})
+            assert r.status_code == 200 and served_by(r) == "alpha-0", r.text
+
+
 def test_a_group_with_pull_secrets_runtime_class_volumes_and_a_model_cache_runs(fleet: Fleet) -> None:
     """The pod-template fields of a real GPU cluster, accepted by the API server (the pod
     passes the namespace's `restricted` standard too), scheduled and Ready; the per-pod
@@ -586,7 +685,11 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
                          "create serviceaccounts:token"]
     expect += [(pod_server, rule, ns, False) for rule in pod_server_denied]
     expect += [(router, "watch pods", ns, True), (router, "watch pods", sys_ns, False),
-               (router, "watch leases.coordination.k8s.io", ns, True)]
+               (router, "watch leases.coordination.k8s.io", ns, True),
+               (router, "create leases.coordination.k8s.io", sys_ns, True),  # its exclusive leases
+               (router, "delete leases.coordination.k8s.io", sys_ns, True),
+               (router, "create leases.coordination.k8s.io", ns, False),
+               (router, "patch leases.coordination.k8s.io", ns, False)]
     expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))

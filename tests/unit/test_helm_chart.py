@@ -213,7 +213,26 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     router = _rules(named(docs, "ClusterRole", "rel-gpufleet-router"))
     assert router == {(g, r, v, "") for g, r in (("", "pods"), ("coordination.k8s.io", "leases"))
                       for v in ("get", "list", "watch")}
-    for role in of_kind(docs, "ClusterRole"):
+    # Its exclusive leases: Lease objects in its own namespace only, and no other kind of Lease.
+    leases_role = named(docs, "Role", "rel-gpufleet-router-leases")
+    assert leases_role["metadata"]["namespace"] == "gpufleet-system"
+    assert _rules(leases_role) == {
+        ("coordination.k8s.io", "leases", v, "") for v in ("get", "list", "watch", "create", "patch", "delete")
+    }
+    binding = named(docs, "RoleBinding", "rel-gpufleet-router-leases")
+    assert binding["roleRef"]["name"] == "rel-gpufleet-router-leases"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-gpufleet-router",
+                                    "namespace": "gpufleet-system"}]
+    policy = named(docs, "ValidatingAdmissionPolicy", "rel-gpufleet-router-leases")
+    identity = policy["spec"]["matchConditions"][0]["expression"]
+    assert "system:serviceaccount:gpufleet-system:rel-gpufleet-router" in identity and "-pod-server" in identity
+    assert all("gpufleet-router" in v["expression"] or "isRouter" in v["expression"]
+               for v in policy["spec"]["validations"])
+    binding = named(docs, "ValidatingAdmissionPolicyBinding", "rel-gpufleet-router-leases")
+    assert binding["spec"] == {"policyName": "rel-gpufleet-router-leases", "validationActions": ["Deny"]}
+    router_env = _env(named(docs, "Deployment", "rel-gpufleet-router"))
+    assert router_env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    for role in [*of_kind(docs, "ClusterRole"), *of_kind(docs, "Role")]:
         for group, resource, verb, _ in _rules(role):
             assert "*" not in (group, resource, verb) and resource != "secrets", role["metadata"]["name"]
 

@@ -11,6 +11,7 @@ import pytest
 
 from gpufleet.api.model_groups import load_model_groups
 from gpufleet.pod_server.app import create_app
+from gpufleet.pod_server.gpu_stats import HostSource
 from gpufleet.pod_server.settings import load_settings
 
 pytestmark = pytest.mark.unit
@@ -69,3 +70,30 @@ async def test_an_empty_prompt_starts_from_the_start_token(client: httpx.AsyncCl
     assert r.json()["usage"]["prompt_tokens"] == 1
     r = await client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "again", "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+class _NamedGpu(HostSource):
+    """Host figures, but a GPU UUID for cpu:0: the status plumbing, without a GPU (NVML's own
+    UUID read is tested against a fake NVML in test_gpu_stats and on a GPU in tests/gpu)."""
+
+    def uuid(self, device: str) -> str | None:
+        return "GPU-0f0f0f0f-aaaa" if device == "cpu:0" else None
+
+
+async def test_the_status_names_each_gpu_by_uuid_and_accepts_it_as_a_target(
+    demo_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gpufleet.pod_server.app.open_stats_source", lambda devices: _NamedGpu())
+    settings = load_settings(devices=["cpu:0", "cpu:1"], lazy_load_model=True, model_groups=demo_models)
+    app = create_app(settings, load_model_groups(demo_models))
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://pod") as c:
+        doc = (await c.get("/api/status")).json()
+        assert {d["device"]: d["uuid"] for d in doc["devices"]} == {"cpu:0": "GPU-0f0f0f0f-aaaa", "cpu:1": None}
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        r = await c.post("/v1/chat/completions", json={**body, "exclusive_gpu": "gpu-0F0F0F0F-AAAA"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-served-by-device"] == "cpu:0"
+        # A lease reaching a pod server was sent past the router: refused by name, never ignored.
+        r = await c.post("/v1/chat/completions", json={**body, "lease": "lease-1"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lease"

@@ -15,9 +15,10 @@ from gpufleet.router import fleet_api
 from gpufleet.router.decide import Decider
 from gpufleet.router.kube_discovery import LEASES, ClusterView, apply_event, parse_lease, parse_pod
 from gpufleet.router.metrics import RouterMetrics
-from gpufleet.router.proxy import parse_routing, rewrite_exclusive
+from gpufleet.router.proxy import parse_routing, pod_body, request_lease
 from gpufleet.router.settings import load_router_settings
 from gpufleet.router.state import FleetState
+from gpufleet.routing.policy import DeviceState, names_one_device
 
 pytestmark = pytest.mark.unit
 
@@ -82,18 +83,57 @@ def test_parse_routing_errors_are_openai_400s(body: bytes, param: str | None) ->
 
 
 @pytest.mark.parametrize(
-    ("target", "device", "sent"),
+    ("target", "sent"),
     [
-        ("node-a/cuda:2", "cuda:2", "cuda:2"),
-        ("pod-a/cuda:2", "cuda:2", "cuda:2"),
-        ("cuda:2", "cuda:2", "cuda:2"),
-        ("pod-a", "cuda:0", None),  # a whole pod: the pod picks among its devices
-        ("node-a", "cuda:1", None),
+        ("node-a/cuda:2", "cuda:2"),
+        ("pod-a/cuda:2", "cuda:2"),
+        ("cuda:2", "cuda:2"),
+        ("GPU-3f2a", "cuda:2"),  # a GPU UUID names the device itself
+        ("gpu-3F2A", "cuda:2"),  # UUIDs compare without case
+        ("pod-a", None),  # a whole pod: the pod picks among its devices
+        ("node-a", None),
     ],
 )
-def test_exclusive_target_is_rewritten_for_the_pod(target: str, device: str, sent: str | None) -> None:
-    out = json.loads(rewrite_exclusive({"model": "m", "exclusive_gpu": target, "x": [1]}, target, device))
+def test_exclusive_target_is_rewritten_for_the_pod(target: str, sent: str | None) -> None:
+    chosen = DeviceState(pod="pod-a", device="cuda:2", node="node-a", uuid="GPU-3f2a")
+    pin = names_one_device(target, chosen)
+    out = json.loads(pod_body({"model": "m", "exclusive_gpu": target, "x": [1]}, chosen.device if pin else None))
     assert out.get("exclusive_gpu") == sent and out["x"] == [1]
+
+
+def test_the_lease_never_reaches_the_pod() -> None:
+    out = json.loads(pod_body({"model": "m", "lease": "lease-1", "exclusive_gpu": "pod-a"}, "cuda:1"))
+    assert out == {"model": "m", "exclusive_gpu": "cuda:1"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "lease"),
+    [
+        (b'{"model": "m"}', [], None),
+        (b'{"model": "m", "lease": "lease-1"}', [], "lease-1"),
+        (b'{"model": "m"}', [(b"x-gpufleet-lease", b"lease-2")], "lease-2"),
+        (b'{"model": "m", "lease": "lease-1"}', [(b"x-gpufleet-lease", b"lease-1")], "lease-1"),
+    ],
+)
+def test_a_lease_comes_from_the_body_or_the_header(body: bytes, headers: list[tuple[bytes, bytes]],
+                                                   lease: str | None) -> None:
+    _, fields = parse_routing(body)
+    assert request_lease(fields, headers) == lease
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"model": "m", "lease": 7}', []),
+        (b'{"model": "m", "lease": ""}', []),
+        (b'{"model": "m", "lease": "lease-1"}', [(b"x-gpufleet-lease", b"lease-2")]),  # two different leases
+        (b'{"model": "m"}', [(b"x-gpufleet-lease", b" ")]),
+    ],
+)
+def test_bad_leases_are_400s_naming_lease(body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        request_lease(parse_routing(body)[1], headers)
+    assert info.value.status_code == 400 and info.value.param == "lease"
 
 
 # --- refusals -----------------------------------------------------------------------------------
