@@ -567,6 +567,8 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
                "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
                "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
                "create rolebindings", "list pods", "watch pods", "watch leases.coordination.k8s.io", "create events",
+               "watch configmaps", "watch services", "watch serviceaccounts", "watch rolebindings",
+               "watch poddisruptionbudgets.policy", "watch persistentvolumeclaims",
                f"bind clusterroles/{release}-gpufleet-pod-server"]
     denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
               "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",
