@@ -141,6 +141,7 @@ class _Protocol(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.busy = False  # answering a POST: later pipelined requests wait in the buffer
+        self.task: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -177,7 +178,7 @@ class _Protocol(asyncio.Protocol):
             self.pod.counts[f"{method} {route}"] += 1
             if method == "POST" and route in ("/v1/chat/completions", "/v1/completions"):
                 self.busy = True
-                asyncio.ensure_future(self._generate(route, body))
+                self.task = asyncio.ensure_future(self._generate(route, body))
                 return
             if method != "GET":
                 self.transport.write(_error(405, f"{method} {route} is not served here"))
@@ -421,11 +422,12 @@ def start_emulator(
         "--groups", str(groups), "--seed", str(seed), "--ttft-ms", str(timing.ttft_s * 1000),
         "--per-token-ms", str(timing.per_token_s * 1000), "--switch-cache-ms", str(timing.switch_cache_s * 1000),
         "--switch-disk-ms", str(timing.switch_disk_s * 1000),
-    ]  # fmt: skip
+    ]
     if core is not None and os.path.exists("/usr/bin/taskset"):
         argv = ["taskset", "-c", str(core), *argv]
     repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo + (os.pathsep + os.environ["PYTHONPATH"] if "PYTHONPATH" in os.environ else "")}
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": repo + (os.pathsep + path if path else "")}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115  # the child keeps it
     try:
         popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=repo)
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     layout = make_layout(args.pods, args.devices, args.groups, args.cached, args.seed)
     timing = Timing(args.ttft_ms / 1000, args.per_token_ms / 1000, args.switch_cache_ms / 1000,
-                    args.switch_disk_ms / 1000)  # fmt: skip
+                    args.switch_disk_ms / 1000)
     emulator = Emulator(layout, timing, args.cached)
 
     def ready(doc: dict[str, Any]) -> None:

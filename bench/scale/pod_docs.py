@@ -118,8 +118,14 @@ def models_doc(pod: EmulatedPod, groups: list[str]) -> dict[str, Any]:
 
 def model_cards(models: dict[str, str]) -> dict[str, Any]:
     data = [
-        {"id": m, "object": "model", "created": 0, "owned_by": "gpufleet", "group": g,
-         "task": "chat" if m.endswith("-chat") else "completion"}
+        {
+            "id": m,
+            "object": "model",
+            "created": 0,
+            "owned_by": "gpufleet",
+            "group": g,
+            "task": "chat" if m.endswith("-chat") else "completion",
+        }
         for m, g in models.items()
     ]
     return {"object": "list", "data": data}

@@ -28,19 +28,31 @@ def start_router(urls: list[str], log_dir: Path, env: Mapping[str, str] | None =
     full["PYTHONPATH"] = str(REPO) + (os.pathsep + full["PYTHONPATH"] if full.get("PYTHONPATH") else "")
     log_dir.mkdir(parents=True, exist_ok=True)
     return Process("router", gpufleet_argv("router"), full, log_dir / "router.log", f"http://127.0.0.1:{port}",
-                   cwd=REPO).start()  # fmt: skip
+                   cwd=REPO).start()
 
 
 def pod_states(router_url: str) -> dict[str, str]:
     """Each pod's state as the router sees it (its readiness document)."""
     try:
-        with urllib.request.urlopen(router_url + "/ready", timeout=10) as resp:
+        with urllib.request.urlopen(router_url + "/ready", timeout=30) as resp:
             doc = json.loads(resp.read())
     except urllib.error.HTTPError as err:  # 503 until some pod is ready: the body still says why
         doc = json.loads(err.read() or b"{}")
         err.close()
     states: dict[str, str] = doc.get("pods") or {}
     return states
+
+
+def state_counts(router_url: str) -> dict[str, int]:
+    """How many pods the router has in each state ({"unanswered": 1}: it did not answer in time)."""
+    counts: dict[str, int] = {}
+    try:
+        states = pod_states(router_url)
+    except OSError:  # a saturated router may not answer its readiness route in time
+        return {"unanswered": 1}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 def wait_all_ready(router: Process, pods: int, timeout_s: float = 120.0) -> None:

@@ -24,7 +24,7 @@ PODS, DEVICES, GROUPS, SEED = 3, 4, 6, 7
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
     log = tmp_path_factory.mktemp("emulator") / "emulator.log"
     with start_emulator(PODS, devices=DEVICES, groups=GROUPS, seed=SEED, timing=Timing(per_token_s=0.0005),
-                        log_path=log) as emu:  # fmt: skip
+                        log_path=log) as emu:
         yield emu
 
 
@@ -54,7 +54,7 @@ def test_router_routes_to_a_device_holding_the_group(router: Process, emulator: 
     with httpx.Client(base_url=router.url, timeout=30) as client:
         for stream in (False, True, False):
             body = {"model": "g000-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-                    "stream": stream}  # fmt: skip
+                    "stream": stream}
             r = client.post("/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
             assert (r.headers["x-served-by-pod"], r.headers["x-served-by-device"]) in holders
