@@ -187,7 +187,7 @@ class Indexes:
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Indexes:
         children = {kind: kwargs[child_index_id(kind[1])] for kind in CHILDREN}
         return cls(kwargs["pod_servers"], kwargs["status_leases"], kwargs["pod_groups"],
-                   IndexedReads(children, kwargs["model_groups"]))  # fmt: skip
+                   IndexedReads(children, kwargs["model_groups"]))
 
     def pods(self, namespace: str, group: str) -> list[dict[str, Any]]:
         return _pods(self.pod_servers, self.status_leases, namespace, group)

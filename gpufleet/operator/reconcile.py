@@ -191,7 +191,7 @@ class Reconciler:
                 return result  # the spec handlers own that status
             names = child_names(meta["name"])
             sts = self.read(object_path("apps/v1", "StatefulSet", meta["namespace"], names.statefulset), reads,
-                            ("apps/v1", "StatefulSet", meta["namespace"], names.statefulset))  # fmt: skip
+                            ("apps/v1", "StatefulSet", meta["namespace"], names.statefulset))
             self._update_status(body, spec, sts, pods, result, conflicts)
             return result
 

@@ -143,7 +143,7 @@ def test_a_child_missing_from_the_cache_is_read_from_the_api_not_overwritten(kub
     cm = manifest_path(build_children(ModelGroupRef("alpha", "ml", "mg-uid", parse_spec(group())), BuildOptions())[2])
     kube.objects[cm] = {"apiVersion": "v1", "kind": "ConfigMap",
                         "metadata": {"name": "alpha-model-groups", "namespace": "ml", "resourceVersion": "1"},
-                        "data": {"theirs": "yes"}}  # fmt: skip
+                        "data": {"theirs": "yes"}}
     result = Reconciler(kube, BuildOptions()).reconcile(current(kube), pods=[], reads=watch_cache(kube))
     assert result.blocked is not None and result.blocked.reason == "NameConflict"
     assert ("get", cm) in kube.reads and kube.objects[cm]["data"] == {"theirs": "yes"}
@@ -177,9 +177,9 @@ def test_status_is_written_only_when_it_changes_and_keeps_transition_times(
         rec.refresh_status(current(kube), pods=[])
     assert kube.writes == []
     ann = ('{"pod": "alpha-0", "ready": true, "groups": ["alpha"], "timestamp": 1,'
-           ' "devices": [{"device": "cuda:0", "current_group": "alpha"}]}')  # fmt: skip
+           ' "devices": [{"device": "cuda:0", "current_group": "alpha"}]}')
     pod = {"metadata": {"name": "alpha-0", "annotations": {labels.STATUS_ANNOTATION: ann}},
-           "spec": {"nodeName": "gpu-0"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+           "spec": {"nodeName": "gpu-0"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     kube.objects[STS]["status"] = {"observedGeneration": 1, "currentRevision": "a", "updateRevision": "a"}
     kube.objects[STS]["metadata"]["generation"] = 1
     result = rec.refresh_status(current(kube), pods=[pod])
