@@ -259,27 +259,30 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         # The same credentials as our own client: the in-cluster ServiceAccount, else KUBECONFIG.
         return kopf.login_via_client(**kwargs)
 
+    # The indexes are async (no I/O, a few dict operations): kopf runs sync handlers in its
+    # thread pool, where they would queue behind a backlog of reconciles (1,000 new groups)
+    # and every cached read would lag the cluster by that backlog.
     @kopf.index("v1", "pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
+    async def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, group): _slim_pod(body)} if group else None
 
     @kopf.index("v1", "pods", id="pod_groups", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_groups(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> Any:
+    async def pod_groups(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, name): group} if group else None
 
     @kopf.index(*LEASES, id="status_leases", labels=LEASE_LABELS, registry=registry)
-    def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+    async def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
         return {(namespace, name): _slim_lease(body)}
 
     @kopf.index(*MODELGROUPS, id="model_groups", registry=registry)
-    def model_groups(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+    async def model_groups(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
         group = slim(body)  # one object under both keys
         return {namespace: group, (namespace, name): group}
 
     def index_children(kind: str, resource: tuple[str, ...]) -> None:
-        def owned(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+        async def owned(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
             return {(namespace, name): slim(body)}
 
         kopf.index(*resource, id=child_index_id(kind), labels=OWNED_LABELS, registry=registry)(owned)
