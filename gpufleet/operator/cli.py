@@ -31,6 +31,7 @@ def run_operator(args: argparse.Namespace) -> int:
     from gpufleet.logs import setup_logging
     from gpufleet.operator.handlers import kopf_settings, register
     from gpufleet.operator.kube import Kube, load_api_client
+    from gpufleet.operator.metrics import OperatorMetrics
     from gpufleet.operator.peering import ensure_peering_objects
     from gpufleet.operator.reconcile import Reconciler
     from gpufleet.operator.settings import load_settings
@@ -47,7 +48,12 @@ def run_operator(args: argparse.Namespace) -> int:
     if settings.log_level.upper() != "DEBUG":
         # kopf logs every handler run at INFO (each pod event); ours say what changed.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    reconciler = Reconciler(Kube(load_api_client(), settings.field_manager), settings.build_options())
+    metrics = OperatorMetrics()
+    reconciler = Reconciler(Kube(load_api_client(), settings.field_manager), settings.build_options(), metrics)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.health_host, registry=metrics.registry)
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, settings)
     identity = f"{socket.gethostname()}@{os.getpid()}-{secrets.token_hex(3)}"

@@ -43,6 +43,12 @@ def _same_scalar(want: Any, have: Any) -> bool:
     return False
 
 
+# Fields the API server does not store when false (Go `bool` with omitempty, not `*bool`):
+# absent there means false. Only these: for a `*bool` absent means "the default", which
+# may be true (automountServiceAccountToken, allowPrivilegeEscalation), so it is drift.
+OMITTED_WHEN_FALSE = frozenset({"publishNotReadyAddresses"})
+
+
 def drift(want: Any, have: Any, path: str = "") -> list[str]:
     """Paths where `have` does not carry what `want` says; empty means no drift."""
     if isinstance(want, dict):
@@ -50,6 +56,8 @@ def drift(want: Any, have: Any, path: str = "") -> list[str]:
             return [path or "."]
         out: list[str] = []
         for key, value in want.items():
+            if value is False and key in OMITTED_WHEN_FALSE and key not in have:
+                continue
             out.extend(drift(value, have.get(key), f"{path}.{key}"))
         return out
     if isinstance(want, list):

@@ -3,13 +3,19 @@
 Triggers, all leading to the same level-triggered reconcile:
 - create/update/resume of a ModelGroup: reconcile now;
 - every resync_seconds, every ModelGroup again (resync_forever), so drift of any child (a
-  hand-edited ConfigMap, a deleted Service) is put back even without an event;
+  hand-edited ConfigMap, a deleted Service) is put back even without an event; each group
+  at its own phase of the period (gpufleet.operator.resync), so a round is no burst;
 - events of the StatefulSets we own: reconcile the owner at once (a deleted or edited
   StatefulSet comes back in seconds; its status changes update the group's);
 - events of pod-server pods and of their status Leases: refresh the owner's status
   (readiness, each pod server's own status document).
 Deleted pods are recreated by the StatefulSet controller; deleting a ModelGroup removes
 its children through owner references (no finalizer, so it works with the operator down).
+
+At scale: every watch but the ModelGroups' carries a server-side label selector (only what
+we manage crosses the wire; kopf's handler `labels=` filters are client-side), and kopf
+indexes keep the ModelGroups and every child we own, so a reconcile reads those
+(gpufleet.operator.cache) instead of GETs: a steady-state round makes no API call.
 
 Errors: kopf.TemporaryError means "not yet" (API trouble, a name still taken), retried
 with a delay; kopf.PermanentError means the spec is wrong, raised after the status says so.
@@ -21,7 +27,10 @@ import asyncio
 import datetime
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -29,9 +38,11 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from gpufleet.api import labels as keys
+from gpufleet.operator.cache import IndexedReads, slim
 from gpufleet.operator.kube import Kube
 from gpufleet.operator.peering import is_active, peering_paths
-from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result, group_path
+from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result
+from gpufleet.operator.resync import schedule
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.operator.status import with_leases
 
@@ -42,6 +53,20 @@ POD_SERVER_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER, keys.LABEL
 OWNED_LABELS = {keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
 LEASE_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER}
 LEASES = ("coordination.k8s.io", "v1", "leases")
+# Every kind the operator creates for a ModelGroup: (apiVersion, kind) -> kopf resource.
+CHILDREN: dict[tuple[str, str], tuple[str, str] | tuple[str, str, str]] = {
+    ("v1", "ServiceAccount"): ("v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    ("v1", "ConfigMap"): ("v1", "configmaps"),
+    ("v1", "Service"): ("v1", "services"),
+    ("policy/v1", "PodDisruptionBudget"): ("policy", "v1", "poddisruptionbudgets"),
+    ("v1", "PersistentVolumeClaim"): ("v1", "persistentvolumeclaims"),
+    ("apps/v1", "StatefulSet"): ("apps", "v1", "statefulsets"),
+}
+
+
+def child_index_id(kind: str) -> str:
+    return f"owned_{kind.lower()}s"
 
 
 def _selector(match: dict[str, str]) -> str:
@@ -50,12 +75,14 @@ def _selector(match: dict[str, str]) -> str:
 
 def server_side_selectors() -> list[tuple[tuple[str, str] | tuple[str, str, str], str]]:
     """Label selectors the API server applies to our watches (kopf's handler `labels=`
-    filters are client-side: without these we would receive every pod in the cluster)."""
-    return [
+    filters are client-side: without these we would receive every pod, ConfigMap, Service
+    ... in the cluster). Only the ModelGroups' watch has none: they are all ours."""
+    out: list[tuple[tuple[str, str] | tuple[str, str, str], str]] = [
         (("v1", "pods"), _selector(POD_SERVER_LABELS)),
-        (("apps", "v1", "statefulsets"), _selector(OWNED_LABELS)),
         (LEASES, _selector(LEASE_LABELS)),
     ]
+    out += [(resource, _selector(OWNED_LABELS)) for resource in CHILDREN.values()]
+    return out
 
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
@@ -147,10 +174,23 @@ def _guarded(what: str, fn: Callable[[], Result]) -> Result:
         raise kopf.TemporaryError(f"{what}: API server unreachable: {exc}", delay=5) from exc
 
 
-def list_groups(reconciler: Reconciler, namespaces: list[str]) -> list[dict[str, Any]]:
-    base = f"/apis/{keys.API_GROUP}/{keys.API_VERSION}"
-    paths = [f"{base}/namespaces/{ns}/{keys.PLURAL}" for ns in namespaces] or [f"{base}/{keys.PLURAL}"]
-    return [item for path in paths for item in reconciler.kube.list(path)]
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's live indexes, as handlers and the resync task receive them."""
+
+    pod_servers: Any  # (namespace, group) -> slim pods
+    status_leases: Any  # (namespace, pod name) -> slim Lease
+    pod_groups: Any  # (namespace, pod name) -> group
+    reads: IndexedReads  # ModelGroups and children
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        children = {kind: kwargs[child_index_id(kind[1])] for kind in CHILDREN}
+        return cls(kwargs["pod_servers"], kwargs["status_leases"], kwargs["pod_groups"],
+                   IndexedReads(children, kwargs["model_groups"]))
+
+    def pods(self, namespace: str, group: str) -> list[dict[str, Any]]:
+        return _pods(self.pod_servers, self.status_leases, namespace, group)
 
 
 def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, priority: int) -> bool:
@@ -165,58 +205,97 @@ def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, pr
     return True
 
 
+async def _resync_one(reconciler: Reconciler, indexes: Indexes, namespace: str, name: str) -> None:
+    body = indexes.reads.group(namespace, name)  # as of now, not as of the round's start
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    pods = indexes.pods(namespace, name)
+    try:
+        result = await asyncio.to_thread(reconciler.reconcile, dict(body), pods, indexes.reads)
+        # Blocked groups stay blocked quietly: the status says why; events said it once.
+        await asyncio.to_thread(_post, reconciler.kube, body, result.events)
+    except Exception as exc:
+        log.warning("resync failed", extra={"group": name, "error": str(exc)})
+
+
 async def resync_forever(
-    reconciler: Reconciler, settings: OperatorSettings, identity: str = "", priority: int = 0
+    reconciler: Reconciler,
+    settings: OperatorSettings,
+    indexes: Indexes,
+    identity: str = "",
+    priority: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """Every resync_seconds, reconcile every ModelGroup: drift of any child (a hand-edited
-    ConfigMap, a deleted Service) is put back even when no event announced it. Kopf pauses
-    its handlers in a standby replica, but not this task: it checks the peering itself."""
+    ConfigMap, a deleted Service) is put back even when no event announced it. Each group
+    at its own phase of the period (spread, no burst), read from the watch caches (no API
+    call when nothing changed). Kopf pauses its handlers in a standby replica, but not this
+    task: it checks the peering itself, once per round."""
+    period = settings.resync_seconds
+    start = clock()
     while True:
-        await asyncio.sleep(settings.resync_seconds)
         try:
-            if not await asyncio.to_thread(acting, reconciler, settings, identity, priority):
-                continue
+            active = await asyncio.to_thread(acting, reconciler, settings, identity, priority)
         except Exception as exc:  # API trouble: try again next round
             log.warning("resync: cannot read the peering", extra={"error": str(exc)})
-            continue
-        try:
-            groups = await asyncio.to_thread(list_groups, reconciler, settings.namespaces)
-        except Exception as exc:  # API trouble: try again next round
-            log.warning("resync: cannot list ModelGroups", extra={"error": str(exc)})
-            continue
-        for body in groups:
-            if body["metadata"].get("deletionTimestamp"):
-                continue
-            try:
-                result = await asyncio.to_thread(reconciler.reconcile, body)
-                # Blocked groups stay blocked quietly: the status says why; events said it once.
-                await asyncio.to_thread(_post, reconciler.kube, body, result.events)
-            except Exception as exc:
-                log.warning("resync failed", extra={"group": body["metadata"]["name"], "error": str(exc)})
+            active = False
+        if active:
+            for offset, namespace, name in schedule(indexes.reads.group_keys(), period):
+                await sleep(max(0.0, start + offset - clock()))
+                await _resync_one(reconciler, indexes, namespace, name)
+        # The next round starts one period after this one did; a round that ran late
+        # (slow API) is not made up for with a burst.
+        start = max(start + period, clock())
+        await sleep(max(0.0, start - clock()))
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: OperatorSettings) -> None:
     operator_settings = settings
+    indexed = threading.Event()  # set by the first handler kopf calls: every index is complete
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         # The same credentials as our own client: the in-cluster ServiceAccount, else KUBECONFIG.
         return kopf.login_via_client(**kwargs)
 
+    # The indexes are async (no I/O, a few dict operations): kopf runs sync handlers in its
+    # thread pool, where they would queue behind a backlog of reconciles (1,000 new groups)
+    # and every cached read would lag the cluster by that backlog.
     @kopf.index("v1", "pods", id="pod_servers", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
+    async def pod_servers(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, group): _slim_pod(body)} if group else None
 
+    @kopf.index("v1", "pods", id="pod_groups", labels=POD_SERVER_LABELS, registry=registry)
+    async def pod_groups(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> Any:
+        group = labels.get(keys.LABEL_MODEL_GROUP)
+        return {(namespace, name): group} if group else None
+
     @kopf.index(*LEASES, id="status_leases", labels=LEASE_LABELS, registry=registry)
-    def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+    async def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
         return {(namespace, name): _slim_lease(body)}
 
-    def reconcile(body: Any, pod_servers: Any, status_leases: Any) -> None:
+    @kopf.index(*MODELGROUPS, id="model_groups", registry=registry)
+    async def model_groups(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+        group = slim(body)  # one object under both keys
+        return {namespace: group, (namespace, name): group}
+
+    def index_children(kind: str, resource: tuple[str, ...]) -> None:
+        async def owned(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+            return {(namespace, name): slim(body)}
+
+        kopf.index(*resource, id=child_index_id(kind), labels=OWNED_LABELS, registry=registry)(owned)
+
+    for (_, kind), resource in CHILDREN.items():
+        index_children(kind, resource)
+
+    def reconcile(body: Any, indexes: Indexes) -> None:
         meta = body["metadata"]
-        pods = _pods(pod_servers, status_leases, meta["namespace"], meta["name"])
+        pods = indexes.pods(meta["namespace"], meta["name"])
         result = _guarded(
-            f"reconciling {meta['namespace']}/{meta['name']}", lambda: reconciler.reconcile(dict(body), pods)
+            f"reconciling {meta['namespace']}/{meta['name']}",
+            lambda: reconciler.reconcile(dict(body), pods, indexes.reads),
         )
         _post(reconciler.kube, body, result.events)
         if result.blocked is not None:
@@ -227,18 +306,26 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     @kopf.on.resume(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.create(*MODELGROUPS, id="reconcile", registry=registry)
     @kopf.on.update(*MODELGROUPS, id="reconcile", registry=registry)
-    def modelgroup_changed(body: Any, pod_servers: Any = None, status_leases: Any = None, **_: Any) -> None:
-        reconcile(body, pod_servers, status_leases)
+    def modelgroup_changed(body: Any, **kwargs: Any) -> None:
+        indexed.set()
+        reconcile(body, Indexes.from_kwargs(kwargs))
 
     # The periodic re-check is our own task, not a kopf timer: kopf puts a finalizer on every
     # object with a timer, and a finalizer would make deleting a ModelGroup (or its namespace)
-    # hang whenever the operator is not running.
+    # hang whenever the operator is not running. kopf hands the (live) indexes to startup
+    # handlers too; they are still filling then, so the task waits until kopf has called a
+    # handler of ours: kopf calls none before every index is complete.
     @kopf.on.startup(id="start-resync", registry=registry)
-    async def start_resync(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def start_resync(memo: Any, settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         identity, priority = str(memo.peering_identity), int(settings.peering.priority)
-        memo.resync = asyncio.create_task(
-            resync_forever(reconciler, operator_settings, identity, priority), name="resync"
-        )
+        indexes = Indexes.from_kwargs(kwargs)
+
+        async def after_indexing() -> None:
+            while not indexed.is_set():
+                await asyncio.sleep(0.5)
+            await resync_forever(reconciler, operator_settings, indexes, identity, priority)
+
+        memo.resync = asyncio.create_task(after_indexing(), name="resync")
 
     @kopf.on.cleanup(id="stop-resync", registry=registry)
     async def stop_resync(memo: Any, **_: Any) -> None:
@@ -253,47 +340,51 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
                 return str(ref.get("name"))
         return None
 
-    def fetch_group(namespace: str, name: str) -> dict[str, Any] | None:
-        return reconciler.kube.get(group_path(namespace, name))
+    def cached_group(indexes: Indexes, namespace: str, name: str | None) -> dict[str, Any] | None:
+        group = indexes.reads.group(namespace, name) if name else None
+        if group is None or group["metadata"].get("deletionTimestamp"):
+            return None
+        return dict(group)
 
     @kopf.on.event("apps", "v1", "statefulsets", id="statefulset", labels=OWNED_LABELS, registry=registry)
-    def statefulset_changed(
-        body: Any, namespace: str | None, pod_servers: Any = None, status_leases: Any = None, **_: Any
-    ) -> None:
-        name = owner_group(body)
+    def statefulset_changed(body: Any, namespace: str | None, **kwargs: Any) -> None:
+        indexed.set()
         if namespace is None:  # StatefulSets are namespaced; this only narrows the type
             return
-        group = fetch_group(namespace, name) if name else None
-        if group is None or group["metadata"].get("deletionTimestamp"):
+        indexes = Indexes.from_kwargs(kwargs)
+        name = owner_group(body)
+        group = cached_group(indexes, namespace, name)
+        if group is None:
             return
-        pods = _pods(pod_servers, status_leases, namespace, group["metadata"]["name"])
-        result = _guarded(f"reconciling {namespace}/{name}", lambda: reconciler.reconcile(group, pods))
+        pods = indexes.pods(namespace, group["metadata"]["name"])
+        result = _guarded(f"reconciling {namespace}/{name}", lambda: reconciler.reconcile(group, pods, indexes.reads))
         _post(reconciler.kube, group, result.events)
 
-    def refresh(namespace: str, name: str | None, pod_servers: Any, status_leases: Any) -> None:
-        group = fetch_group(namespace, name) if name else None
-        if group is None or group["metadata"].get("deletionTimestamp"):
+    def refresh(namespace: str, name: str | None, indexes: Indexes) -> None:
+        group = cached_group(indexes, namespace, name)
+        if group is None:
             return
-        pods = _pods(pod_servers, status_leases, namespace, group["metadata"]["name"])
-        result = _guarded(f"status of {namespace}/{name}", lambda: reconciler.refresh_status(group, pods))
+        pods = indexes.pods(namespace, group["metadata"]["name"])
+        result = _guarded(
+            f"status of {namespace}/{name}", lambda: reconciler.refresh_status(group, pods, indexes.reads)
+        )
         _post(reconciler.kube, group, result.events)
 
     @kopf.on.event("v1", "pods", id="pod", labels=POD_SERVER_LABELS, registry=registry)
-    def pod_changed(
-        namespace: str | None, labels: Mapping[str, str], pod_servers: Any = None, status_leases: Any = None, **_: Any
-    ) -> None:
+    def pod_changed(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
+        indexed.set()
         if namespace is None:  # Pods are namespaced; this only narrows the type
             return
-        refresh(namespace, labels.get(keys.LABEL_MODEL_GROUP), pod_servers, status_leases)
+        refresh(namespace, labels.get(keys.LABEL_MODEL_GROUP), Indexes.from_kwargs(kwargs))
 
     @kopf.on.event(*LEASES, id="status-lease", labels=LEASE_LABELS, registry=registry)
-    def lease_changed(
-        namespace: str | None, name: str, pod_servers: Any = None, status_leases: Any = None, **_: Any
-    ) -> None:
-        if namespace is None or pod_servers is None:  # Leases are namespaced; this only narrows the type
+    def lease_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+        indexed.set()
+        if namespace is None:  # Leases are namespaced; this only narrows the type
             return
         # The Lease is named like its pod; the pod's labels name the group.
-        for (ns, group), pods in pod_servers.items():
-            if ns == namespace and any(p["metadata"]["name"] == name for p in pods):
-                refresh(namespace, group, pod_servers, status_leases)
-                return
+        indexes = Indexes.from_kwargs(kwargs)
+        key = (namespace, name)
+        for group in indexes.pod_groups.get(key, ()):
+            refresh(namespace, group, indexes)
+            return

@@ -5,6 +5,10 @@ No kopf here (handlers.py maps outcomes to kopf's retry semantics) and no decisi
 own: manifests come from builders.py, the status from status.py, drift from drift.py.
 Every step reads the actual state first, so running it again, from any handler, at any
 time, converges to the same result and writes nothing when nothing differs.
+
+Reads come from the watch caches when the caller passes them (``Observed``, see
+gpufleet.operator.cache), else from the API server: a steady-state reconcile then makes no
+API call at all.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from gpufleet.operator.builders import (
     child_names,
     selector_string,
 )
+from gpufleet.operator.cache import Observed, RecentWrites
 from gpufleet.operator.conflicts import claimed_earlier, conflict_message
 from gpufleet.operator.drift import drift
 from gpufleet.operator.kube import Kube, manifest_path, object_path
+from gpufleet.operator.metrics import OperatorMetrics
 from gpufleet.operator.status import compute_status, condition_events, status_body, with_leases
 
 log = logging.getLogger(__name__)
@@ -132,9 +138,11 @@ def blocked_status(body: dict[str, Any], reason: str, message: str, now: str) ->
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, options: BuildOptions) -> None:
+    def __init__(self, kube: Kube, options: BuildOptions, metrics: OperatorMetrics | None = None) -> None:
         self.kube = kube
         self.options = options
+        self.metrics = metrics or OperatorMetrics()
+        self.recent = RecentWrites()  # our writes, until the watch caches show them
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -144,18 +152,21 @@ class Reconciler:
 
     # ---- entry points --------------------------------------------------------------------
 
-    def reconcile(self, body: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> Result:
+    def reconcile(
+        self, body: dict[str, Any], pods: list[dict[str, Any]] | None = None, reads: Observed | None = None
+    ) -> Result:
         """Children to the spec, then status to what is observed.
 
         When blocked (invalid spec, a name taken), the status says why and result.blocked
         holds the reason; API failures raise ApiException."""
         meta = body["metadata"]
-        with self._lock(meta["namespace"], meta["name"]):
+        with self._lock(meta["namespace"], meta["name"]), self.metrics.reconcile_seconds.labels("full").time():
+            body = self._fresh(body)
             result = Result()
             try:
-                conflicts = self._conflicts(body)
+                conflicts = self._conflicts(body, reads)
                 ref = self._ref(body, conflicts)
-                statefulset = self.ensure_children(ref, result.events)
+                statefulset = self.ensure_children(ref, result.events, reads)
             except Blocked as exc:
                 result.blocked = exc
                 status = blocked_status(body, exc.reason, str(exc), now_rfc3339())
@@ -165,28 +176,54 @@ class Reconciler:
             self._update_status(body, ref.spec, statefulset, pods, result, conflicts)
             return result
 
-    def refresh_status(self, body: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> Result:
+    def refresh_status(
+        self, body: dict[str, Any], pods: list[dict[str, Any]] | None = None, reads: Observed | None = None
+    ) -> Result:
         """Status only (on pod changes): no writes to children."""
         meta = body["metadata"]
-        with self._lock(meta["namespace"], meta["name"]):
+        with self._lock(meta["namespace"], meta["name"]), self.metrics.reconcile_seconds.labels("status").time():
+            body = self._fresh(body)
             result = Result()
             try:
-                conflicts = self._conflicts(body)
+                conflicts = self._conflicts(body, reads)
                 spec = self._ref(body, conflicts).spec
             except Blocked:
                 return result  # the spec handlers own that status
             names = child_names(meta["name"])
-            sts = self.kube.get(object_path("apps/v1", "StatefulSet", meta["namespace"], names.statefulset))
+            sts = self.read(object_path("apps/v1", "StatefulSet", meta["namespace"], names.statefulset), reads,
+                            ("apps/v1", "StatefulSet", meta["namespace"], names.statefulset))
             self._update_status(body, spec, sts, pods, result, conflicts)
             return result
 
+    # ---- reads ---------------------------------------------------------------------------
+
+    def _fresh(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The ModelGroup with the status we last wrote, if the caller's copy predates it."""
+        meta = body["metadata"]
+        return self.recent.fresh(group_path(meta["namespace"], meta["name"]), body) or body
+
+    def read(self, path: str, reads: Observed | None, key: tuple[str, str, str, str]) -> dict[str, Any] | None:
+        """A child as cached (or as we just wrote it); a GET when the cache does not hold it."""
+        if reads is not None:
+            cached = self.recent.fresh(path, reads.child(*key))
+            if cached is not None:
+                self.metrics.cache_reads.labels("hit").inc()
+                return cached
+            self.metrics.cache_reads.labels("miss").inc()
+        self.metrics.api_requests.labels("get").inc()
+        return self.kube.get(path)
+
     # ---- children ------------------------------------------------------------------------
 
-    def _conflicts(self, body: dict[str, Any]) -> dict[str, str]:
+    def _conflicts(self, body: dict[str, Any], reads: Observed | None = None) -> dict[str, str]:
         """Model ids of this group that an earlier ModelGroup in the namespace serves."""
         namespace = body["metadata"]["namespace"]
-        base = f"/apis/{labels.API_GROUP}/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}"
-        return claimed_earlier(body, self.kube.list(base))
+        groups = reads.groups(namespace) if reads is not None else None
+        if groups is None:
+            base = f"/apis/{labels.API_GROUP}/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}"
+            self.metrics.api_requests.labels("list").inc()
+            groups = self.kube.list(base)
+        return claimed_earlier(body, groups)
 
     def _ref(self, body: dict[str, Any], conflicts: dict[str, str] | None = None) -> ModelGroupRef:
         meta = body["metadata"]
@@ -204,20 +241,25 @@ class Reconciler:
             generation=meta.get("generation"),
         )
 
-    def ensure_children(self, ref: ModelGroupRef, events: list[Event]) -> dict[str, Any] | None:
+    def ensure_children(
+        self, ref: ModelGroupRef, events: list[Event], reads: Observed | None = None
+    ) -> dict[str, Any] | None:
         """Create what is missing, put back what drifted; returns the StatefulSet as stored."""
         statefulset = None
         for desired in build_children(ref, self.options):
-            actual = self.ensure(ref, desired, events)
+            actual = self.ensure(ref, desired, events, reads)
             if desired["kind"] == "StatefulSet":
                 statefulset = actual
         return statefulset
 
-    def ensure(self, ref: ModelGroupRef, desired: dict[str, Any], events: list[Event]) -> dict[str, Any]:
+    def ensure(
+        self, ref: ModelGroupRef, desired: dict[str, Any], events: list[Event], reads: Observed | None = None
+    ) -> dict[str, Any]:
         kind, name = desired["kind"], desired["metadata"]["name"]
-        actual = self.kube.get(manifest_path(desired))
+        key = (desired["apiVersion"], kind, desired["metadata"]["namespace"], name)
+        actual = self.read(manifest_path(desired), reads, key)
         if actual is None:
-            stored = self._apply(desired)
+            stored = self._apply(desired, None)
             events.append(("Normal", "Created", f"created {kind} {name}"))
             log.info("created child", extra={"group": ref.name, "kind": kind, "child": name})
             return stored
@@ -227,9 +269,12 @@ class Reconciler:
         paths = drift(desired, actual)
         if not paths:
             return actual
-        stored = self._apply(desired)
+        stored = self._apply(desired, actual)
         if stored["metadata"].get("resourceVersion") == actual["metadata"].get("resourceVersion"):
-            return stored  # the server saw nothing to change (e.g. fields in another canonical form)
+            # The server saw nothing to change: drift() disagrees with the server's canonical
+            # form of a field. Each resync would repeat this write; say so, so it gets fixed.
+            log.warning("apply changed nothing", extra={"group": ref.name, "kind": kind, "drift": paths[:10]})
+            return stored
         was = (actual["metadata"].get("annotations") or {}).get(labels.SPEC_HASH_ANNOTATION)
         now = desired["metadata"]["annotations"][labels.SPEC_HASH_ANNOTATION]
         if was != now:
@@ -240,13 +285,16 @@ class Reconciler:
         log.info("applied child", extra={"group": ref.name, "kind": kind, "child": name, "drift": paths[:10]})
         return stored
 
-    def _apply(self, desired: dict[str, Any]) -> dict[str, Any]:
+    def _apply(self, desired: dict[str, Any], actual: dict[str, Any] | None) -> dict[str, Any]:
+        self.metrics.api_requests.labels("apply").inc()
         try:
-            return self.kube.apply(desired)
+            stored = self.kube.apply(desired)
         except ApiException as exc:
             if exc.status == 422:  # the API server refused what the spec asks for
                 raise InvalidSpec(f"{desired['kind']} rejected: {_api_message(exc)}") from None
             raise
+        self.recent.note(manifest_path(desired), actual, stored)
+        return stored
 
     # ---- status --------------------------------------------------------------------------
 
@@ -261,6 +309,7 @@ class Reconciler:
     ) -> None:
         meta = body["metadata"]
         if pods is None:
+            self.metrics.api_requests.labels("list").inc(2)
             listed = self.kube.list(
                 object_path("v1", "Pod", meta["namespace"]), label_selector=selector_string(meta["name"])
             )
@@ -289,8 +338,11 @@ class Reconciler:
         if all(old.get(k) == v for k, v in new.items()):
             return
         meta = body["metadata"]
+        path = group_path(meta["namespace"], meta["name"])
+        self.metrics.api_requests.labels("patch_status").inc()
         try:
-            self.kube.merge_patch(group_path(meta["namespace"], meta["name"]) + "/status", {"status": new})
+            stored = self.kube.merge_patch(path + "/status", {"status": new})
+            self.recent.note(path, body, stored)
         except ApiException as exc:
             if exc.status != 404:
                 raise

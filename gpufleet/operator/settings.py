@@ -39,6 +39,9 @@ class OperatorSettings(BaseSettings):
     field_manager: str = Field(default="gpufleet-operator", min_length=1)
     health_host: str = "0.0.0.0"
     health_port: int = Field(default=8080, ge=0, le=65535, description="Port of GET /healthz; 0: no endpoint.")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of GET /metrics (Prometheus, on health_host); 0: none."
+    )
     log_level: str = "INFO"
     peering: str | None = Field(
         default=None,

@@ -70,6 +70,7 @@ class Fleet:
         self.farm2: PodServerFarm | None = None
         self.router_url = ""
         self.health_url = ""
+        self.metrics_url = ""
         self.nodes: list[str] = []
 
     # ---- tools ---------------------------------------------------------------------------
@@ -173,14 +174,16 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
     f.run("helm", *args, timeout=180)
     deployment = f"/apis/apps/v1/namespaces/{f.system_ns}/deployments/{f.release}-gpufleet"
     operator_deployment, router_deployment = f.api.get(f"{deployment}-operator"), f.api.get(f"{deployment}-router")
-    health_port, router_port = _free_port(), _free_port()
+    health_port, router_port, metrics_port = _free_port(), _free_port(), _free_port()
     f.health_url = f"http://127.0.0.1:{health_port}/healthz"
+    f.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     f.router_url = f"http://127.0.0.1:{router_port}"
     f.operator_deployment = operator_deployment
     f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
         "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
         "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
         "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
+        "GPUFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
     })
     f.router = LocalComponent(c.api, router_deployment, f.workdir / "router", {
         "HOST": "127.0.0.1", "PORT": str(router_port),
@@ -559,11 +562,20 @@ def test_applying_again_changes_nothing(fleet: Fleet) -> None:
         out["pods"] = ",".join(sorted(p["metadata"]["uid"] for p in fleet.pods("alpha")))
         return out
 
-    before = snapshot()
+    def api_calls() -> dict[str, float]:
+        """The operator's own count of its API requests by verb (its reconciler's, not kopf's watches)."""
+        text = httpx.get(fleet.metrics_url, timeout=5).text
+        return {line.split('verb="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("gpufleet_operator_api_requests_total{")}
+
+    before, calls = snapshot(), api_calls()
     for _ in range(3):
         assert "unchanged" in fleet.kubectl("apply", "-n", fleet.ns, "-f", str(EXAMPLE)).stdout
     time.sleep(6.5)  # two resync periods of the operator (3 s in these tests)
     assert snapshot() == before
+    # Every group was re-checked twice meanwhile, from the watch caches: not one GET, LIST or apply.
+    assert {k: v for k, v in api_calls().items() if k in ("get", "list", "apply")} == \
+        {k: v for k, v in calls.items() if k in ("get", "list", "apply")}
 
 
 def test_deleted_pod_comes_back(fleet: Fleet) -> None:
@@ -666,6 +678,8 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
                "update modelgroups.gpufleet.io:finalizers", "create statefulsets.apps", "patch statefulsets.apps",
                "create configmaps", "patch configmaps", "create services", "create serviceaccounts",
                "create rolebindings", "list pods", "watch pods", "watch leases.coordination.k8s.io", "create events",
+               "watch configmaps", "watch services", "watch serviceaccounts", "watch rolebindings",
+               "watch poddisruptionbudgets.policy", "watch persistentvolumeclaims",
                f"bind clusterroles/{release}-gpufleet-pod-server"]
     denied = ["delete pods", "create pods", "patch pods", "get pods:log", "create pods:exec", "get secrets",
               "list secrets", "delete statefulsets.apps", "update statefulsets.apps", "delete configmaps",

@@ -187,13 +187,14 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     expected |= {("gpufleet.io", "modelgroups/status", "patch", "")}
     expected |= {("gpufleet.io", "modelgroups/finalizers", "update", "")}
     expected |= {("apps", "statefulsets", v, "") for v in ("get", "list", "watch", "create", "patch")}
+    owned = ("get", "list", "watch", "create", "patch")  # read from watches, written by server-side apply
     for resource in ("configmaps", "services", "serviceaccounts"):
-        expected |= {("", resource, v, "") for v in ("get", "create", "patch")}
-    expected |= {("rbac.authorization.k8s.io", "rolebindings", v, "") for v in ("get", "create", "patch")}
+        expected |= {("", resource, v, "") for v in owned}
+    expected |= {("rbac.authorization.k8s.io", "rolebindings", v, "") for v in owned}
     expected |= {("", "pods", "list", ""), ("", "pods", "watch", ""), ("", "events", "create", "")}
     expected |= {("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "watch", "")}
-    expected |= {("policy", "poddisruptionbudgets", v, "") for v in ("get", "create", "patch")}
-    expected |= {("", "persistentvolumeclaims", v, "") for v in ("get", "create", "patch")}
+    expected |= {("policy", "poddisruptionbudgets", v, "") for v in owned}
+    expected |= {("", "persistentvolumeclaims", v, "") for v in owned}
     expected |= {("kopf.dev", "kopfpeerings", v, "") for v in ("get", "list", "watch", "patch", "create")}
     assert operator == expected
     assert _rules(named(docs, "ClusterRole", "rel-gpufleet-operator-bind-pod-server")) == {

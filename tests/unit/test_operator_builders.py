@@ -310,6 +310,19 @@ def test_drift_reports_changed_missing_and_resized() -> None:
     assert drift({"a": True}, {"a": 1}) == [".a"]
 
 
+def test_drift_knows_which_false_the_api_server_drops() -> None:
+    """A Service stored without publishNotReadyAddresses is what we applied (false is not
+    stored); seen as drift, each resync re-applied every Service (found by bench.scale)."""
+    assert drift({"spec": {"publishNotReadyAddresses": False}}, {"spec": {}}) == []
+    assert drift({"spec": {"publishNotReadyAddresses": False}}, {"spec": {"publishNotReadyAddresses": True}}) == [
+        ".spec.publishNotReadyAddresses"
+    ]
+    # A *bool whose absence means its default (true): removing our false is drift.
+    assert drift({"spec": {"automountServiceAccountToken": False}}, {"spec": {}}) == [
+        ".spec.automountServiceAccountToken"
+    ]
+
+
 def test_an_init_step_fills_the_model_cache_before_the_server_starts() -> None:
     group = ref(modelCache={"size": "100Gi", "init": {
         "command": ["sh", "-c"], "args": ["test -e $(MODEL_CACHE_DIR)/done || fetch-weights"],

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,17 @@ class TestCluster:
         kubeconfig: str | os.PathLike[str] | None = None,
         timeout: float = 120.0,
         log: Callable[[str], None] = _log,
+        apiserver_args: Sequence[str] = (),
     ):
         """workdir: scratch space (certs, etcd data, logs/<component>.log, kubeconfig).
         bin_dir: binaries; default: ensure_binaries() (builds them the first time).
         kubeconfig: use this running cluster instead of starting one; default: existing_kubeconfig().
-        timeout: seconds allowed for each component to become ready."""
+        timeout: seconds allowed for each component to become ready.
+        apiserver_args: extra kube-apiserver flags (e.g. an audit log for a benchmark)."""
         self.workdir = Path(workdir).resolve()
         self.timeout = timeout
         self.log = log
+        self.apiserver_args = list(apiserver_args)
         self._bin_dir = Path(bin_dir) if bin_dir else None
         external = Path(kubeconfig).resolve() if kubeconfig else existing_kubeconfig()
         self.existing = external is not None
@@ -188,6 +191,7 @@ class TestCluster:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            *self.apiserver_args,
         )
         procs.wait_until(self._api_ready, self.timeout, "kube-apiserver /readyz", [etcd, apiserver])
         write_kubeconfig(Path(self.kubeconfig), self.api_url, self.token, pki.ca_crt)
