@@ -23,16 +23,17 @@ from bench.load import replay as replay_trace
 from bench.load import run as run_async
 from bench.load import sequential
 from bench.models import build_tiny_groups
-from bench.policies import SnapshotPolicy, router_policies
+from bench.policies import SnapshotPolicy
 from bench.procs import Fleet, mean_switch_seconds, router_available, switch_counts, switch_time_totals
-from bench.sim import SimConfig, SwitchCosts, simulate
+from bench.sim import SimConfig, StepModel, SwitchCosts, simulate
 from bench.trace import TraceParams, generate
+from gpufleet.routing.alternatives import POLICIES as ROUTER_POLICIES
 
 DEVICES = ["cpu:0", "cpu:1"]
 N_GROUPS = 5
 CACHE_MODELS = 1
 SLO_S = 1.0
-POLICY_ORDER = ("round_robin", "least_load", "lru_multiplex", "affinity")
+POLICY_ORDER = ("round_robin", "least_load", "lru_multiplex", "gie", "affinity")
 
 
 def model_of(group: str) -> str:
@@ -51,22 +52,29 @@ def calibrate(url: str) -> dict[str, float]:
 
 
 def predict(trace: Any, policy: str, cal: dict[str, float], disk_s: float, cache_s: float) -> dict[str, Any]:
-    from bench.trace import Request
+    """The simulator on the same trace: batched devices whose speed alone is the calibration and
+    whose speed-up with the batch is the measured throughput curve (bench/results/throughput.json)."""
+    from bench.routing_quality import measured_steps
 
-    sim_trace = [
-        Request(r.index, r.t, r.group, cal["fixed_s"] + cal["per_token_s"] * r.tokens, r.tokens) for r in trace
-    ]
+    shape = measured_steps()
+    per_token = max(cal["per_token_s"], 1e-4)
+    alone = shape.tokens_per_s(1)
+    steps = StepModel(
+        points=tuple((b, tps / alone / per_token) for b, tps in shape.points),
+        prefill_tokens=cal["fixed_s"] / per_token,
+        origin="calibrated on the fleet, shaped by bench/results/throughput.json",
+    )
     cfg = SimConfig(
         n_devices=len(DEVICES),
-        workers=1,
         cache_limit_models=CACHE_MODELS,
         models_per_group=1,
         group_gb=0.0,
         costs=SwitchCosts(disk_fixed_s=disk_s, disk_s_per_gb=0.0, cache_fixed_s=max(cache_s, 1e-4), cache_s_per_gb=0.0),
+        steps=steps,
         initial_group="g00",
     )
-    fn = router_policies()[policy]
-    r = simulate(sim_trace, cfg, SnapshotPolicy(policy, fn), slo_s=SLO_S)
+    fn = ROUTER_POLICIES[policy]
+    r = simulate(trace, cfg, SnapshotPolicy(policy, fn), slo_s=SLO_S)
     s = r.summary(SLO_S)
     return {
         "switches": s["switches"],
@@ -80,7 +88,7 @@ def predict(trace: Any, policy: str, cal: dict[str, float], disk_s: float, cache
 
 
 def measure(policy: str, trace: Any, mg: Any) -> dict[str, Any]:
-    env = {"MAX_CPU_CACHED_MODELS": str(CACHE_MODELS), "NUM_WORKERS_PER_GPU": "1"}
+    env = {"MAX_CPU_CACHED_MODELS": str(CACHE_MODELS)}
     progress(f"replay {policy}: starting gpufleet up on {','.join(DEVICES)}")
     with Fleet.up(DEVICES, mg, policy, env=env) as fleet:
         preload = mean_switch_seconds(switch_time_totals(fleet.pod_urls))
@@ -132,7 +140,7 @@ def run(*, quick: bool, command: str, seed: int = 11) -> dict[str, Any] | None:
         seed=seed,
     )
     trace = generate(params)
-    available = router_policies()
+    available = ROUTER_POLICIES
     results: dict[str, Any] = {}
     for policy in POLICY_ORDER:
         if policy not in available:
@@ -144,7 +152,7 @@ def run(*, quick: bool, command: str, seed: int = 11) -> dict[str, Any] | None:
         "devices": DEVICES,
         "groups": N_GROUPS,
         "cache_models_per_device": CACHE_MODELS,
-        "workers_per_device": 1,
+        "max_sequences_per_device": 64,
         "slo_s": SLO_S,
         "trace": asdict(params),
         "policies": results,
@@ -153,7 +161,7 @@ def run(*, quick: bool, command: str, seed: int = 11) -> dict[str, Any] | None:
             "latency is measured by the client through the router; "
             "the simulator's service time is calibrated the same way",
             "the router sees pods through polls (status every 2 s, queue every 0.5 s) and its own in-flight counts; "
-            "the simulator sees device state exactly, with the router's expected-switch overlay",
+            "the simulator sees device state exactly; its devices batch and follow the pod's queue_order rules",
         ],
     }
     write_result("replay", doc, quick=quick, command=command)
@@ -190,7 +198,7 @@ def summarize(doc: dict[str, Any]) -> str:
     lines.append(
         f"{t['n_requests']} requests, {doc['groups']} groups of one tiny model, Zipf alpha {t['alpha']}, Poisson "
         f"{t['rate']}/s, seed {t['seed']}; devices {', '.join(doc['devices'])}, "
-        f"{doc['workers_per_device']} worker each, "
+        f"up to {doc.get('max_sequences_per_device', 64)} sequences each, "
         f"CPU cache {doc['cache_models_per_device']} model; objective {doc['slo_s']} s."
     )
     lines.append("")

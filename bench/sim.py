@@ -1,45 +1,44 @@
-"""A discrete-event simulator of devices that serve model groups, one current group each.
+"""A discrete-event simulator of batched devices that serve model groups, one current group each.
 
-Each simulated device behaves like ``gpufleet.pod_server.scheduler.DeviceScheduler``:
+Each simulated device behaves like the pod server's device after continuous batching
+(``gpufleet.pod_server.scheduler`` around the engine):
 
-- a FIFO queue of bounded length and ``workers`` workers that take jobs from it;
-- one current group; a job of another group waits until no request runs on the device,
-  then its worker switches groups (from the CPU cache when the group is parked there,
-  else from disk) and runs the job;
-- once a switch is wanted, the current group takes no new work (switch waiters first);
-- a switch parks the previous group in a CPU cache of ``cache_limit_models`` models,
-  evicting least recently used groups (``DeviceResidency``);
+- up to ``max_sequences`` requests of the current group decode at once, in one batch. A decode
+  step of a batch of ``b`` sequences takes ``StepModel.step_s(b)`` seconds, interpolated from the
+  aggregate tokens/s that ``bench.throughput`` measured at each concurrency, so every running
+  request advances one token per step: processor sharing with a batch-dependent speed;
+- a bounded queue; what the device does next with it is ``queue_order.next_action``, the pod's
+  own pure rule, called as is: serve the current group's queued work (batched) before switching,
+  bounded by ``max_wait_s`` and ``min_residency_s``; switch only once running work has drained;
+- a switch makes a group current from the CPU cache when it is parked there, else from disk
+  (``SwitchCosts``, from ``bench.switch_cost``), and parks the previous group in a CPU cache of
+  ``cache_limit_models`` models, least recently used out first (``DeviceResidency``).
 
-Requests are routed by a policy at their arrival instant. What the policy sees is the
-router's view (``gpufleet.router.state``), taken from the exact device state without
-polling delay:
-
-- ``load`` is every request in flight on the device (the router counts what it sent and
-  has not seen answered), including a job a worker holds while it waits for, or performs,
-  a switch. ``load_counts_held=False`` gives the pod scheduler's own figure instead
-  (``DeviceScheduler.load`` = queued + running), which misses those jobs;
-- with ``expect_switches`` a request sent to a device that does not hold its group makes
-  the router expect that switch (``switching_to`` and a fresh ``last_switch_at``) until the
-  device's state catches up, as ``FleetState.expect`` does.
+Requests are routed by a policy at their arrival instant. What the policy sees is the router's
+view (``gpufleet.router.state``): ``load`` is every request in flight on the device (queued or
+running), and with ``expect_switches`` a request sent to a device that does not hold its group
+makes the router expect that switch until the device's state catches up (``FleetState.expect``).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from bench.trace import Request
+from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, QueueState, next_action, switch_deadline
 
 Source = Literal["cache", "disk"]
 
-IDLE, WAITING, SWITCHING, RUNNING = 0, 1, 2, 3
 # Event kinds, in the order they are handled at equal times: finished work frees capacity
 # before a request that arrives at the same instant is routed.
-_SWITCH_DONE, _JOB_DONE, _ARRIVAL = 0, 1, 2
+_SWITCH_DONE, _TICK, _ARRIVAL = 0, 1, 2
+_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -59,35 +58,51 @@ class SwitchCosts:
 
 
 @dataclass(frozen=True)
+class StepModel:
+    """Seconds per decode step by batch size, from aggregate tokens/s measured at concurrencies.
+
+    Between measured points tokens/s is interpolated linearly; beyond the last point it stays
+    flat (the device is saturated: a bigger batch only makes each step longer).
+    """
+
+    points: tuple[tuple[int, float], ...] = ((1, 170.0), (8, 923.0), (32, 1690.0), (64, 1724.0))
+    prefill_tokens: float = 1.0  # a request's prompt costs about one step's time before its first token
+    origin: str = "default"
+
+    def tokens_per_s(self, batch: int) -> float:
+        xs = [p[0] for p in self.points]
+        if batch <= xs[0]:
+            return self.points[0][1] * batch / xs[0]
+        if batch >= xs[-1]:
+            return self.points[-1][1]
+        i = bisect.bisect_left(xs, batch)
+        (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
+        return y0 + (y1 - y0) * (batch - x0) / (x1 - x0)
+
+    def step_s(self, batch: int) -> float:
+        return max(1, batch) / self.tokens_per_s(max(1, batch))
+
+    def service_s(self, tokens: float, batch: int = 1) -> float:
+        """Time one request of ``tokens`` takes in a batch of ``batch`` that stays that size."""
+        return (tokens + self.prefill_tokens) * self.step_s(batch)
+
+
+@dataclass(frozen=True)
 class SimConfig:
     n_devices: int = 4
-    workers: int = 2
-    queue_limit: int = 64
+    max_sequences: int = 64  # MAX_SEQUENCES_PER_DEVICE
+    queue_limit: int = 256  # MAX_QUEUE_PER_DEVICE
     cache_limit_models: int = 4  # MAX_CPU_CACHED_MODELS
     models_per_group: int = 1
     group_gb: float = 1.0
-    group_gb_overrides: Mapping[str, float] = field(default_factory=dict)
     costs: SwitchCosts = field(default_factory=SwitchCosts)
+    steps: StepModel = field(default_factory=StepModel)
+    queue_policy: QueuePolicy = field(default_factory=QueuePolicy)  # SWITCH_MAX_WAIT_S, SWITCH_MIN_RESIDENCY_S
     initial_group: str | None = "g00"  # pod servers preload their default group on every device
-    # The router counts every request in flight; False: DeviceScheduler.load (queued + running),
-    # which misses a job whose worker waits for, or performs, a switch.
-    load_counts_held: bool = True
-    expect_switches: bool = True  # the router's FleetState.expect overlay
+    # The router's FleetState.expect overlay as a switch in progress. Off: the router sees the group
+    # it sent among the device's waiting groups, which the simulator knows exactly.
+    expect_switches: bool = False
     expectation_ttl_s: float = 30.0
-
-    def gb(self, group: str) -> float:
-        return self.group_gb_overrides.get(group, self.group_gb)
-
-
-class Worker:
-    __slots__ = ("index", "job", "registered", "source", "state")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.state = IDLE
-        self.job: Request | None = None
-        self.registered = False  # counted in the device's switch waiters
-        self.source: Source = "disk"
 
 
 class SimDevice:
@@ -96,39 +111,45 @@ class SimDevice:
     def __init__(self, index: int, cfg: SimConfig) -> None:
         self.index = index
         self.name = f"dev{index}"
-        self.workers_n = cfg.workers
+        self.max_sequences = cfg.max_sequences
         self.queue_limit = cfg.queue_limit
-        self.count_held = cfg.load_counts_held
+        self.cache_limit = cfg.cache_limit_models
+        self.models_per_group = cfg.models_per_group
         self.expect = cfg.expect_switches
         self.expectation_ttl_s = cfg.expectation_ttl_s
         self.expected: tuple[str, float] | None = None  # (group, since): a switch the router expects
         self.last_routed_at: float | None = None
-        self.held = 0  # jobs taken from the queue by a worker that does not run them yet
-        self.cache_limit = cfg.cache_limit_models
-        self.models_per_group = cfg.models_per_group
-        self.workers = [Worker(i) for i in range(cfg.workers)]
-        self.queue: deque[Request] = deque()
-        self.waiting: list[Worker] = []  # workers waiting on the condition, oldest first
+        self.queues: dict[str, deque[Request]] = {}  # group -> its queued requests, oldest first
+        self.queued = 0
         self.current: str | None = cfg.initial_group
+        self.current_since: float | None = None
         self.switching_to: str | None = None
-        self.active = 0
-        self.switch_waiters = 0
+        self.running: list[tuple[float, int]] = []  # heap of (finish progress, request index)
+        self.progress = 0.0  # tokens every running sequence has advanced by, since the start
+        self.progress_at = 0.0
+        self.version = 0  # invalidates scheduled ticks when the batch changes
         self.cache: OrderedDict[str, int] = OrderedDict()  # group -> models, LRU first
         self.last_switch_at: float | None = None
         self.switch_s: dict[str, float] = {}
         self.switches: Counter[str] = Counter()
-        self.last_used: dict[str, float] = {}  # group -> last time a job of it was routed here
 
     @property
     def load(self) -> int:
-        return len(self.queue) + self.active + (self.held if self.count_held else 0)
+        return self.queued + len(self.running)
+
+    @property
+    def running_n(self) -> int:
+        return len(self.running)
 
     @property
     def capacity(self) -> int:
-        return self.workers_n + self.queue_limit
+        return self.max_sequences + self.queue_limit
 
     def resident_group(self) -> str | None:
         return self.switching_to or self.current
+
+    def waiting_groups(self) -> frozenset[str]:
+        return frozenset(g for g, q in self.queues.items() if q)
 
     def view(self, now: float) -> tuple[str | None, float | None]:
         """(switching_to, last_switch_at) as the router sees them, expectations included."""
@@ -145,7 +166,6 @@ class SimDevice:
     def routed(self, group: str, now: float) -> None:
         """A request of ``group`` was just sent here."""
         self.last_routed_at = now
-        self.last_used[group] = now
         if self.expect and self.resident_group() != group:
             self.expected = (group, now)
 
@@ -229,6 +249,15 @@ class Simulator:
         self._events: list[tuple[float, int, int, int, int]] = []
         self._seq = 0
         self.now = 0.0
+        self._trace: Sequence[Request] = ()
+        self._work: list[float] = []  # per request: tokens of work (prefill included)
+        self._latency: list[float] = []
+        self._switched: list[str] = []
+        self._idle: list[bool] = []
+        self._switches: Counter[str] = Counter()
+        self._misses = 0
+        self._slo: float | None = None
+        self._pending_switch: dict[int, Source] = {}
 
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self._seq += 1
@@ -240,13 +269,14 @@ class Simulator:
         """Simulate ``trace``; with ``give_up_misses``, stop early once more requests than that
         missed ``slo_s`` (the caller only needs to know the objective was not held)."""
         n = len(trace)
-        latency = [math.inf] * n
+        self._trace = trace
+        self._work = [r.tokens + self.cfg.steps.prefill_tokens for r in trace]
+        self._latency = [math.inf] * n
+        self._switched = [""] * n
+        self._idle = [False] * n
+        self._slo = slo_s
         device_of = [-1] * n
-        switched = [""] * n
-        idle = [False] * n  # the device had nothing in flight when the request was routed there
-        finished = getattr(self.policy, "finished", None)
-        switches: Counter[str] = Counter()
-        rejected = misses = 0
+        rejected = 0
         for i, r in enumerate(trace):
             self._push(r.t, _ARRIVAL, i)
         while self._events:
@@ -255,101 +285,105 @@ class Simulator:
             if kind == _ARRIVAL:
                 req = trace[a]
                 choice = self.policy.choose(req, self.devices, t)
-                if choice is None or len(self.devices[choice].queue) >= self.devices[choice].queue_limit:
+                if choice is None or self.devices[choice].queued >= self.devices[choice].queue_limit:
                     rejected += 1
-                    misses += 1
+                    self._misses += 1
                 else:
                     d = self.devices[choice]
                     device_of[a] = choice
-                    idle[a] = d.load == 0
+                    self._idle[a] = d.load == 0
                     d.routed(req.group, t)
-                    d.queue.append(req)
+                    d.queues.setdefault(req.group, deque()).append(req)
+                    d.queued += 1
                     self._progress(d)
-            elif kind == _JOB_DONE:
+            elif kind == _TICK:
                 d = self.devices[a]
-                w = d.workers[b]
-                job = w.job
-                assert job is not None
-                latency[job.index] = t - job.t
-                if finished is not None:
-                    finished(job, t - job.t, idle[job.index])
-                if slo_s is not None and t - job.t > slo_s:
-                    misses += 1
-                w.state, w.job = IDLE, None
-                d.active -= 1
-                self._progress(d)
+                if b == d.version:
+                    self._progress(d)
             else:  # _SWITCH_DONE
-                d = self.devices[a]
-                w = d.workers[b]
-                job = w.job
-                assert job is not None and d.switching_to == job.group
-                if w.source == "cache":
-                    d.cache.pop(job.group, None)
-                d._park(d.current)
-                d.current, d.switching_to = job.group, None
-                d.last_switch_at = t
-                d.switch_s[w.source] = self.cfg.costs.seconds(w.source, self.cfg.gb(job.group))
-                d.switches[w.source] += 1
-                switches[w.source] += 1
-                switched[job.index] = w.source
-                w.state = RUNNING
-                d.active += 1
-                d.held -= 1
-                self._push(t + job.service_s, _JOB_DONE, d.index, w.index)
-                self._progress(d)
-            if give_up_misses is not None and misses > give_up_misses:
-                return SimResult(n, latency, switches, device_of, rejected, aborted=True, end_s=t, switched=switched)
-        return SimResult(n, latency, switches, device_of, rejected, end_s=self.now, switched=switched)
+                self._switch_done(self.devices[a])
+            if give_up_misses is not None and self._misses > give_up_misses:
+                return self._result(n, device_of, rejected, aborted=True)
+        return self._result(n, device_of, rejected)
+
+    def _result(self, n: int, device_of: list[int], rejected: int, aborted: bool = False) -> SimResult:
+        return SimResult(
+            n, self._latency, self._switches, device_of, rejected, aborted=aborted, end_s=self.now,
+            switched=self._switched,
+        )
 
     # --- the device's own rules ----------------------------------------------------------
 
-    def _progress(self, d: SimDevice) -> None:
-        changed = True
-        while changed:
-            changed = False
-            for w in list(d.waiting):
-                if self._evaluate(d, w):
-                    changed = True
-            for w in d.workers:
-                if w.state == IDLE and d.queue:
-                    w.state, w.job, w.registered = WAITING, d.queue.popleft(), False
-                    d.held += 1
-                    d.waiting.append(w)
-                    self._evaluate(d, w)
-                    changed = True
+    def _advance(self, d: SimDevice) -> None:
+        """Move the batch's progress to now and retire the sequences that finished."""
+        b = len(d.running)
+        if b:
+            d.progress += (self.now - d.progress_at) / self.cfg.steps.step_s(b)
+        d.progress_at = self.now
+        finished = getattr(self.policy, "finished", None)
+        while d.running and d.running[0][0] <= d.progress + _EPS:
+            _, i = heapq.heappop(d.running)
+            req = self._trace[i]
+            lat = self.now - req.t
+            self._latency[i] = lat
+            if finished is not None:
+                # As the router learns: only from a request that neither queued nor waited for a switch.
+                finished(req, lat, self._idle[i] and not self._switched[i])
+            if self._slo is not None and lat > self._slo:
+                self._misses += 1
 
-    def _evaluate(self, d: SimDevice, w: Worker) -> bool:
-        """One pass of DeviceScheduler._acquire's loop for a waiting worker; True on progress."""
-        job = w.job
-        assert job is not None
-        resident = d.switching_to is None and d.current == job.group
-        progressed = False
-        if resident and w.registered:  # someone else brought our group in
-            w.registered = False
-            d.switch_waiters -= 1
-            progressed = True
-        if resident and d.switch_waiters == 0:
-            d.waiting.remove(w)
-            w.state = RUNNING
-            d.active += 1
-            d.held -= 1
-            self._push(self.now + job.service_s, _JOB_DONE, d.index, w.index)
-            return True
-        if not resident and d.switching_to is None and d.active == 0:
-            if w.registered:
-                w.registered = False
-                d.switch_waiters -= 1
-            d.waiting.remove(w)
-            w.state = SWITCHING
-            w.source = "cache" if job.group in d.cache else "disk"
-            d.switching_to = job.group
-            cost = self.cfg.costs.seconds(w.source, self.cfg.gb(job.group))
-            self._push(self.now + cost, _SWITCH_DONE, d.index, w.index)
-            return True
-        if not resident and not w.registered:
-            w.registered = True
-            d.switch_waiters += 1
-        return progressed
+    def _state(self, d: SimDevice) -> QueueState:
+        queues = tuple(GroupQueue(g, len(q), q[0].t) for g, q in d.queues.items() if q)
+        return QueueState(d.current, len(d.running), d.max_sequences, queues, self.now, d.current_since)
+
+    def _progress(self, d: SimDevice) -> None:
+        self._advance(d)
+        if d.switching_to is None:
+            while True:
+                state = self._state(d)
+                step = next_action(state, self.cfg.queue_policy)
+                if step.action is Action.ADMIT and step.group is not None:
+                    req = d.queues[step.group].popleft()
+                    d.queued -= 1
+                    heapq.heappush(d.running, (d.progress + self._work[req.index], req.index))
+                    continue
+                if step.action is Action.SWITCH and step.group is not None:
+                    self._begin_switch(d, step.group)
+                break
+        d.version += 1
+        nxt = math.inf
+        if d.running:
+            nxt = self.now + (d.running[0][0] - d.progress) * self.cfg.steps.step_s(len(d.running))
+        if d.switching_to is None:
+            deadline = switch_deadline(self._state(d), self.cfg.queue_policy)
+            if deadline is not None and deadline + 1e-6 > self.now:
+                # Just past the deadline, as the scheduler wakes (a float landing on it would wait forever);
+                # one already past waits for the next event (a finished sequence), as the scheduler does.
+                nxt = min(nxt, max(deadline, self.now) + 1e-6)
+        if nxt < math.inf:
+            self._push(max(nxt, self.now), _TICK, d.index, d.version)
+
+    def _begin_switch(self, d: SimDevice, group: str) -> None:
+        source: Source = "cache" if group in d.cache else "disk"
+        d.switching_to = group
+        self._pending_switch[d.index] = source
+        # The request that waited longest for this group is the one that "waited for a switch".
+        self._switched[d.queues[group][0].index] = source
+        self._push(self.now + self.cfg.costs.seconds(source, self.cfg.group_gb), _SWITCH_DONE, d.index)
+
+    def _switch_done(self, d: SimDevice) -> None:
+        group = d.switching_to
+        assert group is not None
+        source = self._pending_switch.pop(d.index)
+        if source == "cache":
+            d.cache.pop(group, None)
+        d._park(d.current)
+        d.current, d.switching_to = group, None
+        d.current_since = d.last_switch_at = self.now
+        d.switch_s[source] = self.cfg.costs.seconds(source, self.cfg.group_gb)
+        d.switches[source] += 1
+        self._switches[source] += 1
+        self._progress(d)
 
 
 def simulate(

@@ -24,6 +24,13 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(default=None, description="If set, /v1 and /api need 'Authorization: Bearer <key>'.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger request bodies get 413.")
     log_level: str = "INFO"
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        description="An idle client connection is closed after this. Longer than any client pool keeps one idle "
+        "(httpx and the openai SDK: 5 s; the router's UPSTREAM_KEEPALIVE_S), so no client reuses a connection "
+        "the server is closing.",
+    )
 
 
 def split_csv(value: Any) -> Any:

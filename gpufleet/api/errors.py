@@ -63,6 +63,19 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class MethodNotAllowed(GpufleetError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
 class PayloadTooLarge(GpufleetError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -92,13 +105,12 @@ class Unavailable(GpufleetError):
     error_type = "server_error"
     code = "unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
+        # Always set: a client should not have to guess when a part that is down may be back.
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 

@@ -53,6 +53,9 @@ class PodStatus(BaseModel):
     groups: list[str] = Field(default_factory=list, description="Every group this pod can serve.")
     models: dict[str, str] = Field(default_factory=dict, description="Model id -> group id.")
     timestamp: float = Field(description="Unix time the document was made.")
+    status_version: int = Field(
+        default=0, description="Bumped when residency changes; answers carry it in endpoint-load-metrics."
+    )
     cpu_cache_bytes: int | None = Field(default=None, description="Bytes of host copies in the pod's CPU cache.")
     cpu_cache_limit_bytes: int | None = None
 

@@ -13,10 +13,12 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.api.errors import ModelNotFound
+from gpufleet.api.headers import ROUTED_DEVICE_HEADER
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
 from gpufleet.pod_server.handlers import OpenAIHandlers
+from gpufleet.pod_server.load_header import LoadHeaderMiddleware
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.service import PodService
 from gpufleet.pod_server.settings import PodServerSettings
@@ -26,6 +28,7 @@ from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
+from gpufleet.web.openapi import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,13 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, router=False)
+
+    def load() -> str:
+        service: PodService | None = getattr(app.state, "service", None)
+        return service.load_header() if service is not None else "TEXT "
+
+    app.add_middleware(LoadHeaderMiddleware, report=load)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
     )
@@ -79,15 +89,15 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await handlers(request).chat(body, request.receive, _request_id(request))
+        return await handlers(request).chat(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await handlers(request).completion(body, request.receive, _request_id(request))
+        return await handlers(request).completion(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        return await handlers(request).embeddings(body, request.receive, _request_id(request))
+        return await handlers(request).embeddings(body, request.receive, _request_id(request), _routed_device(request))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -142,6 +152,11 @@ def _request_id(request: Request) -> str | None:
     # Set by GuardMiddleware: the client's x-request-id, or a fresh one.
     rid = request.scope.get("state", {}).get("request_id")
     return str(rid) if rid is not None else None
+
+
+def _routed_device(request: Request) -> str | None:
+    # The device the router chose for this request: honoured while it is still eligible.
+    return request.headers.get(ROUTED_DEVICE_HEADER)
 
 
 def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:

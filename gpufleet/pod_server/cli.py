@@ -25,13 +25,26 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = load_settings(**overrides)
     setup_logging("pod-server", settings.log_level)
+    if not sys.stderr.isatty():
+        # Logs are JSON lines; a progress bar without newlines would splice into them. The pod's own
+        # structured lines report every load and switch.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     path = settings.model_groups
     if path is None:
         path = build_demo_models(settings.demo_models_dir, progress=lambda m: print(m, file=sys.stderr, flush=True))
     groups = load_model_groups(path).with_default(settings.default_group)
     _configure_torch(settings.torch_threads, len(settings.devices))
     app = create_app(settings, groups)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_s,  # longer than the router's pool keeps idle connections
+    )
     return 0
 
 

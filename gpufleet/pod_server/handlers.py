@@ -49,16 +49,22 @@ class OpenAIHandlers:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, receive: Receive, request_id: str | None = None) -> Any:
-        return await self._generate(await self.validator.chat(req), receive, request_id)
+    async def chat(
+        self, req: ChatCompletionRequest, receive: Receive, request_id: str | None = None, routed: str | None = None
+    ) -> Any:
+        return await self._generate(await self.validator.chat(req), receive, request_id, routed)
 
-    async def completion(self, req: CompletionRequest, receive: Receive, request_id: str | None = None) -> Any:
-        return await self._generate(await self.validator.completion(req), receive, request_id)
+    async def completion(
+        self, req: CompletionRequest, receive: Receive, request_id: str | None = None, routed: str | None = None
+    ) -> Any:
+        return await self._generate(await self.validator.completion(req), receive, request_id, routed)
 
-    async def embeddings(self, req: EmbeddingRequest, receive: Receive, request_id: str | None = None) -> Any:
-        plan = self.validator.embeddings(req)
+    async def embeddings(
+        self, req: EmbeddingRequest, receive: Receive, request_id: str | None = None, routed: str | None = None
+    ) -> Any:
+        plan = await self.validator.embeddings(req)
         started = time.monotonic()
-        device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, 1, request_id)
+        device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, 1, request_id, routed)
         status = "error"
         try:
             async with cancelled_on_disconnect(receive):
@@ -75,9 +81,11 @@ class OpenAIHandlers:
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def _generate(self, plan: GenerationPlan, receive: Receive, request_id: str | None) -> Any:
+    async def _generate(
+        self, plan: GenerationPlan, receive: Receive, request_id: str | None, routed: str | None = None
+    ) -> Any:
         started = time.monotonic()
-        device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, plan.n, request_id)
+        device, job = self.service.dispatch(plan.spec.id, plan.group, plan.exclusive, plan.n, request_id, routed)
         run = _Run(self, plan, device, job, started)
         try:
             async with cancelled_on_disconnect(receive):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 # Resolved here, on the importing thread: transformers' lazy attributes are not safe to
 # resolve for the first time from several loader threads at once.
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 
 from gpufleet.api.model_groups import ModelSpec
 from gpufleet.pod_server.devices import is_cuda, torch_device
@@ -141,16 +142,49 @@ class LoadedModel:
         return clone
 
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Mean-pooled, L2-normalised sentence embeddings and each input's token count."""
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
-        ).to(torch_device(self.device))
+    def embed(self, inputs: Sequence[str | list[int]]) -> tuple[list[list[float]], list[int]]:
+        """Mean-pooled, L2-normalised sentence embeddings and each input's token count.
+
+        An input may be token ids (as a client's tokenizer made them, without special tokens):
+        they go to the model as they are, framed by the special tokens the tokenizer adds to text,
+        so the ids of a text embed exactly as the text does.
+        """
+        if all(isinstance(i, str) for i in inputs):
+            enc = self.tokenizer(
+                list(inputs), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+            )
+        else:
+            enc = self._id_batch(inputs)
+        enc = enc.to(torch_device(self.device))
         hidden = self.model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
         return pooled.cpu().tolist(), [int(n) for n in enc["attention_mask"].sum(1).tolist()]
+
+    def _id_batch(self, inputs: Sequence[str | list[int]]) -> Any:
+        tok = self.tokenizer
+        head, tail = special_frame(tok)
+        room = max(1, self.context_length - len(head) - len(tail))
+        rows = [
+            list(tok(i, add_special_tokens=False)["input_ids"]) if isinstance(i, str) else list(i) for i in inputs
+        ]
+        rows = [[*head, *r[:room], *tail] for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self._pad_id if self._pad_id is not None else 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text's own tokens ([CLS] ... [SEP])."""
+    plain = list(tokenizer("hello", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("hello")["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
 
 
 def _aligned(n: int, to: int = 64) -> int:

@@ -10,7 +10,10 @@ groups would switch on every request. Two bounds keep this fair:
   before this, so two busy groups do not ping-pong.
 
 With no work queued for the current group, the device switches to the group waiting longest
-as soon as its running work has drained.
+as soon as its running work has drained, or, with ``linger_s``, once that group has waited
+so long: the current group's next request may arrive meanwhile and be served without a switch
+back (fewer switches, for a wait of at most ``linger_s``; bench/results/routing_quality.json
+has the curve).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class QueueState:
 class QueuePolicy:
     max_wait_s: float = 5.0
     min_residency_s: float = 2.0
+    linger_s: float = 0.5  # SWITCH_LINGER_S
 
 
 class Action(StrEnum):
@@ -64,6 +68,9 @@ def next_action(state: QueueState, policy: QueuePolicy) -> Next:
     others = sorted((q for q in state.queues if q.group != state.current_group), key=lambda q: q.oldest_at)
     if mine is None:
         target = others[0]
+        lingering = state.current_group is not None and state.now - target.oldest_at < policy.linger_s
+        if state.running == 0 and lingering:
+            return Next(Action.WAIT, reason=f"lingering on {state.current_group}")
         if state.running == 0:
             return Next(Action.SWITCH, target.group, "no work for the current group")
         return Next(Action.DRAIN, target.group, "no work for the current group; draining")
@@ -85,6 +92,8 @@ def switch_deadline(state: QueueState, policy: QueuePolicy) -> float | None:
     others = [q.oldest_at for q in state.queues if q.group != state.current_group]
     if not others or state.current_group is None:
         return None
+    if not any(q.group == state.current_group for q in state.queues):
+        return min(others) + policy.linger_s if policy.linger_s > 0 else None
     at = min(others) + policy.max_wait_s
     if state.current_since is not None:
         at = max(at, state.current_since + policy.min_residency_s)

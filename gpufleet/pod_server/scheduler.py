@@ -27,6 +27,9 @@ from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.memory import Fit
 from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, QueueState, next_action, switch_deadline
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
+from gpufleet.routing.policy import Costs, DeviceState
+from gpufleet.routing.refusal import retry_after_s
+from gpufleet.routing.service_time import ServiceTime
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class Job:
     admitted: asyncio.Future[GroupRuntime]
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    alone: bool = False  # nothing else ran on the device when it started: its time teaches the service time
     switched: bool = False  # this job's group was switched in for it
     _release: Callable[[Job], None] | None = None
 
@@ -113,7 +117,7 @@ class DeviceScheduler:
         self.last_switch_at: float | None = None
         self.switch_count = 0
         self.switch_s: dict[str, float] = {}  # "cache" / "disk" -> last measured seconds
-        self.service_ewma_s = 0.25
+        self.service = ServiceTime()  # a request's time on this device alone (routing's cost model)
         self.closing = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -157,7 +161,28 @@ class DeviceScheduler:
         return out
 
     def retry_after_s(self) -> float:
-        return max(1.0, self.queued * self.service_ewma_s / max(1, self.max_sequences))
+        return retry_after_s([self.device_state()], self.service.costs(Costs()))
+
+    def device_state(self) -> DeviceState:
+        """This device as routing sees it (the pod's dispatcher builds its snapshot from these)."""
+        r = self.residency
+        return DeviceState(
+            pod="",
+            device=self.device,
+            current_group=r.current_group,
+            cached_groups=frozenset(r.cached_groups()),
+            failed_groups=frozenset(self.failed_groups()),
+            healthy=not self.closing,
+            workers=self.max_sequences,  # sequences that run at once, batched
+            queue_limit=self.queue_limit,
+            load=self.load,
+            waiting=self.queued,
+            waiting_groups=frozenset(j.group for j in self._queue),
+            switching_to=self.switching_to,
+            switch_s_from_cache=self.switch_s.get("cache"),
+            switch_s_from_disk=self.switch_s.get("disk"),
+            last_switch_at=self.last_switch_at,
+        )
 
     def queue_state(self, now: float | None = None) -> QueueState:
         by_group: dict[str, GroupQueue] = {}
@@ -199,8 +224,8 @@ class DeviceScheduler:
                 job.admitted.cancel()
         else:
             self.running -= job.weight
-            spent = time.monotonic() - job.started_at
-            self.service_ewma_s = 0.8 * self.service_ewma_s + 0.2 * spent
+            if job.alone and not job.switched:
+                self.service.observe(time.monotonic() - job.started_at)
         self._changed()
 
     def _changed(self) -> None:
@@ -222,7 +247,10 @@ class DeviceScheduler:
                 continue
             self._prefetch_waiting(state.current_group)
             deadline = switch_deadline(state, self.policy)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.001
+            left = None if deadline is None else deadline - time.monotonic()
+            # A deadline long past changes nothing until work finishes, which wakes us: no busy wait. One
+            # just past may still be a float short of the rule's own comparison: look once more.
+            timeout = None if left is None or left < -0.01 else max(0.0, left) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -239,6 +267,7 @@ class DeviceScheduler:
             if job.admitted.done():  # cancelled meanwhile
                 continue
             job.started_at = time.monotonic()
+            job.alone = self.running == 0
             self.running += job.weight
             job.admitted.set_result(runtime)
         self.hooks.on_change()

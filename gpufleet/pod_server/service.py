@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -10,7 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gpufleet.api.errors import InvalidRequest, Overloaded, Unavailable
+from gpufleet.api.errors import Overloaded
+from gpufleet.api.load_report import DeviceLoad, format_load
 from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.pod_server.devices import is_cuda
@@ -31,7 +33,8 @@ from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 from gpufleet.pod_server.scheduler import DeviceScheduler, InsufficientDeviceMemory, Job, SchedulerHooks
 from gpufleet.pod_server.settings import PodServerSettings
-from gpufleet.routing.policy import Decision, DeviceState, Outcome, RouteRequest, Snapshot, choose_device
+from gpufleet.routing.policy import Costs, Decision, Outcome, RouteRequest, Snapshot, honour_choice
+from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class PodService:
         self.metrics = metrics
         self.pod = settings.pod_name or "local"
         self.changed = asyncio.Event()  # set on any state change; the status publisher waits on it
+        self.status_version = 0  # bumped when the status document changes in a way routing cares about
         self.ready = False
         self.preload_task: asyncio.Task[None] | None = None  # the default group's preload, when there is one
         self.schedulers: dict[str, DeviceScheduler] = {}
@@ -68,7 +72,11 @@ class PodService:
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetching: set[str] = set()
         self.prefetch_loads = 0
-        policy = QueuePolicy(max_wait_s=settings.switch_max_wait_s, min_residency_s=settings.switch_min_residency_s)
+        policy = QueuePolicy(
+            max_wait_s=settings.switch_max_wait_s,
+            min_residency_s=settings.switch_min_residency_s,
+            linger_s=settings.switch_linger_s,
+        )
         for device in settings.devices:
             hooks = SchedulerHooks(
                 on_switch=self._on_switch, on_load_failed=self._on_load_failed, on_change=self._on_change
@@ -187,6 +195,7 @@ class PodService:
         for r in failures:
             log.error("default group preload failed", extra={"group": group, "error": str(r)})
         self.ready = len(failures) < len(results)
+        self.status_version += 1
         self._on_change()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -197,34 +206,32 @@ class PodService:
     # --- dispatch --------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        states = []
-        for device, s in self.schedulers.items():
-            r = s.residency
-            states.append(
-                DeviceState(
-                    pod=self.pod,
-                    device=device,
-                    node=self.settings.node_name,
-                    current_group=r.current_group,
-                    cached_groups=frozenset(r.cached_groups()),
-                    failed_groups=frozenset(s.failed_groups()),
-                    healthy=not s.closing,
-                    workers=s.max_sequences,  # sequences that run at once, batched
-                    queue_limit=s.queue_limit,
-                    load=s.load,
-                    switching_to=s.switching_to,
-                    switch_s_from_cache=s.switch_s.get("cache"),
-                    switch_s_from_disk=s.switch_s.get("disk"),
-                    last_switch_at=s.last_switch_at,
-                )
-            )
-        return Snapshot(tuple(states), now=time.monotonic())
+        """This pod's devices as routing sees them, with the switch and service times measured here."""
+        states = tuple(
+            dataclasses.replace(s.device_state(), pod=self.pod, node=self.settings.node_name)
+            for s in self.schedulers.values()
+        )
+        return Snapshot(states, now=time.monotonic(), costs=self.costs())
+
+    def costs(self) -> Costs:
+        """Routing costs with this pod's learned service time (the devices' mean of what they learned)."""
+        learned = [s.service.seconds for s in self.schedulers.values() if s.service.seconds is not None]
+        if not learned:
+            return Costs()
+        return dataclasses.replace(Costs(), service_s=round(sum(learned) / len(learned), 4))
 
     def dispatch(
-        self, model_id: str, group: str, exclusive: str | None, weight: int, request_id: str | None = None
+        self,
+        model_id: str,
+        group: str,
+        exclusive: str | None,
+        weight: int,
+        request_id: str | None = None,
+        routed_device: str | None = None,
     ) -> tuple[str, Job]:
-        """Queue a request holding ``weight`` sequence slots on the best device for ``group``."""
-        decision = choose_device(RouteRequest(group=group, exclusive=exclusive), self.snapshot())
+        """Queue a request holding ``weight`` sequence slots on the best device for ``group``; the
+        device the router chose (``routed_device``) while it is still eligible."""
+        decision = honour_choice(RouteRequest(group=group, exclusive=exclusive), self.snapshot(), routed_device)
         log.info(
             "dispatch",
             extra={
@@ -248,26 +255,13 @@ class PodService:
             raise
 
     def _refusal(self, d: Decision, group: str, exclusive: str | None) -> Exception:
-        if d.outcome is Outcome.UNKNOWN_TARGET:
-            known = ", ".join(self.schedulers)
-            return InvalidRequest(
-                f"exclusive_gpu {exclusive!r} is not a device of this server (devices: {known})",
-                param="exclusive_gpu",
-                code="unknown_device",
-            )
-        if d.outcome is Outcome.SATURATED:
-            wait = min(s.retry_after_s() for s in self.schedulers.values())
-            return Overloaded(f"every eligible device queue is full for group {group!r}", retry_after_s=wait)
         if d.outcome is Outcome.GROUP_FAILED and all(group in s.unfit for s in self.schedulers.values()):
             s0 = next(iter(self.schedulers.values()))
             return InsufficientDeviceMemory(s0.unfit[group].message(group, s0.device))
-        if d.outcome is Outcome.GROUP_FAILED:
-            errors = {e for s in self.schedulers.values() for g, e in s.failed_groups().items() if g == group}
-            detail = next(iter(errors), "load failed")
-            return Unavailable(
-                f"model group {group!r} is unavailable: {detail}", code="model_load_failed", retry_after_s=30
-            )
-        return Unavailable(f"no device can serve group {group!r}: {d.reason}", retry_after_s=5)
+        errors = {e for s in self.schedulers.values() for g, e in s.failed_groups().items() if g == group}
+        ctx = RefusalContext("this server", tuple(self.schedulers), next(iter(sorted(errors)), None))
+        snap = self.snapshot()
+        return refusal_error(d, group, exclusive, ctx, retry_after_s(snap.devices, snap.costs))
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -303,7 +297,16 @@ class PodService:
                 m.model_device_bytes.labels(**m.labels(device), model=mid, kind="weights").set(e.weight_bytes)
                 m.model_device_bytes.labels(**m.labels(device), model=mid, kind="kv_cache").set(e.kv_bytes)
 
+    def load_header(self) -> str:
+        """This pod's load for the ``endpoint-load-metrics`` header of every answer."""
+        devices = {}
+        for device, s in self.schedulers.items():
+            used, total = s.runtime.kv_usage() if s.runtime else (0, 0)
+            devices[device] = DeviceLoad(s.running, s.queued, used / total if total else 0.0)
+        return format_load(devices, self.status_version)
+
     def _on_switch(self, device: str, result: SwitchResult) -> None:
+        self.status_version += 1  # residency changed: routers refetch the status document
         labels = self.metrics.labels(device)
         self.metrics.switches.labels(**labels, group=result.group, source=result.source).inc()
         self.metrics.switch_seconds.labels(**labels, source=result.source).observe(result.seconds)
@@ -312,6 +315,7 @@ class PodService:
         self._refresh_residency_metrics()
 
     def _on_load_failed(self, device: str, group: str, error: str) -> None:
+        self.status_version += 1
         self.metrics.load_failures.labels(**self.metrics.labels(device), group=group).inc()
 
     def _refresh_residency_metrics(self) -> None:
@@ -373,6 +377,7 @@ class PodService:
             groups=sorted(self.groups.groups),
             models={m.id: g for g, spec in self.groups.groups.items() for m in spec.models},
             timestamp=time.time(),
+            status_version=self.status_version,
             cpu_cache_bytes=self.host_cache.used_bytes(),
             cpu_cache_limit_bytes=self.host_cache.max_bytes,
         )
@@ -459,6 +464,7 @@ class PodService:
                 "kv_blocks_total": total,
                 "current_group": current,
                 "switching_to": s.switching_to,
+                "waiting_groups": sorted({j.group for j in s.jobs()}),
             }
         return {
             "devices": devices,

@@ -43,6 +43,12 @@ class PodServerSettings(ServerSettings):
     switch_min_residency_s: float = Field(
         default=2.0, ge=0, description="A group just switched in is not switched out for waiting work before this."
     )
+    switch_linger_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        description="With nothing queued for the current group, wait this long for more of it before switching.",
+    )
     default_group: str | None = Field(default=None, description="Overrides default_group of model_groups.json.")
     max_cpu_cached_models: int = Field(
         default=4, ge=0, le=1024, description="Models parked in each device's CPU cache."

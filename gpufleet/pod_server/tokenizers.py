@@ -25,6 +25,8 @@ class ModelInfo:
     tokenizer: Any
     context_length: int
     eos_ids: tuple[int, ...]
+    vocab_size: int = 0
+    hidden_size: int | None = None  # an embedding model's native dimension
 
 
 class TokenizerCache:
@@ -73,4 +75,6 @@ def load_model_info(spec: ModelSpec) -> ModelInfo:
         generation = GenerationConfig.from_pretrained(spec.source)
     except (OSError, ValueError):  # most embedding models ship none
         generation = None
-    return ModelInfo(tokenizer, context_length_of(config, spec), tuple(eos_token_ids(config, generation, tokenizer)))
+    eos = tuple(eos_token_ids(config, generation, tokenizer))
+    hidden = getattr(config, "hidden_size", None)
+    return ModelInfo(tokenizer, context_length_of(config, spec), eos, len(tokenizer), hidden)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from gpufleet.api.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from gpufleet.api.model_groups import ModelGroupsFile, ModelSpec
-from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gpufleet.api.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingInput, EmbeddingRequest
 from gpufleet.pod_server.engine.batching import SamplingParams
 from gpufleet.pod_server.tokenizers import ModelInfo, TokenizerCache
 
@@ -45,7 +45,7 @@ class GenerationPlan:
 class EmbeddingPlan:
     spec: ModelSpec
     group: str
-    texts: list[str]
+    texts: list[EmbeddingInput]
     exclusive: str | None
     encoding: str = "float"
 
@@ -71,20 +71,35 @@ class Validator:
 
     async def chat(self, req: ChatCompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/chat/completions")
-        _refuse_logprobs(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [_message(m) for m in req.messages]
         ids = await self.tokenizers.encode_chat(spec, messages)
         return await self._plan("chat", spec, group, ids, req, "messages")
 
     async def completion(self, req: CompletionRequest) -> GenerationPlan:
         spec, group = self.model(req.model, ("chat", "completion"), "/v1/completions")
-        _refuse_logprobs(req)
         ids = await self.tokenizers.encode(spec, req.prompt_text())
         return await self._plan("completion", spec, group, ids, req, "prompt")
 
-    def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
+    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingPlan:
         spec, group = self.model(req.model, ("embedding",), "/v1/embeddings")
-        return EmbeddingPlan(spec, group, req.inputs(), req.exclusive_gpu, req.encoding_format)
+        inputs = req.inputs()
+        if req.dimensions is not None or any(isinstance(i, list) for i in inputs):
+            info = await self.tokenizers.info(spec)
+            if req.dimensions is not None and req.dimensions != info.hidden_size:
+                raise InvalidRequest(
+                    f"dimensions: model {spec.id!r} gives {info.hidden_size} dimensions only (it is not trained "
+                    "to be truncated)",
+                    param="dimensions",
+                    code="unsupported_parameter",
+                )
+            for i, item in enumerate(inputs):
+                if isinstance(item, list) and max(item) >= info.vocab_size:
+                    raise InvalidRequest(
+                        f"input: token id {max(item)} of input {i} is outside the vocabulary of model {spec.id!r} "
+                        f"({info.vocab_size} tokens)",
+                        param="input",
+                    )
+        return EmbeddingPlan(spec, group, inputs, req.exclusive_gpu, req.encoding_format)
 
     async def _plan(
         self,
@@ -96,6 +111,13 @@ class Validator:
         prompt_param: str,
     ) -> GenerationPlan:
         info = await self.tokenizers.info(spec)
+        if not prompt_ids:
+            # An empty prompt starts from the start-of-text token, as OpenAI does; the engine
+            # cannot run a sequence of no tokens.
+            start = info.tokenizer.bos_token_id if info.tokenizer.bos_token_id is not None else info.eos_ids[:1]
+            if start == ():
+                raise InvalidRequest(f"{prompt_param}: must not be empty", param=prompt_param)
+            prompt_ids = [start] if isinstance(start, int) else list(start)
         context = info.context_length
         if len(prompt_ids) >= context:
             raise ContextLengthExceeded(
@@ -131,11 +153,8 @@ class Validator:
         )
 
 
-def _refuse_logprobs(req: ChatCompletionRequest | CompletionRequest) -> None:
-    field = req.wants_logprobs()
-    if field is not None:
-        raise InvalidRequest(
-            f"{field} is not supported by this server: the batching engine returns no log-probabilities",
-            param=field,
-            code="unsupported_parameter",
-        )
+def _message(m: ChatMessage) -> dict[str, str]:
+    doc = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        doc["name"] = m.name  # templates that know speakers use it
+    return doc

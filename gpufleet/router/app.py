@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpufleet.api.errors import ModelNotFound, Unavailable
+from gpufleet.api.errors import MethodNotAllowed, ModelNotFound, Unavailable
 from gpufleet.router import fleet_api
 from gpufleet.router.decide import Decider
 from gpufleet.router.decision_log import flush_periodically, install_batching
@@ -36,6 +36,7 @@ from gpufleet.router.upstream import UpstreamPool
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
 from gpufleet.web.middleware import GuardMiddleware
+from gpufleet.web.openapi import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def build_runtime(settings: RouterSettings, clock: Clock) -> Runtime:
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_s=settings.first_byte_timeout_s,
         idle_s=settings.idle_timeout_s,
+        keepalive_s=settings.upstream_keepalive_s,
     )
     proxy = Proxy(state, decider, metrics, pool, config)
     return Runtime(settings, state, metrics, pool, proxy, headers)
@@ -87,7 +89,10 @@ class RouterApp:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in PROXY_PATHS and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["path"] in PROXY_PATHS and scope["method"] != "POST":
+            await send_error(send, MethodNotAllowed(f"{scope['path']} takes POST only", allow="POST"))
+            return
+        if scope["type"] == "http" and scope["path"] in PROXY_PATHS:
             runtime: Runtime | None = getattr(self.api.state, "runtime", None)
             if runtime is None:
                 await send_error(send, Unavailable("the router is starting", retry_after_s=1))
@@ -107,7 +112,9 @@ def create_app(
         pool, headers = runtime.pool, runtime.pod_headers
 
         async def poll_queues() -> None:
-            await poll_queues_once(runtime.state, pool, settings.poll_timeout_s, headers)
+            await poll_queues_once(
+                runtime.state, pool, settings.poll_timeout_s, headers, idle_poll_s=settings.idle_poll_s
+            )
 
         tasks = [
             asyncio.create_task(found.run(runtime.state, pool), name="discovery"),
@@ -132,6 +139,7 @@ def create_app(
 
     api = FastAPI(title="gpufleet router", lifespan=lifespan)
     install_error_handlers(api)
+    install_openapi(api, router=True)  # documents the proxied routes too
     _routes(api)
     return GuardMiddleware(
         RouterApp(api), max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
@@ -219,4 +227,5 @@ def server_config(settings: RouterSettings) -> Any:
         access_log=False,  # every routing decision is already one log line
         proxy_headers=False,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_s,  # longer than clients' pools keep idle connections
     )

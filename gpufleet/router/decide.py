@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from gpufleet.api.errors import GpufleetError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from gpufleet.api.errors import GpufleetError, ModelNotFound, Unavailable
 from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
 from gpufleet.routing.alternatives import POLICIES, Policy
-from gpufleet.routing.policy import Decision, Outcome, RouteRequest
+from gpufleet.routing.policy import Decision, RouteRequest
+from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
 log = logging.getLogger(ROUTE_LOGGER)
 MAX_LOGGED_CANDIDATES = 8
@@ -73,33 +74,6 @@ class Decider:
         log.info("route", extra=extra)
 
     def refusal(self, decision: Decision, group: str, exclusive: str | None) -> GpufleetError:
-        outcome = decision.outcome
-        if outcome is Outcome.UNKNOWN_TARGET:
-            known = sorted({f"{d.pod}/{d.device}" for d in self.state.snapshot().devices})
-            return InvalidRequest(
-                f"exclusive_gpu {exclusive!r} names no pod, node or device of this fleet "
-                f"(devices: {', '.join(known[:20]) or 'none'})",
-                param="exclusive_gpu",
-                code="unknown_device",
-            )
-        if outcome is Outcome.AMBIGUOUS_TARGET:
-            return InvalidRequest(decision.reason, param="exclusive_gpu", code="ambiguous_device")
-        if outcome is Outcome.SATURATED:
-            snap = self.state.snapshot()
-            waits = [d.load / max(1, d.workers) * snap.costs.service_s for d in snap.devices if d.healthy]
-            return Overloaded(
-                f"every eligible device queue is full for group {group!r}", retry_after_s=min(waits, default=1.0)
-            )
-        if outcome is Outcome.TARGET_DOWN:
-            if exclusive:
-                return Unavailable(
-                    f"exclusive_gpu {exclusive!r} is down or not ready", retry_after_s=5, code="target_unavailable"
-                )
-            return Unavailable(f"no ready pod can serve group {group!r}", retry_after_s=5, code="no_ready_pod")
-        if outcome is Outcome.GROUP_FAILED:
-            return Unavailable(
-                f"model group {group!r} failed to load on every eligible device",
-                retry_after_s=30,
-                code="model_load_failed",
-            )
-        return Unavailable("no pod server is ready", retry_after_s=2, code="no_pods")
+        snap = self.state.snapshot()
+        ctx = RefusalContext("this fleet", tuple(sorted({d.key for d in snap.devices})))
+        return refusal_error(decision, group, exclusive, ctx, retry_after_s(snap.devices, snap.costs))

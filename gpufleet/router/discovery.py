@@ -28,9 +28,16 @@ class StaticDiscovery:
     kind = "static"
 
     def __init__(
-        self, urls: list[str], *, interval_s: float, timeout_s: float, headers: list[tuple[bytes, bytes]]
+        self,
+        urls: list[str],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        headers: list[tuple[bytes, bytes]],
+        idle_poll_s: float | None = None,
     ) -> None:
         self.urls = urls
+        self.idle_poll_s = idle_poll_s
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.headers = headers
@@ -43,7 +50,7 @@ class StaticDiscovery:
         self.register(state)
 
         async def poll() -> None:
-            await poll_status_once(state, pool, self.timeout_s, self.headers)
+            await poll_status_once(state, pool, self.timeout_s, self.headers, idle_poll_s=self.idle_poll_s)
 
         await every(self.interval_s, poll, "status poll")
 
@@ -62,6 +69,7 @@ def make_discovery(settings: RouterSettings) -> Discovery:
             settings.pod_label_selector,
             default_port=settings.pod_port,
             fallback_interval_s=settings.status_interval_s,
+            idle_poll_s=settings.idle_poll_s,
             timeout_s=settings.poll_timeout_s,
             headers=pod_headers(settings),
         )
@@ -70,4 +78,5 @@ def make_discovery(settings: RouterSettings) -> Discovery:
         interval_s=settings.status_interval_s,
         timeout_s=settings.poll_timeout_s,
         headers=pod_headers(settings),
+        idle_poll_s=settings.idle_poll_s,
     )

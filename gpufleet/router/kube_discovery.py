@@ -283,6 +283,7 @@ class KubernetesDiscovery:
         *,
         default_port: int = 8000,
         fallback_interval_s: float = 2.0,
+        idle_poll_s: float | None = None,
         timeout_s: float = 2.0,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
@@ -290,6 +291,7 @@ class KubernetesDiscovery:
         self.label_selector = label_selector
         self.default_port = default_port
         self.fallback_interval_s = fallback_interval_s
+        self.idle_poll_s = idle_poll_s
         self.timeout_s = timeout_s
         self.headers = headers or []
 
@@ -317,7 +319,9 @@ class KubernetesDiscovery:
         async def poll_unannotated() -> None:
             # A pod server that has not published its Lease yet (or does not publish) is still
             # served: its status document is read over HTTP instead.
-            await poll_status_once(state, pool, self.timeout_s, self.headers, only_missing=True)
+            await poll_status_once(
+                state, pool, self.timeout_s, self.headers, only_missing=True, idle_poll_s=self.idle_poll_s
+            )
 
         try:
             await every(self.fallback_interval_s, poll_unannotated, "status poll (pods without a status lease)")

@@ -18,8 +18,15 @@ POLL_ERRORS = (UpstreamError, TimeoutError, ValueError, ValidationError)
 
 
 async def poll_status_once(
-    state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers, *, only_missing: bool = False
+    state: FleetState,
+    pool: UpstreamPool,
+    timeout_s: float,
+    headers: Headers,
+    *,
+    only_missing: bool = False,
+    idle_poll_s: float | None = None,
 ) -> None:
+    """Fetch status documents: of every pod, or (``idle_poll_s``) only of those due (``FleetState.due_status``)."""
     async def one(pod_id: str, url: str) -> None:
         try:
             doc = PodStatus.model_validate(await pool.get_json(url, "/api/status", headers, timeout_s))
@@ -28,13 +35,15 @@ async def poll_status_once(
             return
         state.observe_status(pod_id, doc)
 
-    targets = [
-        (rec.id, rec.url) for rec in state.pods.values() if rec.url and not (only_missing and rec.annotated)
-    ]
+    records = state.due_status(idle_poll_s) if idle_poll_s is not None else list(state.pods.values())
+    targets = [(rec.id, rec.url) for rec in records if rec.url and not (only_missing and rec.annotated)]
     await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
 
 
-async def poll_queues_once(state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers) -> None:
+async def poll_queues_once(
+    state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers, *, idle_poll_s: float | None = None
+) -> None:
+    """Fetch queue documents: of every pod with a status, or (``idle_poll_s``) only of idle ones."""
     async def one(pod_id: str, url: str) -> None:
         try:
             doc = await pool.get_json(url, "/api/queue", headers, timeout_s)
@@ -46,7 +55,8 @@ async def poll_queues_once(state: FleetState, pool: UpstreamPool, timeout_s: flo
         state.observe_queue(pod_id, doc)
 
     # Only pods that have published a status: the rest are not routable yet anyway.
-    targets = [(rec.id, rec.url) for rec in state.pods.values() if rec.url and rec.status is not None]
+    records = state.due_queue(idle_poll_s) if idle_poll_s is not None else list(state.pods.values())
+    targets = [(rec.id, rec.url) for rec in records if rec.url and rec.status is not None]
     await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
 
 

@@ -21,13 +21,16 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, UpstreamError
+from gpufleet.api.headers import ROUTED_DEVICE_HEADER
+from gpufleet.api.load_report import LOAD_HEADER, parse_load
 from gpufleet.router.decide import Decider
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState, Ticket
 from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
 from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
-from gpufleet.routing.policy import DeviceState
+from gpufleet.routing.refusal import FAILURE_STATUSES, RETRY_STATUSES, may_retry_elsewhere
 
+LOAD_HEADER_BYTES = LOAD_HEADER.encode()
 log = logging.getLogger(__name__)
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
@@ -40,14 +43,13 @@ _DROP = frozenset(
         b"date",
         b"server",
         b"x-request-id",
+        LOAD_HEADER.encode(),  # the pod's load is for routers, not clients
         b"proxy-connection",
         b"upgrade",
         b"te",
         b"trailer",
     }
 )
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-FAILURE_STATUSES = frozenset({500, 502, 504})  # count towards ejection; 429/503 are the pod being honest
 _JSON = (b"content-type", b"application/json")
 
 
@@ -141,10 +143,6 @@ def _sse_error(exc: GpufleetError) -> bytes:
     return b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def _holds(device: DeviceState, group: str) -> bool:
-    return device.resident_group() == group or group in device.cached_groups
-
-
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -205,9 +203,8 @@ class Proxy:
                     await send_error(send, self.decider.refusal(decision, group, exclusive))
                     return
                 break
-            if last is not None and last.kind == "status_429" and not _holds(choice, group):
-                # A full pod is back-pressure, not a failure: pass its 429 on rather than
-                # make another device switch groups for one request.
+            retry_status = last.response[0] if last is not None and last.response is not None else None
+            if retry_status is not None and not may_retry_elsewhere(retry_status, choice, group):
                 break
             payload = body if exclusive is None else rewrite_exclusive(doc, exclusive, choice.device)
             local = self.state.local_models.get(fields.model)
@@ -257,7 +254,12 @@ class Proxy:
         receive: Receive, send: Send, started: float,
     ) -> bool:
         """Relay one attempt; True when the pod answered 200 in full. Raises _Retryable before the first byte."""
-        headers = [*self.config.pod_headers, (b"x-request-id", request_id.encode())]
+        headers = [
+            *self.config.pod_headers,
+            (b"x-request-id", request_id.encode()),
+            # The pod keeps this choice while the device is still eligible: one decision per request.
+            (ROUTED_DEVICE_HEADER.encode(), ticket.device.encode()),
+        ]
         try:
             response = await self.pool.request(base_url, path, headers, payload)
         except UpstreamConnectionError as exc:
@@ -284,6 +286,10 @@ class Proxy:
                 f"status_{status}", f"pod answered {status}", response=(status, out, data),
                 failure=status in FAILURE_STATUSES,
             )
+        load = response.header(LOAD_HEADER_BYTES)
+        report = parse_load(load.decode("latin-1")) if load else None
+        if report is not None:
+            self.state.observe_load(ticket.pod, report)
         device = response.header(b"x-served-by-device")
         self.state.served(ticket, device.decode() if device else None, response.header(b"x-group-switch") == b"true")
         sse = stream and status == 200 and (response.header(b"content-type") or b"").startswith(b"text/event-stream")

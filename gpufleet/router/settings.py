@@ -31,15 +31,34 @@ class RouterSettings(ServerSettings):
     pod_port: int = Field(default=8000, ge=1, le=65535, description="Pod-server port when a Pod names none.")
     pod_api_key: str | None = Field(default=None, description="Bearer key the router sends to pod servers.")
     routing_policy: PolicyName = Field(default="affinity", description="affinity|round_robin|least_load|lru_multiplex")
-    status_interval_s: float = Field(default=2.0, gt=0, description="How often /api/status is polled (static).")
-    queue_interval_s: float = Field(default=0.5, gt=0, description="How often each pod's /api/queue is polled.")
+    status_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the router checks which pods need a status poll: new ones, those whose answers "
+        "announced a new status version, and idle ones (IDLE_POLL_S).",
+    )
+    queue_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the router checks which pods need a load poll (idle ones)."
+    )
+    idle_poll_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="A pod that answered nothing for this long is polled (answers carry its load otherwise).",
+    )
     poll_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of one status or queue poll.")
-    stale_after_s: float = Field(default=10.0, gt=0, description="A pod not heard from for this long is 'unknown'.")
+    stale_after_s: float = Field(
+        default=300.0, gt=0, description="A pod not heard from for this long is 'unknown' (more than IDLE_POLL_S)."
+    )
     connect_timeout_s: float = Field(default=2.0, gt=0)
     first_byte_timeout_s: float = Field(
         default=300.0, gt=0, description="Until the pod answers; covers its queue and a group switch."
     )
     idle_timeout_s: float = Field(default=60.0, gt=0, description="Longest silence between two chunks.")
+    upstream_keepalive_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Idle connections to pods are dropped after this; keep it below the pods' KEEP_ALIVE_S.",
+    )
     retries: int = Field(default=1, ge=0, le=3, description="Retries on another pod before the first byte.")
     eject_after_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject a pod.")
     eject_cooldown_s: float = Field(default=10.0, gt=0, description="How long an ejected pod sits out (doubles).")

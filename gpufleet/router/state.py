@@ -8,29 +8,30 @@ Load per device is what the router has in flight there plus what the pod reporte
 beyond that at its last queue poll (other routers' traffic), dropped once stale. The time
 a request holds a worker, which turns queue length into seconds, is learned from answers
 of requests that found their device idle.
-Residency comes from the pods' status documents, overlaid with the router's own
-expectations: when it sends a group to a device that does not hold it, it assumes the
-switch until a document confirms it, so the next requests do not pile onto a device
-about to change, nor send the old group back there (hysteresis against lagging state).
+Residency comes from the pods' status documents; the groups waiting on each device from their
+queue documents, overlaid with the router's own sends: a group sent to a device that does not
+hold it waits there for a switch until a document says otherwise, so the next request of that
+group can join it instead of making another device switch. The device, not the router,
+decides when it switches (``pod_server.queue_order``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpufleet.api.load_report import LoadReport
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import tenancy
 from gpufleet.router.ejection import Outlier
 from gpufleet.routing.policy import Costs, DeviceState, Snapshot
+from gpufleet.routing.service_time import ServiceTime
 
 Clock = Callable[[], float]
-EWMA = 0.2
-SERVICE_S_MIN, SERVICE_S_MAX = 0.005, 120.0
+QUEUE_CATCH_UP_S = 1.0  # a queue document this much younger than a send has seen it
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class PodRecord:
     annotated: bool = False  # its status comes from Kubernetes (the pod's status Lease)
     tenant: str | None = None  # its namespace: its group and model ids are qualified by it (router.tenancy)
     confirmed: bool = True  # False after an ejection until a new status document arrives
+    status_due: bool = False  # an answer announced a newer status version than the document we hold
     name: str = ""  # unique routing name, set by FleetState
 
     @property
@@ -95,6 +97,8 @@ class Ticket:
     key: str
     group: str
     started_at: float = 0.0
+    switched: bool = False  # the pod switched groups for it: its time is not service time
+    device: str = ""  # the device the router chose (the pod may report another in x-served-by-device)
     idle: bool = False  # nothing was queued ahead of it: its duration is pure service time
     done: bool = False
 
@@ -122,9 +126,7 @@ class FleetState:
         self.last_used: dict[str, float] = {}
         self.expected: dict[str, _Expectation] = {}
         self.sequence = 0
-        self.service_s: float | None = None  # learned time one request holds a worker (EWMA)
-        self._costs_for: float | None = None
-        self._costs = self.costs
+        self.service = ServiceTime()  # a request's time on an idle device, learned from answers
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
 
     # --- discovery ----------------------------------------------------------------------------
@@ -192,6 +194,7 @@ class FleetState:
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
         rec.status, rec.status_at, rec.confirmed = doc, now, True
+        rec.status_due = False
         rec.annotated = rec.annotated or not contact
         if renamed:
             self._reindex()
@@ -202,6 +205,40 @@ class FleetState:
             exp = self.expected.get(key)
             if exp is not None and (d.switching_to or d.current_group) == exp.group:
                 del self.expected[key]  # the document has caught up with what we expected
+
+    def observe_load(self, pod: str, report: LoadReport) -> None:
+        """A pod's answer carried its load (``endpoint-load-metrics``): as good as a queue poll."""
+        rec = self.by_name.get(pod)
+        if rec is None:
+            return
+        now = self.clock()
+        rec.others = {
+            device: max(0, d.running + d.waiting - self.inflight.get(f"{rec.name}/{device}", 0))
+            for device, d in report.devices.items()
+        }
+        rec.queue_at = rec.contact_at = now
+        held = rec.status.status_version if rec.status is not None else None
+        if report.status_version is not None and held is not None and report.status_version > held:
+            rec.status_due = True
+
+    def due_status(self, idle_poll_s: float) -> list[PodRecord]:
+        """Pods whose status document should be fetched now: none yet, announced newer, or idle too long."""
+        now = self.clock()
+        return [
+            rec
+            for rec in self.pods.values()
+            if rec.url
+            and (rec.status is None or rec.status_due or rec.contact_at is None or now - rec.contact_at >= idle_poll_s)
+        ]
+
+    def due_queue(self, idle_poll_s: float) -> list[PodRecord]:
+        """Pods whose load nothing has reported for ``idle_poll_s`` (answers report it otherwise)."""
+        now = self.clock()
+        return [
+            rec
+            for rec in self.pods.values()
+            if rec.url and rec.status is not None and (rec.queue_at is None or now - rec.queue_at >= idle_poll_s)
+        ]
 
     def observe_queue(self, pod_id: str, doc: dict[str, Any]) -> None:
         rec = self.pods.get(pod_id)
@@ -214,6 +251,13 @@ class FleetState:
             # What the pod holds beyond what this router sent there: other routers' traffic.
             others[device] = max(0, reported - self.inflight.get(f"{rec.name}/{device}", 0))
         rec.others, rec.queue_doc, rec.queue_at = others, doc, now
+        for device, q in (doc.get("devices") or {}).items():
+            key = f"{rec.name}/{device}"
+            exp = self.expected.get(key)
+            # A queue taken well after we sent the group that no longer lists it: it was served (or left).
+            waiting = q.get("waiting_groups") or ()
+            if exp is not None and now - exp.since > QUEUE_CATCH_UP_S and exp.group not in waiting:
+                del self.expected[key]
         self._contact(rec, now)
 
     def observe_failure(self, pod_id: str, error: str) -> None:
@@ -234,7 +278,7 @@ class FleetState:
         self.inflight[key] = self.inflight.get(key, 0) + 1
         now = self.last_used[key] = self.clock()
         self.sequence += 1
-        return Ticket(pod, key, group, started_at=now, idle=idle)
+        return Ticket(pod, key, group, started_at=now, idle=idle, device=device)
 
     def expect(self, pod: str, device: str, group: str) -> None:
         """The router just sent ``group`` to a device that did not hold it: assume the switch."""
@@ -249,29 +293,28 @@ class FleetState:
                 self.inflight[key] = self.inflight.get(key, 0) + 1
                 ticket.key = key
             if switched:
+                ticket.switched = True
                 self.expected[key] = _Expectation(ticket.group, self.clock())
         rec = self.by_name.get(ticket.pod)
         if rec is not None and rec.outlier.success(self.clock()):
             self.on_eject(rec.name, False)
 
     def finish(self, ticket: Ticket, *, ok: bool = False) -> None:
-        """Release the ticket; ``ok`` answers from an idle device teach the service time."""
+        """Release the ticket; ``ok`` answers from an idle device that switched nothing teach the
+        service time."""
         if ticket.done:
             return
         ticket.done = True
         self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - 1)
-        if ok and ticket.idle:
-            seconds = min(SERVICE_S_MAX, max(SERVICE_S_MIN, self.clock() - ticket.started_at))
-            self.service_s = seconds if self.service_s is None else self.service_s + EWMA * (seconds - self.service_s)
+        if ok and ticket.idle and not ticket.switched:
+            self.service.observe(self.clock() - ticket.started_at)
+
+    @property
+    def service_s(self) -> float | None:
+        return self.service.seconds
 
     def costs_now(self) -> Costs:
-        if self.service_s is None:
-            return self.costs
-        seen = self._costs_for
-        if seen is None or abs(self.service_s - seen) > 0.05 * seen:  # rebuilt only when it moves 5%
-            self._costs_for = self.service_s
-            self._costs = dataclasses.replace(self.costs, service_s=round(self.service_s, 4))
-        return self._costs
+        return self.service.costs(self.costs)
 
     def failed(self, pod: str, error: str) -> bool:
         """A request to ``pod`` failed before its first byte; True when that ejects it."""
@@ -316,12 +359,14 @@ class FleetState:
                 last_switch = (
                     rec.status_at - (doc.timestamp - d.last_switch_unix) if d.last_switch_unix is not None else None
                 )
-                switching_to = d.switching_to
+                queue = (rec.queue_doc or {}).get("devices", {}).get(d.device, {}) if queue_fresh else {}
+                waiting_groups = set(queue.get("waiting_groups") or ())
                 exp = self.expected.get(key)
-                if exp is not None and now - exp.since < self.expectation_ttl_s:
-                    if (d.switching_to or d.current_group) != exp.group:
-                        switching_to = exp.group
-                    last_switch = max(last_switch or exp.since, exp.since)
+                # We sent a group the device does not hold: it waits there for a switch until the
+                # pod's documents say otherwise (the device, not the router, decides when it switches).
+                live = exp is not None and now - exp.since < self.expectation_ttl_s
+                if exp is not None and live and (d.switching_to or d.current_group) != exp.group:
+                    waiting_groups.add(exp.group)
                 states.append(
                     DeviceState(
                         pod=rec.name,
@@ -334,7 +379,9 @@ class FleetState:
                         workers=d.workers,
                         queue_limit=d.queue_limit,
                         load=mine + others,
-                        switching_to=switching_to,
+                        waiting=int(queue.get("queue_size", 0)),
+                        waiting_groups=frozenset(waiting_groups),
+                        switching_to=d.switching_to,
                         switch_s_from_cache=d.switch_seconds_from_cache,
                         switch_s_from_disk=d.switch_seconds_from_disk,
                         last_switch_at=last_switch,

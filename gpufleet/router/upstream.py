@@ -1,7 +1,8 @@
 """The proxy's upstream HTTP client: a thin adapter over one ``aiohttp.ClientSession``.
 
 One keep-alive pool for all pods (``TCPConnector``; idle connections are dropped after
-``KEEPALIVE_S``, below uvicorn's own 5 s keep-alive). Bodies go out as raw bytes and come
+``keepalive_s``, UPSTREAM_KEEPALIVE_S, well below the pods' own KEEP_ALIVE_S, so the pool never
+reuses a connection the pod is closing). Bodies go out as raw bytes and come
 back as raw bytes: no compression negotiated, no decompression, no cookies, no default
 ``User-Agent``/``Accept`` headers. Body chunks are handed over the moment they arrive
 (``readany``), never batched to a fixed size. aiohttp sets TCP_NODELAY on every connection.
@@ -27,7 +28,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-KEEPALIVE_S = 4.0
+KEEPALIVE_S = 30.0
 
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)  # before any answer: the keep-alive race
@@ -95,8 +96,10 @@ class UpstreamPool:
         connect_timeout_s: float,
         first_byte_s: float = 300.0,
         idle_s: float = 60.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
         self.first_byte_s = first_byte_s
         self.idle_s = idle_s
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=first_byte_s)
@@ -109,7 +112,7 @@ class UpstreamPool:
             connector = aiohttp.TCPConnector(
                 limit=0,  # no cap, as before: pods bound their own queues and answer 429 when full
                 limit_per_host=0,
-                keepalive_timeout=KEEPALIVE_S,
+                keepalive_timeout=self.keepalive_s,
                 enable_cleanup_closed=True,
                 force_close=False,
             )

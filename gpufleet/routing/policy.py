@@ -1,23 +1,25 @@
 """Where a request should run: a pure function over a snapshot of device states.
 
-The pod server calls it with its own devices; the router calls it with every device of
-every pod. Order of concerns:
+The router calls it with every device of every pod, the pod server's dispatcher with its own
+devices (keeping the router's choice while it holds: ``honour_choice``), the benchmark with
+simulated ones. Order of concerns:
 
 1. An exclusive target named by the client: only matching devices, never elsewhere.
-2. Group affinity: a device where the group is current, then where it is cached in CPU
-   memory, then the one whose switch costs least. Affinity is a *cost*, not an absolute
-   rule: a queued device loses to an idle one once the expected wait exceeds the switch.
+2. Group affinity as a cost in expected seconds until the answer. A device batches up to
+   ``workers`` sequences of its current group, so joining it costs the wait for a slot plus the
+   request's own time in that batch. Any other device must first drain its batch, serve the
+   groups already queued there, then switch (from its CPU cache or from disk); a group already
+   waiting there rides along with that switch.
 3. Least load breaks the remaining ties.
 
-Costs are expected seconds until the request starts. A switch away from a group that
-became current only moments ago pays a hysteresis penalty, so two hot groups sharing a
-device do not thrash it.
+Making a device leave a group that is busy there, or that arrived only moments ago, costs the
+switch that will bring it back, so two hot groups sharing a device do not thrash it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 
@@ -33,6 +35,8 @@ class DeviceState:
     workers: int = 1
     queue_limit: int = 64
     load: int = 0  # requests running or queued on this device
+    waiting: int = 0  # of those, queued and not running (the pod's last report)
+    waiting_groups: frozenset[str] = frozenset()  # groups with requests queued there
     switching_to: str | None = None
     switch_s_from_cache: float | None = None
     switch_s_from_disk: float | None = None
@@ -55,14 +59,20 @@ class DeviceState:
 
 @dataclass(frozen=True)
 class Costs:
-    service_s: float = 0.25  # typical time one request holds a worker
+    service_s: float = 0.25  # typical time one request takes on an idle device (learned: routing.service_time)
+    # A full batch makes each of its requests this much slower than alone (1.0: twice as long). Decode
+    # steps grow with the batch: measured 6.3x at 64 sequences on this 2-core CPU, ~1.6x on an H100.
+    batch_slowdown: float = 1.0
     switch_from_cache_s: float = 0.5
     switch_from_disk_s: float = 3.0
+    # Every switch is charged at least this: trades latency for fewer switches (the trade-off curve of
+    # bench/results/routing_quality.json). A switch also empties the batch, which its measured time misses.
+    switch_floor_s: float = 0.0
     min_residency_s: float = 10.0  # hysteresis window after a switch
-    # Below the disk-vs-cache switch difference, or a disk load on a quiet device beats a cache hit on
-    # a recently switched one (bench/results/routing_quality.json, policy_tuning: 5 s -> 2 s cut disk loads
-    # ~30x, p99 ~2x, raised the sustainable rate ~35%).
-    residency_penalty_s: float = 2.0
+    # Evicting a group that is busy, or that just arrived, invites a switch straight back: the
+    # device pays a switch for it later. Charged as this share of the switch back.
+    displacement_share: float = 1.0
+    residency_penalty_s: float = 2.0  # extra for evicting within min_residency_s of the last switch
     unknown_load_penalty_s: float = 2.0  # stale figures: assume it is busier than it says
 
 
@@ -122,29 +132,61 @@ def affinity_note(d: DeviceState, group: str) -> str:
         return "stale"
     if d.resident_group() == group:
         return "current"
+    if group in d.waiting_groups:
+        return "waiting"  # queued there already: the device will switch to it anyway
     if group in d.cached_groups:
         return "cached"
     return "switch"
 
 
+def batch_service_s(c: Costs, running: int, slots: int) -> float:
+    """A request's own time in a batch of ``running`` sequences (itself included)."""
+    return c.service_s * (1.0 + c.batch_slowdown * min(running, slots) / slots)
+
+
+def expected_wait_s(d: DeviceState, c: Costs) -> float:
+    """Seconds a request of the device's resident group waits before it joins the batch: nothing
+    while the batch has room; beyond it, each full batch ahead must finish first."""
+    slots = max(1, d.workers)
+    beyond = d.load + 1 - slots
+    if beyond <= 0:
+        return 0.0
+    return (beyond / slots) * batch_service_s(c, slots, slots)
+
+
+def switch_s(d: DeviceState, group: str, c: Costs) -> float:
+    if group in d.cached_groups:
+        return max(c.switch_floor_s, d.switch_s_from_cache or c.switch_from_cache_s)
+    return max(c.switch_floor_s, d.switch_s_from_disk or c.switch_from_disk_s)
+
+
 def estimate_cost(d: DeviceState, group: str, snap: Snapshot) -> tuple[float, str]:
+    """Expected seconds until ``group``'s request on ``d`` is answered, with what it costs others.
+
+    - resident (current, or switching to it): the wait for a batch slot plus the request's own
+      time at the batch it joins;
+    - otherwise the device first drains what runs there, serves the other groups queued ahead
+      (a switch and a service each), then switches: from the CPU cache or from disk. Joining a
+      group already queued there adds no switch, so it pays no displacement;
+    - making a device leave a busy or just-arrived group costs the switch that brings it back.
+    """
     c = snap.costs
     note = affinity_note(d, group)
-    wait = (d.load / max(1, d.workers)) * c.service_s
+    slots = max(1, d.workers)
     if note == "current":
-        return wait, note
+        return expected_wait_s(d, c) + batch_service_s(c, d.load + 1, slots), note
+    resident = d.resident_group()
+    drain = batch_service_s(c, d.load, slots) + expected_wait_s(d, c) if d.load > 0 else 0.0
+    ahead = sum(switch_s(d, g, c) + c.service_s for g in d.waiting_groups if g not in (group, resident))
+    cost = drain + ahead + switch_s(d, group, c) + c.service_s
     if note == "stale":
-        return wait + c.switch_from_disk_s + c.unknown_load_penalty_s, note
-    switch = (
-        (d.switch_s_from_cache or c.switch_from_cache_s)
-        if note == "cached"
-        else (d.switch_s_from_disk or c.switch_from_disk_s)
-    )
-    recent = d.last_switch_at is not None and snap.now - d.last_switch_at < c.min_residency_s
-    if d.resident_group() is not None and (recent or d.load > 0):
-        # Evicting a group that is busy or just arrived invites a switch straight back.
-        switch += c.residency_penalty_s
-    return wait + switch, note
+        return cost + c.unknown_load_penalty_s, note
+    if note != "waiting" and resident is not None:
+        if d.load > 0:
+            cost += c.displacement_share * (d.switch_s_from_cache or c.switch_from_cache_s)
+        if d.last_switch_at is not None and snap.now - d.last_switch_at < c.min_residency_s:
+            cost += c.residency_penalty_s
+    return cost, note
 
 
 def select_target(devices: Sequence[DeviceState], target: str) -> list[DeviceState] | Decision:
@@ -205,7 +247,26 @@ def choose_device(request: RouteRequest, snap: Snapshot) -> Decision:
         return Decision(Outcome.SATURATED, None, f"{scope}: every eligible queue is full", candidates)
     (cost, note), best = open_[0]
     ties = sum(1 for (c, _n), _ in open_ if abs(c - cost) < 1e-9)  # equal cost: load decided
-    reason = f"{scope}:{'affinity_' + note if note in ('current', 'cached') else note}"
+    reason = f"{scope}:{'affinity_' + note if note in ('current', 'cached', 'waiting') else note}"
     if ties > 1:
         reason += ",least_load"
     return Decision(Outcome.ROUTED, best, reason, candidates)
+
+
+def honour_choice(request: RouteRequest, snap: Snapshot, device: str | None) -> Decision:
+    """A pod's dispatch when the router already chose ``device``: keep that choice while the
+    device is still eligible and has room (one decision per request), else decide afresh."""
+    if device is None:
+        return choose_device(request, snap)
+    found = eligible(request, snap)
+    if not isinstance(found, Decision):
+        pool, scope = found
+        chosen = next((d for d in pool if d.device == device), None)
+        if chosen is not None and chosen.load < chosen.capacity:
+            cost, note = estimate_cost(chosen, request.group, snap)
+            only = (Candidate(chosen.key, round(cost, 4), note),)
+            return Decision(Outcome.ROUTED, chosen, f"{scope}:router_choice", only)
+    decision = choose_device(request, snap)
+    if decision.routed:
+        return replace(decision, reason=f"{decision.reason},router_choice_ineligible")
+    return decision

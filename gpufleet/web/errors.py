@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, NotFound
+from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 
 log = logging.getLogger(__name__)
+# pydantic names the member of a union that failed in the error's location ("input.list[int].0"):
+# a type, not a field, so it stays out of ``param``. Field names are never capitalised or bracketed.
+_UNION_TAG = re.compile(
+    r"^(str|int|float|bool|none|constrained-\w+|[a-z]+\[.*\]|[A-Z]\w*(\[.*\])?|function-\w+\[.*\])$"
+)
 
 
 def error_response(exc: GpufleetError) -> JSONResponse:
@@ -20,12 +26,21 @@ def error_response(exc: GpufleetError) -> JSONResponse:
 
 def validation_error(exc: RequestValidationError) -> GpufleetError:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     if first.get("type") == "json_invalid":
         return InvalidRequest("request body is not valid JSON", code="invalid_json")
-    param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid request"))
+    kind = first.get("type")
+    if kind in _NAMED_CODES:  # raised by gpufleet.api.fields: the message names the field already
+        named = (first.get("ctx") or {}).get("param")
+        param = ".".join([*loc, str(named)] if named else loc) or None
+        return InvalidRequest(f"{param}: {msg}" if param else msg, param=param, code=str(kind))
+    param = ".".join(loc) or None
     return InvalidRequest(f"{param}: {msg}" if param else msg, param=param)
+
+
+# A field we do not know, or one we know and do not implement: OpenAI's own codes for both.
+_NAMED_CODES = frozenset({"unknown_parameter", "unsupported_parameter"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -41,6 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {exc.detail}" if exc.detail != "Not Found" else "no such route"))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            return error_response(MethodNotAllowed(f"method not allowed; allowed: {allow}", allow=allow))
         err = GpufleetError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"

@@ -27,6 +27,7 @@ PODS = ("pod-a", "pod-b", "pod-c")
 ROUTER_ENV = {
     "STATUS_INTERVAL_S": "0.5",
     "QUEUE_INTERVAL_S": "0.5",
+    "IDLE_POLL_S": "0.5",  # these tests watch pods fail between requests: poll them as often as before
     "POLL_TIMEOUT_S": "1.5",
     "STALE_AFTER_S": "5",
     "FIRST_BYTE_TIMEOUT_S": "20",

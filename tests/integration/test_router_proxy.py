@@ -54,6 +54,7 @@ def start_router(log_dir: Path, urls: list[str], name: str = "router", **env: st
         "PORT": str(port),
         "STATUS_INTERVAL_S": "0.3",
         "QUEUE_INTERVAL_S": "0.3",
+        "IDLE_POLL_S": "0.3",  # echo backends report no load in their answers: poll them
         "LOG_LEVEL": "INFO",
     }
     base.update({k.upper(): v for k, v in env.items()})
@@ -177,7 +178,7 @@ def test_a_dead_pod_costs_a_retry_not_an_error(echoes: tuple[Path, list[Echo]]) 
     pair = [Echo(log_dir, f"victim-{i}") for i in range(2)]
     router = start_router(
         log_dir, [e.url for e in pair], name="router-retry", STATUS_INTERVAL_S="60", QUEUE_INTERVAL_S="60",
-        EJECT_AFTER_FAILURES="2",
+        IDLE_POLL_S="60", EJECT_AFTER_FAILURES="2",
     )
     try:
         wait_until(lambda: all(e.ready() for e in pair), 30, "echo backends")

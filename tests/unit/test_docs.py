@@ -22,3 +22,9 @@ def test_every_setting_is_in_the_readme(settings: type[BaseSettings]) -> None:
     names = [f"{prefix}{name}".upper() for name in settings.model_fields]
     missing = [name for name in names if f"`{name}`" not in README]
     assert not missing, f"undocumented settings of {settings.__name__}: {missing}"
+
+
+def test_the_request_field_table_is_the_code() -> None:
+    from gpufleet.api.fields import support_table
+
+    assert support_table() in README, "README's request field table differs from gpufleet.api.fields.support_table()"

@@ -60,3 +60,12 @@ async def test_validation_refuses_before_queueing(client: httpx.AsyncClient) -> 
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     queue = (await client.get("/api/queue")).json()
     assert queue["total_queued"] == 0 and queue["total_running"] == 0
+
+
+async def test_an_empty_prompt_starts_from_the_start_token(client: httpx.AsyncClient) -> None:
+    # The engine cannot run a sequence of no tokens (its loop died on one): "" means BOS, as at OpenAI.
+    r = await client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 1
+    r = await client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "again", "max_tokens": 2})
+    assert r.status_code == 200, r.text

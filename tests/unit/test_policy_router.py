@@ -82,8 +82,6 @@ def test_exclusive_never_falls_back() -> None:
         # the shorter expected wait wins; at equal cost, the fewer requests
         ([dev("a", current_group="alpha", load=2), dev("b", current_group="alpha", load=1)],
          "b/cuda:0", "any:affinity_current"),
-        ([dev("a", current_group="alpha", load=2, workers=2), dev("b", current_group="alpha", load=1)],
-         "b/cuda:0", "any:affinity_current,least_load"),
     ],
 )
 def test_affinity_order(devices: list[DeviceState], expected: str, reason: str) -> None:
@@ -93,32 +91,40 @@ def test_affinity_order(devices: list[DeviceState], expected: str, reason: str) 
     assert d.candidates[0].key == expected
 
 
+def test_equal_cost_goes_to_the_less_loaded_device() -> None:
+    # Without batch slowdown, both wait a quarter of a service for a slot.
+    devices = [dev("a", current_group="alpha", load=2, workers=4), dev("b", current_group="alpha", load=1, workers=4)]
+    d = route(devices, costs=Costs(batch_slowdown=0.0))
+    assert d.choice is not None and d.choice.key == "b/cuda:0"
+    assert d.reason == "any:affinity_current,least_load"
+
+
 @pytest.mark.parametrize(
-    ("queued", "winner"),
+    ("load", "winner"),
     [
-        (1, "hot/cuda:0"),  # 0.25 s wait < 0.5 s switch from cache
-        (2, "idle/cuda:0"),  # 0.5 s wait = 0.5 s switch: equal cost, the less loaded device wins
-        (3, "idle/cuda:0"),  # 0.75 s wait > 0.5 s switch: switching is faster
+        (7, "hot/cuda:0"),  # room in the batch of 8: 0.5 s in a full batch < 0.75 s switch from cache + service
+        (8, "hot/cuda:0"),  # one batch ahead: a slot soon
+        (16, "idle/cuda:0"),  # two batches ahead: switching is faster
     ],
 )
-def test_queue_length_against_switch_cost(queued: int, winner: str) -> None:
-    hot = dev("hot", current_group="alpha", load=queued)
+def test_batch_and_queue_against_switch_cost(load: int, winner: str) -> None:
+    hot = dev("hot", current_group="alpha", load=load, workers=8)
     idle = dev("idle", current_group=None, cached_groups=frozenset({"alpha"}))
     d = route([hot, idle])
     assert d.choice is not None and d.choice.key == winner
 
 
 def test_long_queue_loses_to_a_disk_load() -> None:
-    hot = dev("hot", current_group="alpha", load=20)  # 5 s of queue
+    hot = dev("hot", current_group="alpha", load=20)  # 20 full batches of one ahead: 10 s
     empty = dev("empty", current_group=None)  # 3 s from disk
     assert route([hot, empty]).choice.key == "empty/cuda:0"  # type: ignore[union-attr]
-    assert route([dataclasses.replace(hot, load=8), empty]).choice.key == "hot/cuda:0"  # type: ignore[union-attr]
+    assert route([dataclasses.replace(hot, load=4), empty]).choice.key == "hot/cuda:0"  # type: ignore[union-attr]
 
 
 def test_hysteresis_keeps_a_group_that_just_arrived() -> None:
     # beta just arrived on "recent": moving alpha there would throw it out again.
     recent = dev("recent", current_group="beta", cached_groups=frozenset({"alpha"}), last_switch_at=NOW - 2)
-    busy = dev("busy", current_group="alpha", load=6)  # 1.5 s of queue
+    busy = dev("busy", current_group="alpha", load=3)  # 2 s: less than a cache switch + the 2 s penalty
     assert route([recent, busy]).choice.key == "busy/cuda:0"  # type: ignore[union-attr]
     # Once the residency window has passed, the cheaper switch is allowed.
     settled = dataclasses.replace(recent, last_switch_at=NOW - 60)
@@ -128,7 +134,7 @@ def test_hysteresis_keeps_a_group_that_just_arrived() -> None:
 def test_hysteresis_against_a_busy_group_and_a_switch_in_flight() -> None:
     # A device serving beta (load > 0) is not taken from it for a small gain.
     serving = dev("serving", current_group="beta", load=1, cached_groups=frozenset({"alpha"}))
-    queue = dev("queue", current_group="alpha", load=8)  # 2 s
+    queue = dev("queue", current_group="alpha", load=2)  # 1.5 s: less than draining beta and displacing it
     assert route([serving, queue]).choice.key == "queue/cuda:0"  # type: ignore[union-attr]
     # A switch already heading to alpha counts as alpha being there.
     switching = dev("switching", current_group="beta", switching_to="alpha", load=1)
@@ -137,7 +143,7 @@ def test_hysteresis_against_a_busy_group_and_a_switch_in_flight() -> None:
 
 def test_stale_state_is_unknown_not_trusted() -> None:
     stale = dev("stale", current_group="alpha", fresh=False)
-    fresh = dev("fresh", current_group="alpha", load=8)  # 2 s < 3 s + 2 s unknown penalty
+    fresh = dev("fresh", current_group="alpha", load=8)  # 4.5 s < 3 s from disk + 2 s unknown penalty
     d = route([stale, fresh])
     assert d.choice is not None and d.choice.key == "fresh/cuda:0"
     assert {c.key: c.note for c in d.candidates}["stale/cuda:0"] == "stale"
@@ -153,6 +159,25 @@ def test_saturated_unhealthy_failed_and_empty() -> None:
     # A device with room wins over a full one even when the full one holds the group.
     d = route([dev("full", current_group="alpha", load=65), dev("room", current_group="beta")])
     assert d.choice is not None and d.choice.key == "room/cuda:0"
+
+
+def test_a_group_already_waiting_on_a_device_joins_it_without_displacing_another() -> None:
+    # beta runs on both; alpha already waits on "joined": another alpha request joins it there
+    # rather than make a second device leave beta.
+    joined = dev(
+        "joined", current_group="beta", load=2, workers=8, waiting_groups=frozenset({"alpha"}),
+        cached_groups=frozenset({"alpha"}),
+    )
+    other = dev("other", current_group="beta", load=1, workers=8, cached_groups=frozenset({"alpha"}))
+    d = route([joined, other])
+    assert d.choice is not None and d.choice.key == "joined/cuda:0"
+    assert d.reason == "any:affinity_waiting"
+
+
+def test_groups_queued_ahead_delay_a_switch() -> None:
+    crowded = dev("crowded", current_group="beta", waiting_groups=frozenset({"gamma", "delta"}))
+    calm = dev("calm", current_group="beta")
+    assert route([crowded, calm]).choice.key == "calm/cuda:0"  # type: ignore[union-attr]
 
 
 def test_costs_are_configurable() -> None:

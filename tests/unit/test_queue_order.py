@@ -8,7 +8,7 @@ from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, Que
 
 pytestmark = pytest.mark.unit
 
-POLICY = QueuePolicy(max_wait_s=5.0, min_residency_s=2.0)
+POLICY = QueuePolicy(max_wait_s=5.0, min_residency_s=2.0, linger_s=0.0)
 
 
 def state(current: str | None, running: int, *queues: GroupQueue, now: float = 100.0, since: float = 0.0) -> QueueState:
@@ -100,3 +100,29 @@ def test_deadline_is_when_the_starvation_bound_fires() -> None:
     s = state("a", 2, GroupQueue("a", 2, 99.0), GroupQueue("b", 5, 97.0), since=98.0)
     assert switch_deadline(s, POLICY) == pytest.approx(102.0)
     assert switch_deadline(state("a", 2, GroupQueue("a", 1, 99.0)), POLICY) is None
+
+
+LINGER = QueuePolicy(max_wait_s=5.0, min_residency_s=2.0, linger_s=0.5)
+
+
+@pytest.mark.parametrize(
+    ("s", "action", "group"),
+    [
+        # b has waited 0.2 s of the 0.5 s linger: the device keeps a for its next request
+        (state("a", 0, GroupQueue("b", 1, 99.8)), Action.WAIT, None),
+        # past the linger: switch
+        (state("a", 0, GroupQueue("b", 1, 99.4)), Action.SWITCH, "b"),
+        # an empty device has nothing to linger on
+        (state(None, 0, GroupQueue("b", 1, 99.9)), Action.SWITCH, "b"),
+        # work of the current group arrived meanwhile: it runs, b keeps waiting (bounded by max_wait)
+        (state("a", 0, GroupQueue("a", 1, 99.9), GroupQueue("b", 1, 99.8)), Action.ADMIT, "a"),
+    ],
+)
+def test_linger(s: QueueState, action: Action, group: str | None) -> None:
+    n = next_action(s, LINGER)
+    assert (n.action, n.group) == (action, group)
+
+
+def test_linger_deadline_wakes_the_device() -> None:
+    assert switch_deadline(state("a", 0, GroupQueue("b", 1, 99.8)), LINGER) == pytest.approx(100.3)
+    assert switch_deadline(state("a", 0, GroupQueue("b", 1, 99.8)), POLICY) is None

@@ -101,21 +101,36 @@ def test_stale_pod_is_unknown_not_dropped() -> None:
     assert devices(state)["pod-a/cpu:0"].fresh  # type: ignore[attr-defined]
 
 
-def test_expected_switch_overlays_lagging_status() -> None:
+def test_a_group_sent_to_a_device_waits_there_until_the_documents_catch_up() -> None:
     clock = Clock()
     state = fleet(clock, "pod-a")
     state.expect("pod-a", "cpu:0", "beta")
     d = devices(state)["pod-a/cpu:0"]
-    assert d.switching_to == "beta" and d.resident_group() == "beta"  # type: ignore[attr-defined]
-    assert d.last_switch_at == clock.t  # type: ignore[attr-defined]  # hysteresis starts now
+    # The device decides when it switches: the router sees beta waiting there, alpha still current.
+    assert d.waiting_groups == {"beta"} and d.resident_group() == "alpha"  # type: ignore[attr-defined]
     # A document still showing alpha (the request is queued) does not cancel the expectation...
     clock.advance(1)
     state.observe_status("http://pod-a:8000", status("pod-a"))
-    assert devices(state)["pod-a/cpu:0"].resident_group() == "beta"  # type: ignore[attr-defined]
+    assert devices(state)["pod-a/cpu:0"].waiting_groups == {"beta"}  # type: ignore[attr-defined]
     # ...one showing beta confirms it, and the document is the truth again.
     state.observe_status("http://pod-a:8000", status("pod-a", DeviceStatus(device="cpu:0", current_group="beta")))
     assert "pod-a/cpu:0" not in state.expected
-    assert devices(state)["pod-a/cpu:0"].switching_to is None  # type: ignore[attr-defined]
+    d = devices(state)["pod-a/cpu:0"]
+    assert d.resident_group() == "beta" and not d.waiting_groups  # type: ignore[attr-defined]
+
+
+def test_a_queue_document_taken_after_the_send_settles_what_waits() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    state.expect("pod-a", "cpu:0", "beta")
+    queue = {"devices": {"cpu:0": {"queue_size": 1, "busy_workers": 0, "waiting_groups": ["beta"]}}}
+    clock.advance(2)
+    state.observe_queue("http://pod-a:8000", queue)
+    d = devices(state)["pod-a/cpu:0"]
+    assert d.waiting_groups == {"beta"} and d.waiting == 1  # type: ignore[attr-defined]
+    # Served (or left) and gone from the queue: nothing waits any more.
+    state.observe_queue("http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 0, "waiting_groups": []}}})
+    assert not devices(state)["pod-a/cpu:0"].waiting_groups  # type: ignore[attr-defined]
 
 
 def test_expectation_expires() -> None:
@@ -124,7 +139,8 @@ def test_expectation_expires() -> None:
     state.expect("pod-a", "cpu:0", "beta")
     clock.advance(31)
     state.observe_queue("http://pod-a:8000", {"devices": {}})
-    assert devices(state)["pod-a/cpu:0"].resident_group() == "alpha"  # type: ignore[attr-defined]
+    d = devices(state)["pod-a/cpu:0"]
+    assert d.resident_group() == "alpha" and not d.waiting_groups  # type: ignore[attr-defined]
 
 
 def test_served_moves_load_to_the_device_that_served_and_notes_switches() -> None:
@@ -139,7 +155,8 @@ def test_served_moves_load_to_the_device_that_served_and_notes_switches() -> Non
     state.served(ticket, "cuda:1", switched=True)
     snap = devices(state)
     assert snap["pod-a/cuda:0"].load == 0 and snap["pod-a/cuda:1"].load == 1  # type: ignore[attr-defined]
-    assert snap["pod-a/cuda:1"].resident_group() == "beta"  # type: ignore[attr-defined]
+    assert "beta" in snap["pod-a/cuda:1"].waiting_groups  # type: ignore[attr-defined]  # until a document says so
+    assert ticket.switched  # its time includes a switch: it teaches no service time
     state.finish(ticket)
     assert devices(state)["pod-a/cuda:1"].load == 0  # type: ignore[attr-defined]
 

@@ -121,7 +121,17 @@ def test_server_fields_are_declared_once_for_pod_server_and_router() -> None:
     from gpufleet.settings_support import ServerSettings
 
     shared = set(ServerSettings.model_fields)
-    assert shared == {"host", "port", "api_key", "max_body_bytes", "log_level"}
+    assert shared == {"host", "port", "api_key", "max_body_bytes", "log_level", "keep_alive_s"}
     for cls in (PodServerSettings, RouterSettings):
         assert issubclass(cls, ServerSettings)
         assert not shared & set(cls.__annotations__), f"{cls.__name__} redeclares a shared field"
+
+
+def test_keep_alive_outlasts_the_client_pool_on_every_hop() -> None:
+    from gpufleet.router.settings import load_router_settings
+
+    router = load_router_settings(pod_urls=["http://127.0.0.1:1"])
+    pod = PodServerSettings(devices=["cpu:0"])
+    httpx_pool_idle_s = 5.0  # httpx's (and so the openai SDK's) keepalive_expiry
+    assert router.keep_alive_s > httpx_pool_idle_s
+    assert pod.keep_alive_s > router.upstream_keepalive_s

@@ -11,20 +11,23 @@ import asyncio
 import contextlib
 import functools
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from gpufleet.api.errors import Unavailable
 
+# A text, or token ids passed straight to the model.
+EmbedInput = str | list[int]
+
 # (one vector per input, tokens per input): what the model's blocking embed function returns.
 EmbedResult = tuple[list[list[float]], list[int]]
-EmbedFn = Callable[[list[str]], EmbedResult]
+EmbedFn = Callable[[Sequence[EmbedInput]], EmbedResult]
 RunBlocking = Callable[[Callable[[], EmbedResult]], Awaitable[EmbedResult]]
 
 
 @dataclass(eq=False)
 class _Request:
-    texts: list[str]
+    texts: list[EmbedInput]
     future: asyncio.Future[tuple[list[list[float]], int]]
     arrived: float
 
@@ -66,7 +69,7 @@ class EmbeddingBatcher:
         """Inputs waiting for a forward pass (not counting the pass running now)."""
         return sum(len(r.texts) for r in self._queue if not r.future.done())
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: Sequence[EmbedInput]) -> tuple[list[list[float]], int]:
         """Vectors for ``texts`` in order, and the request's token count."""
         if self._closed:
             raise _shutting_down()
@@ -185,7 +188,7 @@ class EmbeddingBatcher:
         if not request.future.done():
             request.future.set_result((vectors, tokens))
 
-    async def _pass(self, requests: list[_Request], texts: list[str]) -> EmbedResult | None:
+    async def _pass(self, requests: list[_Request], texts: list[EmbedInput]) -> EmbedResult | None:
         """One forward pass; on failure every request in it gets the exception and this returns None."""
         try:
             vectors, counts = await self._run_blocking(functools.partial(self._embed, texts))
