@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,18 @@ from bench.scale.router_proc import start_router, state_counts, wait_all_ready
 NAME = "scale_background_baseline"
 
 
-def measure(pods: int, devices: int, window_s: float, log_dir: Path, ready_timeout_s: float = 60.0) -> dict[str, Any]:
-    progress(f"background: {pods} idle pods x {devices} devices: starting emulator and router")
+def measure(
+    pods: int,
+    devices: int,
+    window_s: float,
+    log_dir: Path,
+    ready_timeout_s: float = 60.0,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``env``: router settings beyond the defaults (IDLE_POLL_S=10, say)."""
+    progress(f"background: {pods} idle pods x {devices} devices: starting emulator and router {dict(env or {})}")
     with start_emulator(pods, devices=devices, log_path=log_dir / f"emulator-{pods}.log") as emu:
-        router = start_router(emu.urls, log_dir / f"router-{pods}")
+        router = start_router(emu.urls, log_dir / f"router-{pods}", env)
         try:
             t0 = time.monotonic()
             try:

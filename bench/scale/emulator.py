@@ -6,8 +6,11 @@ Each emulated pod answers like ``gpufleet serve`` on the routes the router uses:
 ``POST /v1/chat/completions`` and ``/v1/completions``, streaming or not, taking
 ``ttft`` plus ``per_token`` seconds per generated token. A request for a group its
 devices do not hold switches one device (from the cache or "disk", with their delays) and
-says so (``x-group-switch``), as a pod server does. Every request is counted per pod and
-route, so a benchmark can tell what a router sends to idle pods.
+says so (``x-group-switch``), as a pod server does. Every answer carries the pod's load in
+``endpoint-load-metrics`` (``gpufleet.api.load_report``: running and waiting per device, and
+the status version, bumped on every switch), so a router polls it only as it polls a real
+pod. Every request is counted per pod and route, so a benchmark can tell what a router
+sends to idle pods.
 
 Raw asyncio HTTP/1.1 (keep-alive, no framework): its own cost stays small beside the
 router's, and one process holds thousands of pods (two file descriptors each, with the
@@ -38,6 +41,7 @@ from typing import Any
 
 from bench.scale import pod_docs
 from bench.scale.layout import EmulatedDevice, EmulatedPod, FleetLayout, make_layout
+from gpufleet.api.load_report import LOAD_HEADER, DeviceLoad, format_load
 
 HOST = "127.0.0.1"  # test traffic stays on loopback
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
@@ -79,19 +83,28 @@ class PodServer:
         self.url = ""
         self.counts: Counter[str] = Counter()
         self._status: tuple[float, bytes] = (0.0, b"")
+        self.status_version = 0  # bumped on every residency change, as the pod server does
 
     def status_bytes(self) -> bytes:
         # Rendered at most once a second: the timestamp is the only field that moves on its own.
         at, body = self._status
         now = time.monotonic()
         if not body or now - at > 1.0:
-            doc = pod_docs.status_doc(self.pod, self.url, self.fleet.layout.groups, self.fleet.layout.models)
+            doc = pod_docs.status_doc(
+                self.pod, self.url, self.fleet.layout.groups, self.fleet.layout.models, self.status_version
+            )
             body = json.dumps(doc).encode()
             self._status = (now, body)
         return body
 
     def changed(self) -> None:
+        self.status_version += 1
         self._status = (0.0, b"")
+
+    def load_line(self) -> bytes:
+        """The ``endpoint-load-metrics`` header line of an answer: this pod's load right now."""
+        devices = {d.device: DeviceLoad(d.running, d.queued) for d in self.pod.devices}
+        return b"%s: %s\r\n" % (LOAD_HEADER.encode(), format_load(devices, self.status_version).encode())
 
     def get(self, path: str) -> bytes:
         route = path.split("?", 1)[0]
@@ -181,9 +194,17 @@ class _Protocol(asyncio.Protocol):
                 self.task = asyncio.ensure_future(self._generate(route, body))
                 return
             if method != "GET":
-                self.transport.write(_error(405, f"{method} {route} is not served here"))
+                self.write(_error(405, f"{method} {route} is not served here"))
                 continue
-            self.transport.write(self.pod.get(path))
+            self.write(self.pod.get(path))
+
+    def write(self, answer: bytes) -> None:
+        """Send an answer (its head at least) with the pod's load after the status line, as a
+        pod server's middleware adds it to every answer."""
+        if self.transport is None:
+            return
+        end = answer.index(b"\r\n") + 2
+        self.transport.write(answer[:end] + self.pod.load_line() + answer[end:])
 
     async def _generate(self, route: str, raw: bytes) -> None:
         try:
@@ -193,9 +214,9 @@ class _Protocol(asyncio.Protocol):
             self._process()
 
     async def _answer(self, route: str, raw: bytes) -> None:
-        write = self.transport.write if self.transport else None
-        if write is None:
+        if self.transport is None:
             return
+        write = self.write
         try:
             req = json.loads(raw or b"{}")
             if not isinstance(req, dict):
@@ -225,8 +246,7 @@ class _Protocol(asyncio.Protocol):
                 return
             if timing.per_token_s:
                 await asyncio.sleep(timing.per_token_s * tokens)
-            if self.transport is not None:
-                self.transport.write(_response(200, _completion(str(model), chat, tokens), served))
+            self.write(_response(200, _completion(str(model), chat, tokens), served))
         finally:
             device.running -= 1
 
@@ -234,7 +254,7 @@ class _Protocol(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        t.write(
+        self.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             b"transfer-encoding: chunked\r\n" + served + b"\r\n"
         )

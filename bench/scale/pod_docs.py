@@ -17,7 +17,9 @@ QUEUE_LIMIT = 64
 MEMORY_TOTAL_GB = 80.0
 
 
-def status_doc(pod: EmulatedPod, url: str, groups: list[str], models: dict[str, str]) -> dict[str, Any]:
+def status_doc(
+    pod: EmulatedPod, url: str, groups: list[str], models: dict[str, str], status_version: int = 0
+) -> dict[str, Any]:
     doc = PodStatus(
         pod=pod.name,
         node=pod.node,
@@ -38,6 +40,7 @@ def status_doc(pod: EmulatedPod, url: str, groups: list[str], models: dict[str, 
         groups=list(groups),
         models=dict(models),
         timestamp=time.time(),
+        status_version=status_version,
     )
     return doc.model_dump(mode="json", exclude_none=True)
 

@@ -12,9 +12,12 @@ from bench.common import REPO
 from gpufleet.local.processes import Process, free_port, gpufleet_argv, wait_until
 
 
-def start_router(urls: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Process:
-    """``gpufleet router`` with POD_URLS = ``urls`` on a free loopback port (not yet ready)."""
-    port = free_port()
+def start_router(
+    urls: list[str], log_dir: Path, env: Mapping[str, str] | None = None, port: int | None = None
+) -> Process:
+    """``gpufleet router`` with POD_URLS = ``urls`` on ``port`` (a free loopback port by default;
+    not yet ready)."""
+    port = port or free_port()
     full = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",

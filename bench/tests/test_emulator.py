@@ -12,6 +12,7 @@ import pytest
 from bench.scale.emulator import EmulatorProcess, Timing, start_emulator
 from bench.scale.layout import make_layout
 from bench.scale.router_proc import start_router, wait_all_ready
+from gpufleet.api.load_report import LOAD_HEADER, parse_load
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.local.processes import Process
 
@@ -84,3 +85,22 @@ def test_unknown_model_is_refused_by_name(emulator: EmulatorProcess) -> None:
 
 def test_start_emulator_returns_one_url_per_pod(emulator: EmulatorProcess) -> None:
     assert len(set(emulator.urls)) == PODS and all(u.startswith("http://127.0.0.1:") for u in emulator.urls)
+
+
+def test_every_answer_reports_load_and_the_status_version(emulator: EmulatorProcess) -> None:
+    url = emulator.urls[1]
+    status = PodStatus.model_validate(httpx.get(f"{url}/api/status", timeout=5).json())
+    before = parse_load(httpx.get(f"{url}/health", timeout=5).headers[LOAD_HEADER])
+    assert before is not None and before.status_version == status.status_version
+    assert set(before.devices) == {d.device for d in status.devices}
+    held = {d.current_group for d in status.devices}
+    missing = next(g for g in make_layout(PODS, DEVICES, GROUPS, seed=SEED).groups if g not in held)
+    r = httpx.post(f"{url}/v1/completions", json={"model": f"{missing}-complete", "prompt": "x", "max_tokens": 1},
+                   timeout=10)
+    after = parse_load(r.headers[LOAD_HEADER])
+    assert r.headers["x-group-switch"] == "true" and after is not None
+    assert after.devices[r.headers["x-served-by-device"]].running == 1  # taken while answering
+    assert after.status_version == before.status_version + 1  # the switch changed the status document
+    refetched = PodStatus.model_validate(httpx.get(f"{url}/api/status", timeout=5).json())
+    assert refetched.status_version == after.status_version
+    assert missing in {d.current_group for d in refetched.devices}
