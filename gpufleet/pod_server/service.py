@@ -474,6 +474,7 @@ class PodService:
             "devices": devices,
             "total_queued": sum(s.queued for s in self.schedulers.values()),
             "total_running": sum(s.running for s in self.schedulers.values()),
+            "status_version": self.status_version,
         }
 
 

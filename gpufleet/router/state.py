@@ -126,8 +126,8 @@ class FleetState:
         self.expectation_ttl_s = expectation_ttl_s if expectation_ttl_s is not None else max(30.0, stale_after_s)
         self.pods: dict[str, PodRecord] = {}
         self.by_name: dict[str, PodRecord] = {}
-        self.models: dict[str, str] = {}  # model id -> group, union of every pod's
-        self.local_models: dict[str, str] = {}  # qualified model id (or its alias) -> the pod servers' id
+        self._models: dict[str, str] | None = {}  # model id -> group, union of every pod's (None: rebuild)
+        self._local_models: dict[str, str] = {}  # qualified model id (or its alias) -> the pod servers' id
         self.inflight: dict[str, int] = {}  # "pod/device" -> requests this router has there
         self.last_used: dict[str, float] = {}
         self.expected: dict[str, _Expectation] = {}
@@ -187,17 +187,35 @@ class FleetState:
                 rec.name = name
                 rec.signature = ()  # re-indexed at the next sync
             self.by_name[rec.name] = rec
-        self.models = {}
+        self._models = None  # rebuilt when next asked: registering 1,000 pods must not rebuild it 1,000 times
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Model id -> group, the union of every pod's (and namespace aliases)."""
+        if self._models is None:
+            self._build_models()
+        assert self._models is not None
+        return self._models
+
+    @property
+    def local_models(self) -> dict[str, str]:
+        """What the pod servers call each qualified model id (they know only their namespace's ids)."""
+        if self._models is None:
+            self._build_models()
+        return self._local_models
+
+    def _build_models(self) -> None:
+        models: dict[str, str] = {}
         for rec in self.pods.values():
             if rec.status is not None:
                 for model, group in rec.status.models.items():
-                    self.models.setdefault(model, group)
-        # What the pod servers call each model (they know only their namespace's ids).
-        self.local_models = {m: tenancy.local_id(m) for m in self.models if "/" in m}
-        for alias, qualified in tenancy.aliases(self.models).items():
-            if alias not in self.models:
-                self.models[alias] = self.models[qualified]
-                self.local_models[alias] = alias
+                    models.setdefault(model, group)
+        local = {m: tenancy.local_id(m) for m in models if "/" in m}
+        for alias, qualified in tenancy.aliases(models).items():
+            if alias not in models:
+                models[alias] = models[qualified]
+                local[alias] = alias
+        self._models, self._local_models = models, local
 
     # --- observations -------------------------------------------------------------------------
 
@@ -247,7 +265,12 @@ class FleetState:
             rec
             for rec in self.pods.values()
             if rec.url
-            and (rec.status is None or rec.status_due or rec.contact_at is None or now - rec.contact_at >= idle_poll_s)
+            and (
+                rec.status is None
+                or rec.status_due
+                or rec.status_at is None
+                or now - rec.status_at >= idle_poll_s  # contact by queue polls and answers does not refresh it
+            )
         ]
 
     def due_queue(self, idle_poll_s: float) -> list[PodRecord]:
@@ -270,6 +293,9 @@ class FleetState:
             # What the pod holds beyond what this router sent there: other routers' traffic.
             others[device] = max(0, reported - self.inflight.get(f"{rec.name}/{device}", 0))
         rec.others, rec.queue_doc, rec.queue_at = others, doc, now
+        version, held = doc.get("status_version"), rec.status.status_version if rec.status is not None else None
+        if isinstance(version, int) and held is not None and version > held:
+            rec.status_due = True
         for device, q in (doc.get("devices") or {}).items():
             key = f"{rec.name}/{device}"
             exp = self.expected.get(key)
