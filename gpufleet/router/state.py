@@ -35,7 +35,7 @@ from gpufleet.routing.service_time import ServiceTime
 
 Clock = Callable[[], float]
 QUEUE_CATCH_UP_S = 1.0  # a queue document this much younger than a send has seen it
-RESYNC_EVERY_S = 0.25  # how often decisions look for devices that changed with time alone
+RESYNC_BATCH = 16  # pods a decision looks at for changes that time alone made
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ class FleetState:
         self.sequence = 0
         self.service = ServiceTime()  # a request's time on an idle device, learned from answers
         self.index = DeviceIndex()  # every device as routing sees it, kept as it changes
-        self._resynced_at = float("-inf")
+        self._sweep: list[PodRecord] | None = None  # pods in the order resync() visits them
+        self._sweep_at = 0
         self._expiries: list[tuple[float, str]] = []  # (when an expectation ends, device key)
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
         self.leases: leases.LeaseView = leases.NoLeases()  # the router's lease store, set by the app
@@ -175,6 +176,7 @@ class FleetState:
         self._reindex()
 
     def _reindex(self) -> None:
+        self._sweep = None  # membership may have changed
         counts: dict[str, int] = {}
         for rec in self.pods.values():
             counts[rec.base_name] = counts.get(rec.base_name, 0) + 1
@@ -461,14 +463,18 @@ class FleetState:
             self.index.remove(key)
         rec.indexed = set()
 
-    def resync(self) -> None:
-        """Re-index the pods whose devices changed with time alone; cheap when none did."""
+    def resync(self, budget: int = RESYNC_BATCH) -> None:
+        """Re-index pods whose devices changed with time alone (staleness, cool-downs): ``budget`` of
+        them per call, in turn, so a decision's cost does not grow with the fleet; those flags move
+        over seconds, and every pod is looked at again within len(pods) / budget decisions."""
         now = self.clock()
-        if now - self._resynced_at < RESYNC_EVERY_S:
-            return
-        self._resynced_at = now
-        for rec in self.pods.values():
-            if rec.signature != self._time_signature(rec, now):
+        if self._sweep is None:
+            self._sweep = list(self.pods.values())
+        order = self._sweep
+        for _ in range(min(budget, len(order))):
+            rec = order[self._sweep_at % len(order)]
+            self._sweep_at += 1
+            if self.pods.get(rec.id) is rec and rec.signature != self._time_signature(rec, now):
                 self._sync(rec)
         while self._expiries and self._expiries[0][0] <= now:
             _, key = heapq.heappop(self._expiries)

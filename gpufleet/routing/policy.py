@@ -48,10 +48,11 @@ class DeviceState:
     uuid: str | None = None  # the physical GPU's NVML UUID ("GPU-..."); None on CPU devices
     leased_by: str | None = None  # id of the live lease holding this device
     groups: frozenset[str] | None = None  # the groups its pod can serve at all; None: any
+    # "pod/device", made once: decisions read it many times (not an argument, not compared).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.pod}/{self.device}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.pod}/{self.device}")
 
     @property
     def capacity(self) -> int:

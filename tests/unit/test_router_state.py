@@ -325,8 +325,7 @@ def test_the_kept_index_is_the_snapshot_after_any_sequence_of_events() -> None:
         else:
             clock.advance(rng.choice([0.1, 1.0, 40.0]))
         if step % 10 == 0:
-            state._resynced_at = float("-inf")  # as if the resync period had passed
-            state.resync()
+            state.resync(budget=len(state.pods))  # every pod looked at, as len(pods) / batch decisions do
             snap = state.snapshot()
             kept = {d.key: d for d in state.index.devices}
             built = {d.key: d for d in snap.devices}
@@ -335,6 +334,5 @@ def test_the_kept_index_is_the_snapshot_after_any_sequence_of_events() -> None:
             assert not differ, differ[:1]
             request = RouteRequest(rng.choice(groups))
             full = choose_device(request, snap)
-            state._resynced_at = float("-inf")
             fast = state.decide(request)
             assert (fast.outcome, fast.choice and fast.choice.key) == (full.outcome, full.choice and full.choice.key)
