@@ -135,6 +135,7 @@ class FleetState:
         self.service = ServiceTime()  # a request's time on an idle device, learned from answers
         self.index = DeviceIndex()  # every device as routing sees it, kept as it changes
         self._sweep: list[PodRecord] | None = None  # pods in the order resync() visits them
+        self._base_counts: dict[str, int] = {}  # pods per base name, as _reindex last counted
         self._sweep_at = 0
         self._expiries: list[tuple[float, str]] = []  # (when an expectation ends, device key)
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
@@ -157,8 +158,20 @@ class FleetState:
             rec = self.pods[pod_id] = PodRecord(
                 pod_id, url, self.ejection.new(), hint_name=name, node=node, tenant=tenant
             )
+        before = (rec.name, rec.base_name)
         rec.url, rec.hint_name, rec.node, rec.discovered_ready = url, name or rec.hint_name, node or rec.node, ready
-        self._reindex()
+        base = rec.base_name
+        if before == (base, base) and self.by_name.get(base) is rec:
+            pass  # the same name as before: nothing to rename
+        elif not rec.name and self._base_counts.get(base, 0) == 0:
+            # A new pod with a name of its own: registering 1,000 pods stays linear.
+            rec.name = base
+            self.by_name[base] = rec
+            self._base_counts[base] = 1
+            self._sweep = None
+            self._models = None
+        else:
+            self._reindex()
         self._sync(rec)
         return rec
 
@@ -175,11 +188,30 @@ class FleetState:
             self._unindex(self.pods.pop(gone))
         self._reindex()
 
+    def _rename_alone(self, rec: PodRecord, old_base: str) -> bool:
+        """Give ``rec`` its new base name without renaming the fleet, when neither name is shared
+        (the first status of each of 1,000 pods stays linear); False when a full rename is needed."""
+        new_base = rec.base_name
+        if new_base == old_base:
+            return rec.name == new_base or self._base_counts.get(new_base, 0) > 1
+        if self._base_counts.get(old_base, 0) != 1 or self._base_counts.get(new_base, 0) != 0 or rec.name != old_base:
+            return False
+        self._unindex(rec)
+        del self.by_name[old_base]
+        del self._base_counts[old_base]
+        rec.name = new_base
+        rec.signature = ()
+        self.by_name[new_base] = rec
+        self._base_counts[new_base] = 1
+        self._sweep = None
+        return True
+
     def _reindex(self) -> None:
         self._sweep = None  # membership may have changed
         counts: dict[str, int] = {}
         for rec in self.pods.values():
             counts[rec.base_name] = counts.get(rec.base_name, 0) + 1
+        self._base_counts = counts
         self.by_name = {}
         for rec in self.pods.values():
             base = rec.base_name
@@ -230,11 +262,14 @@ class FleetState:
             doc = tenancy.qualify_status(doc, rec.tenant)
         now = self.clock()
         renamed = rec.status is None or rec.status.pod != doc.pod or rec.status.models != doc.models
+        old_base = rec.base_name
         rec.status, rec.status_at, rec.confirmed = doc, now, True
         rec.status_due = False
         rec.annotated = rec.annotated or not contact
-        if renamed:
+        if renamed and not self._rename_alone(rec, old_base):
             self._reindex()
+        elif renamed:
+            self._models = None
         if contact:
             self._contact(rec, now)
         for d in doc.devices:
