@@ -22,7 +22,7 @@ from bench.common import RESULTS, machine_info, progress, read_result
 PARTS = ("switch_cost", "routing_quality", "throughput", "replay")
 DESCRIPTIONS = {
     "switch_cost": "time to make a group current from disk and from the CPU cache, per GB, vs copy bandwidth",
-    "routing_quality": "simulated routing over the real policy vs round robin, least load, LRU multiplexing",
+    "routing_quality": "simulated batched devices: the real policy vs round robin, least load, LRU multiplexing, GIE",
     "throughput": "tokens/s and time to first token at concurrency 1-64: serve, up, batch-1 loop, transformers CB",
     "replay": "a scaled-down trace replayed on gpufleet up per policy, beside the simulator",
 }
