@@ -84,7 +84,7 @@ class _Generation(_Body):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Seed | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = Field(default=1, description="Choices for the prompt.")
 

@@ -64,9 +64,16 @@ SSE_EVENT = {
 }
 
 
-def error_response(status: int) -> dict[str, Any]:
+LEASE_ERRORS = {
+    400: "A bad body: an unknown or ambiguous target, a TTL out of range, an unknown field.",
+    404: "No live lease has this id.",
+    409: "A device of the target is held by another live lease (or the lease has expired).",
+}
+
+
+def error_response(status: int, description: str | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "description": ERRORS[status],
+        "description": description or ERRORS[status],
         "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}},
     }
     if status in (429, 503):
@@ -98,7 +105,7 @@ def _openai_operation(path: str, router: bool) -> dict[str, Any]:
                 "in": "header",
                 "required": False,
                 "description": "gpufleet extension: the lease to serve this request under (as the `lease` field).",
-                "schema": {"type": "string"},
+                "schema": {"type": "string", "minLength": 1, "pattern": "\\S"},
             }
         ],
         "requestBody": {
@@ -128,6 +135,13 @@ def complete_document(draft: dict[str, Any], *, router: bool, open_paths: Iterab
                 responses["401"] = error_response(401)
             if method == "get" and path.startswith("/v1/models/"):
                 responses["404"] = error_response(404)
+            if path.startswith("/api/leases"):
+                # The router's lease API (gpufleet.router.lease_api): bad bodies, unknown ids, conflicts.
+                if method == "post":
+                    responses["400"] = error_response(400, LEASE_ERRORS[400])
+                    responses["409"] = error_response(409, LEASE_ERRORS[409])
+                if "{" in path:
+                    responses["404"] = error_response(404, LEASE_ERRORS[404])
     for path in OPENAI_ROUTES:
         paths[path] = {"post": _openai_operation(path, router)}
     schemas.update(_schemas())

@@ -26,7 +26,16 @@ from gpufleet.router.state import FleetState
 from gpufleet.routing import leases
 
 log = logging.getLogger(__name__)
-TtlField = Annotated[int, Field(strict=True, description="Seconds the lease holds unless renewed.")]
+# The schema states the default LEASE_MAX_TTL_S; a deployment that raises it accepts more than it says.
+# (The bounds are checked against the setting in the handler, so the error names the limit.)
+TtlField = Annotated[
+    int,
+    Field(
+        strict=True,
+        json_schema_extra={"minimum": 1, "maximum": 86400},
+        description="Seconds the lease holds unless renewed (1 to LEASE_MAX_TTL_S).",
+    ),
+]
 
 
 class LeaseBody(BaseModel):

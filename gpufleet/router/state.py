@@ -307,6 +307,7 @@ class FleetState:
                 or rec.status_due
                 or rec.status_at is None
                 or now - rec.status_at >= idle_poll_s  # contact by queue polls and answers does not refresh it
+                or self._probing(rec)
             )
         ]
 
@@ -316,8 +317,15 @@ class FleetState:
         return [
             rec
             for rec in self.pods.values()
-            if rec.url and rec.status is not None and (rec.queue_at is None or now - rec.queue_at >= idle_poll_s)
+            if rec.url
+            and rec.status is not None
+            and (rec.queue_at is None or now - rec.queue_at >= idle_poll_s or self._probing(rec))
         ]
+
+    def _probing(self, rec: PodRecord) -> bool:
+        """An ejected or unconfirmed pod is polled at every check, as before: a poll that succeeds
+        is what brings it back, and no traffic goes there to tell."""
+        return not rec.outlier.admitted or not rec.confirmed
 
     def observe_queue(self, pod_id: str, doc: dict[str, Any]) -> None:
         rec = self.pods.get(pod_id)

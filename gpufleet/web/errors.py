@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 
@@ -53,11 +54,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {exc.detail}" if exc.detail != "Not Found" else "no such route"))
         if exc.status_code == 405:
-            allow = (exc.headers or {}).get("Allow", "")
+            # Every method of every route at this path (the framework names only the first route's).
+            allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
             return error_response(MethodNotAllowed(f"method not allowed; allowed: {allow}", allow=allow))
         err = GpufleetError(str(exc.detail))
         err.status_code = exc.status_code
@@ -68,3 +70,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(InternalError(f"internal error: {type(exc).__name__}"))
+
+
+def _allowed_methods(request: Request) -> str:
+    scope = {"type": "http", "path": request.url.path, "method": "", "root_path": ""}
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods - {"HEAD"}))

@@ -53,6 +53,14 @@ def positive_document(doc: dict[str, Any]) -> dict[str, Any]:
             if ints.get("type") == "integer":
                 ints["maximum"] = MINILM_VOCAB - 1
     out["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]["schema"] = {"enum": ["tiny-chat", "minilm"]}
+    # The lease header, like the field, names a lease of the fleet; so does a lease target a device.
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        op = out["paths"][route]["post"]
+        op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") != "x-gpufleet-lease"]
+    # Valid lease requests would take the fleet's only device away from every later request: the
+    # lease API's positive cases are its own tests' (tests/unit/test_router_leases_inprocess.py).
+    for path in [p for p in out["paths"] if p.startswith("/api/leases")]:
+        del out["paths"][path]
     return out
 
 
