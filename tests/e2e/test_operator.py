@@ -187,6 +187,10 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
     })
     f.router = LocalComponent(c.api, router_deployment, f.workdir / "router", {
         "HOST": "127.0.0.1", "PORT": str(router_port),
+        # Pod servers here start, stop and come back within seconds, and the router ejects those that
+        # fail its polls while starting: poll idle pods every second (the default is 90 s) so the
+        # waits below measure routing, not the idle-poll period.
+        "IDLE_POLL_S": "1",
     })
     f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
     f.farm2 = PodServerFarm(c.api, f.ns2, f.workdir / "pods2", {IMAGE_MODELS: demo_models.parent})
