@@ -2,7 +2,7 @@
 routing policy, and set measured switches and latency beside the simulator's prediction.
 
 Tiny local models on CPU devices: one model per group, more groups than devices, a CPU
-cache of one model per device (so both switch paths occur). Each policy gets a fresh
+cache of two models per device (the current group's and one parked: both switch paths occur). Each policy gets a fresh
 fleet (every device starts with the default group, as pods preload it). The prediction
 uses the service time calibrated on the idle fleet before the replay (``a + b * tokens``,
 through the router) and the mean switch times the pods measured during the replay (their
@@ -31,7 +31,7 @@ from gpufleet.routing.alternatives import POLICIES as ROUTER_POLICIES
 
 DEVICES = ["cpu:0", "cpu:1"]
 N_GROUPS = 5
-CACHE_MODELS = 1
+CACHE_MODELS = 2  # MAX_CPU_CACHED_MODELS counts the current group's host copy too
 SLO_S = 1.0
 POLICY_ORDER = ("round_robin", "least_load", "lru_multiplex", "gie", "affinity")
 

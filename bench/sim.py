@@ -10,9 +10,11 @@ Each simulated device behaves like the pod server's device after continuous batc
 - a bounded queue; what the device does next with it is ``queue_order.next_action``, the pod's
   own pure rule, called as is: serve the current group's queued work (batched) before switching,
   bounded by ``max_wait_s`` and ``min_residency_s``; switch only once running work has drained;
-- a switch makes a group current from the CPU cache when it is parked there, else from disk
-  (``SwitchCosts``, from ``bench.switch_cost``), and parks the previous group in a CPU cache of
-  ``cache_limit_models`` models, least recently used out first (``DeviceResidency``).
+- a switch makes a group current from the CPU cache when it is there, else from disk
+  (``SwitchCosts``, from ``bench.switch_cost``). The cache is the pod's own ``HostCache``, used
+  as ``DeviceResidency`` uses it: ``cache_limit_models`` host copies, the current group's
+  included (parking it keeps its copy), least recently used groups current nowhere out first.
+  Each simulated device is a pod of its own, as under ``gpufleet up`` or one pod per GPU.
 
 Requests are routed by a policy at their arrival instant. What the policy sees is the router's
 view (``gpufleet.router.state``): ``load`` is every request in flight on the device (queued or
@@ -25,19 +27,20 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from bench.trace import Request
+from gpufleet.pod_server.host_cache import HostCache
 from gpufleet.pod_server.queue_order import Action, GroupQueue, QueuePolicy, QueueState, next_action, switch_deadline
 
 Source = Literal["cache", "disk"]
 
 # Event kinds, in the order they are handled at equal times: finished work frees capacity
 # before a request that arrives at the same instant is routed.
-_SWITCH_DONE, _TICK, _ARRIVAL = 0, 1, 2
+_SWITCH_DONE, _PREFETCH_DONE, _TICK, _ARRIVAL = 0, 1, 2, 3
 _EPS = 1e-9
 
 
@@ -49,11 +52,16 @@ class SwitchCosts:
     disk_s_per_gb: float = 1.0
     cache_fixed_s: float = 0.01
     cache_s_per_gb: float = 0.05
+    engine_s: float = 0.0  # every switch also stops one batching engine and starts another
     origin: str = "default"  # where the figures came from
 
     def seconds(self, source: Source, gb: float) -> float:
         if source == "cache":
-            return self.cache_fixed_s + self.cache_s_per_gb * gb
+            return self.cache_fixed_s + self.cache_s_per_gb * gb + self.engine_s
+        return self.load_s(gb) + self.engine_s
+
+    def load_s(self, gb: float) -> float:
+        """Weights from storage into host memory: a disk switch without the engine, or a prefetch."""
         return self.disk_fixed_s + self.disk_s_per_gb * gb
 
 
@@ -99,6 +107,7 @@ class SimConfig:
     steps: StepModel = field(default_factory=StepModel)
     queue_policy: QueuePolicy = field(default_factory=QueuePolicy)  # SWITCH_MAX_WAIT_S, SWITCH_MIN_RESIDENCY_S
     initial_group: str | None = "g00"  # pod servers preload their default group on every device
+    prefetch: bool = True  # PREFETCH: groups queued behind the current one load into the CPU cache meanwhile
     # The router's FleetState.expect overlay as a switch in progress. Off: the router sees the group
     # it sent among the device's waiting groups, which the simulator knows exactly.
     expect_switches: bool = False
@@ -113,7 +122,6 @@ class SimDevice:
         self.name = f"dev{index}"
         self.max_sequences = cfg.max_sequences
         self.queue_limit = cfg.queue_limit
-        self.cache_limit = cfg.cache_limit_models
         self.models_per_group = cfg.models_per_group
         self.expect = cfg.expect_switches
         self.expectation_ttl_s = cfg.expectation_ttl_s
@@ -128,7 +136,11 @@ class SimDevice:
         self.progress = 0.0  # tokens every running sequence has advanced by, since the start
         self.progress_at = 0.0
         self.version = 0  # invalidates scheduled ticks when the batch changes
-        self.cache: OrderedDict[str, int] = OrderedDict()  # group -> models, LRU first
+        self.host_cache = HostCache(cfg.cache_limit_models, None)
+        self.prefetching: tuple[str, float] | None = None  # (group, done at): the pod's one prefetch thread
+        self.prefetch_queue: deque[str] = deque()
+        if self.current is not None:
+            self._take(self.current)
         self.last_switch_at: float | None = None
         self.switch_s: dict[str, float] = {}
         self.switches: Counter[str] = Counter()
@@ -180,15 +192,46 @@ class SimDevice:
             held.append(r)
         return held
 
-    def _park(self, group: str | None) -> None:
-        if group is None:
-            return
-        models = self.models_per_group
-        if models > self.cache_limit:
-            return  # too big to cache: dropped
-        while self.cache and sum(self.cache.values()) + models > self.cache_limit:
-            self.cache.popitem(last=False)
-        self.cache[group] = models
+    @property
+    def cache(self) -> list[str]:
+        """Groups in the CPU cache a switch could take, as the pod reports them (not the current one)."""
+        return [g for g in self.host_cache.groups() if g != self.current]
+
+    def _take(self, group: str) -> Source:
+        """The cache's side of a switch, as ``DeviceResidency.make_current`` does it: give the
+        current group back, take the new one from the cache, else load it and cache it if it fits."""
+        if self.current is not None:
+            self.host_cache.release(self.current, self.name)
+        if self.host_cache.acquire(group, self.name) is not None:
+            return "cache"
+        if self.host_cache.room_for(0, self.models_per_group):
+            self.host_cache.insert(group, self._models(group), device=self.name)  # type: ignore[arg-type]
+        return "disk"
+
+    def _models(self, group: str) -> dict[str, _SimModel]:
+        return {f"{group}/m{i}": _SimModel() for i in range(self.models_per_group)}
+
+    def wants_prefetch(self, group: str) -> bool:
+        """What ``PodService.prefetch`` checks: not cached, not already coming, and room to cache it."""
+        return (
+            group != self.current
+            and group not in self.host_cache
+            and group not in self.prefetch_queue
+            and (self.prefetching is None or self.prefetching[0] != group)
+        )
+
+    def prefetched(self, group: str) -> None:
+        """A prefetch finished: the group joins the cache, current nowhere (``HostCache.insert``)."""
+        if group not in self.host_cache and self.host_cache.room_for(0, self.models_per_group):
+            self.host_cache.insert(group, self._models(group), device=None, prefetched=True)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _SimModel:
+    """What ``HostCache`` reads of a model: its sizes (the simulator bounds the cache by count)."""
+
+    bytes: int = 0
+    host_bytes: int = 0
 
 
 class Policy(Protocol):
@@ -258,6 +301,8 @@ class Simulator:
         self._misses = 0
         self._slo: float | None = None
         self._pending_switch: dict[int, Source] = {}
+        self._switch_started: dict[int, float] = {}
+        self._pending_take: dict[int, str] = {}  # device -> group its switch takes once the prefetch is in
 
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self._seq += 1
@@ -300,6 +345,8 @@ class Simulator:
                 d = self.devices[a]
                 if b == d.version:
                     self._progress(d)
+            elif kind == _PREFETCH_DONE:
+                self._prefetch_done(self.devices[a])
             else:  # _SWITCH_DONE
                 self._switch_done(self.devices[a])
             if give_up_misses is not None and self._misses > give_up_misses:
@@ -308,7 +355,13 @@ class Simulator:
 
     def _result(self, n: int, device_of: list[int], rejected: int, aborted: bool = False) -> SimResult:
         return SimResult(
-            n, self._latency, self._switches, device_of, rejected, aborted=aborted, end_s=self.now,
+            n,
+            self._latency,
+            self._switches,
+            device_of,
+            rejected,
+            aborted=aborted,
+            end_s=self.now,
             switched=self._switched,
         )
 
@@ -350,6 +403,8 @@ class Simulator:
                 if step.action is Action.SWITCH and step.group is not None:
                     self._begin_switch(d, step.group)
                 break
+            if d.switching_to is None:
+                self._prefetch_waiting(d)
         d.version += 1
         nxt = math.inf
         if d.running:
@@ -363,24 +418,58 @@ class Simulator:
         if nxt < math.inf:
             self._push(max(nxt, self.now), _TICK, d.index, d.version)
 
+    def _prefetch_waiting(self, d: SimDevice) -> None:
+        """The scheduler's ``_prefetch_waiting``: ask for every group queued here to be prefetched."""
+        if not self.cfg.prefetch:
+            return
+        for group, q in d.queues.items():
+            if q and d.wants_prefetch(group):
+                d.prefetch_queue.append(group)
+        self._next_prefetch(d)
+
+    def _next_prefetch(self, d: SimDevice) -> None:
+        while d.prefetching is None and d.prefetch_queue:
+            group = d.prefetch_queue.popleft()
+            if group in d.host_cache or not d.host_cache.room_for(0, d.models_per_group):
+                continue  # "prefetch skipped: CPU cache full", or a switch brought it meanwhile
+            d.prefetching = (group, self.now + self.cfg.costs.load_s(self.cfg.group_gb))
+            self._push(d.prefetching[1], _PREFETCH_DONE, d.index)
+
+    def _prefetch_done(self, d: SimDevice) -> None:
+        assert d.prefetching is not None
+        group, d.prefetching = d.prefetching[0], None
+        d.prefetched(group)
+        if self._pending_take.get(d.index) == group:
+            del self._pending_take[d.index]
+            d.host_cache.acquire(group, d.name)  # the switch waiting on the load lock takes it at once
+        self._next_prefetch(d)
+
     def _begin_switch(self, d: SimDevice, group: str) -> None:
-        source: Source = "cache" if group in d.cache else "disk"
+        done = self.now
+        if d.prefetching is not None and d.prefetching[0] == group and group not in d.host_cache:
+            # The switch waits on the group's load lock for the prefetch, then takes it from the cache.
+            done = d.prefetching[1]
+            if d.current is not None:
+                d.host_cache.release(d.current, d.name)
+            source: Source = "cache"
+            self._pending_take[d.index] = group
+        else:
+            source = d._take(group)
         d.switching_to = group
         self._pending_switch[d.index] = source
+        self._switch_started[d.index] = self.now
         # The request that waited longest for this group is the one that "waited for a switch".
         self._switched[d.queues[group][0].index] = source
-        self._push(self.now + self.cfg.costs.seconds(source, self.cfg.group_gb), _SWITCH_DONE, d.index)
+        self._push(done + self.cfg.costs.seconds(source, self.cfg.group_gb), _SWITCH_DONE, d.index)
 
     def _switch_done(self, d: SimDevice) -> None:
         group = d.switching_to
         assert group is not None
         source = self._pending_switch.pop(d.index)
-        if source == "cache":
-            d.cache.pop(group, None)
-        d._park(d.current)
+        started = self._switch_started.pop(d.index)
         d.current, d.switching_to = group, None
         d.current_since = d.last_switch_at = self.now
-        d.switch_s[source] = self.cfg.costs.seconds(source, self.cfg.group_gb)
+        d.switch_s[source] = self.now - started  # as the pod measures it: waiting for a prefetch included
         d.switches[source] += 1
         self._switches[source] += 1
         self._progress(d)

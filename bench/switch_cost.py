@@ -188,6 +188,40 @@ def time_prefetched_switch(spec: Any, other: Any, device: str, reps: int) -> dic
     return {"switch_s": min(switch_s), "ready_s": min(ready_s), "prefetch_s": min(prefetch_s)}
 
 
+def time_engine_restart(spec: Any, device: str, reps: int) -> dict[str, float]:
+    """Seconds a switch spends on the batching engines: the outgoing group's stopped (its KV cache
+    freed), the incoming group's built and started, as ``DeviceScheduler._switch`` does, in a heap
+    frozen as the pod server's is (``gpufleet.pod_server.heap``)."""
+    from gpufleet.pod_server.group_runtime import build_group_runtime
+    from gpufleet.pod_server.heap import startup_heap_frozen
+    from gpufleet.pod_server.inference import load_model
+    from gpufleet.pod_server.metrics import PodMetrics
+    from gpufleet.pod_server.settings import PodServerSettings
+
+    settings = PodServerSettings(devices=[device])
+    metrics = PodMetrics("bench", "")
+
+    async def run_blocking(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    with startup_heap_frozen():
+        loaded = load_model(spec, device)
+        start_s, stop_s = [], []
+        for _ in range(reps + 1):  # the first builds the code paths
+            t = time.perf_counter()
+            runtime = build_group_runtime(device, "g", {spec.id: loaded}, settings, run_blocking, metrics)
+            _sync(device)
+            start_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for engine in runtime.engines.values():
+                engine.stop()
+            _sync(device)
+            stop_s.append(time.perf_counter() - t)
+        del loaded, runtime
+    _free(device)
+    return {"start_s": min(start_s[1:]), "stop_s": min(stop_s[1:])}
+
+
 def fit_line(points: list[tuple[float, float]]) -> dict[str, float]:
     """Least-squares seconds = fixed_s + s_per_gb * gb (non-negative parts)."""
     if len(points) == 1:
@@ -257,6 +291,10 @@ def measure_device(device: str, model_dirs: list[tuple[str, Path]], other: Path,
             f"switch_cost {device} {name} prefetched: switch {ps['ready_s']:.4f}s "
             f"(background prefetch {ps['prefetch_s']:.3f}s)"
         )
+        es = time_engine_restart(spec, device, reps)
+        ready = es["start_s"] + es["stop_s"]
+        row["engine"] = {"ready_s": ready, **es, "gb": gb, "ready_gb_s": gb / max(ready, 1e-9)}
+        progress(f"switch_cost {device} {name} engines: stop {es['stop_s']:.4f}s start {es['start_s']:.4f}s")
         out[name] = row
     return out
 
@@ -339,7 +377,8 @@ def plot(doc: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         rows = doc["results"][kind]
-        paths = [p for p in next(iter(rows.values())) if not (kind == "cpu" and p == "cache")]  # no copy on CPU
+        # No copy on a CPU's cache path; the engines move no weights.
+        paths = [p for p in next(iter(rows.values())) if not (kind == "cpu" and p == "cache") and p != "engine"]
         models = list(rows)
         width = 0.8 / len(paths)
         for i, path in enumerate(paths):
@@ -378,12 +417,16 @@ def summarize(doc: dict[str, Any]) -> str:
                         path,
                         rounded(f.get("load_s")),
                         rounded(f["ready_s"]),
-                        None if (kind == "cpu" and path == "cache") else rounded(f["ready_gb_s"], 2),
+                        None if (kind, path) == ("cpu", "cache") or path == "engine" else rounded(f["ready_gb_s"], 2),
                     ]
                 )
     lines.append(md_table(["device", "model", "GB", "path", "load s", "ready s", "GB/s"], rows))
     lines.append("")
-    lines.append("On a CPU device the cache path moves no bytes (the weights stay where they are), so it has no GB/s.")
+    lines.append(
+        "On a CPU device the cache path moves no bytes (the weights stay where they are), so it has no GB/s. "
+        "`engine` is the rest of every switch: the outgoing group's batching engine stopped (its KV cache "
+        "freed) and the incoming one's started; the pods report their switches whole."
+    )
     lines.append("")
     for kind, t in doc.get("targets", {}).items():
         speedup = t["disk_fast_vs_from_pretrained_speedup"]

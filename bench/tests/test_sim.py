@@ -36,10 +36,19 @@ class Fixed:
         return self.index
 
 
-def one_device(cache_limit: int = 4, policy: QueuePolicy = NO_LINGER, **kw: object) -> SimConfig:
+def one_device(
+    cache_limit: int = 4, policy: QueuePolicy = NO_LINGER, prefetch: bool = False, **kw: object
+) -> SimConfig:
+    """One device; without prefetching unless asked, so the hand-checked timings stay simple."""
     return SimConfig(
-        n_devices=1, cache_limit_models=cache_limit, costs=COSTS, steps=STEPS, queue_policy=policy,
-        initial_group="g00", **kw,  # type: ignore[arg-type]
+        prefetch=prefetch,
+        n_devices=1,
+        cache_limit_models=cache_limit,
+        costs=COSTS,
+        steps=STEPS,
+        queue_policy=policy,
+        initial_group="g00",
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -94,11 +103,19 @@ def test_lingering_keeps_the_group_for_its_next_request() -> None:
 
 
 def test_cache_is_lru_and_limited_in_models() -> None:
-    cfg = one_device(cache_limit=2)
+    cfg = one_device(cache_limit=3)
     reqs = trace((0, "g01", 1), (10, "g02", 1), (20, "g03", 1), (30, "g01", 1), (40, "g00", 1))
     r = simulate(reqs, cfg, Fixed())
-    # After g03: cache holds g01, g02 (g00 evicted). g01 comes from the cache, g00 from disk.
+    # The pod's rule: the current group's host copy counts. After g03: g01, g02 and g03 (g00,
+    # least recently used, evicted). g01 comes from the cache, g00 from disk.
     assert r.switched == ["disk", "disk", "disk", "cache", "disk"]
+
+
+def test_a_cache_of_one_model_holds_only_the_current_group() -> None:
+    # MAX_CPU_CACHED_MODELS=1 on a one-device pod: every switch loads from disk, as on the pod.
+    reqs = trace((0, "g01", 1), (10, "g00", 1), (20, "g01", 1))
+    r = simulate(reqs, one_device(cache_limit=1), Fixed())
+    assert r.switched == ["disk", "disk", "disk"]
 
 
 def test_a_group_larger_than_the_cache_is_dropped() -> None:
@@ -153,3 +170,31 @@ def test_policies_learn_the_service_time_from_requests_alone_on_their_device() -
     # 1st: started alone (joined at 0.5, so 0.5 + 5 / 7.5 s); 2nd: joined a busy device, ignored; 3rd: alone, 2 s.
     first = 0.5 + 5 / 7.5
     assert policy.service.seconds == pytest.approx(first + 0.2 * (2.0 - first))
+
+
+def test_a_group_queued_behind_the_batch_is_prefetched_and_switched_in_from_the_cache() -> None:
+    # As the pod's scheduler does: g01 waits behind g00's batch, so it is loaded into the CPU cache
+    # meanwhile (1 s from disk, 0.1 -> 1.1); the batch drains at 1.0 + ... and the switch takes it
+    # from the cache (0.5 s) instead of the disk (1 s).
+    reqs = trace((0.0, "g00", 15), (0.1, "g01", 10))
+    r = simulate(reqs, one_device(prefetch=True), Fixed())
+    assert r.switched == ["", "cache"]
+    assert r.latencies[1] == pytest.approx(1.5 + 0.5 + 1.0 - 0.1)
+    without = simulate(reqs, one_device(prefetch=False), Fixed())
+    assert without.switched == ["", "disk"]
+
+
+def test_a_switch_for_a_group_still_prefetching_waits_for_that_load() -> None:
+    # g01 queues at 0.1 behind a batch that drains at 0.5: its prefetch (0.1 -> 1.1) is still
+    # loading, so the switch waits for it on the group's load lock and then takes the cached copy.
+    reqs = trace((0.0, "g00", 5), (0.1, "g01", 10))
+    r = simulate(reqs, one_device(prefetch=True), Fixed())
+    assert r.switched == ["", "cache"]
+    assert r.latencies[1] == pytest.approx(1.1 + 0.5 + 1.0 - 0.1)
+    assert r.total_switches == 1
+
+
+def test_no_prefetch_when_the_cache_has_no_room() -> None:
+    # A cache of one model holds only the current group: nothing can be prefetched.
+    r = simulate(trace((0.0, "g00", 15), (0.1, "g01", 10)), one_device(cache_limit=1, prefetch=True), Fixed())
+    assert r.switched == ["", "disk"]

@@ -18,6 +18,7 @@ from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
 from gpufleet.pod_server.handlers import OpenAIHandlers
+from gpufleet.pod_server.heap import startup_heap_frozen
 from gpufleet.pod_server.load_header import LoadHeaderMiddleware
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.service import PodService
@@ -47,23 +48,24 @@ def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
         app.state.handlers = OpenAIHandlers(
             service, Validator(groups, tokenizers, settings.max_tokens_default), metrics
         )
-        await service.start()
-        background: list[asyncio.Task[Any]] = []
-        if not settings.lazy_load_model:
-            service.preload_task = asyncio.create_task(service.preload_default(), name="preload")
-            background.append(service.preload_task)
-        if settings.status_annotation:
-            background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
-        log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
-        try:
-            yield
-        finally:
-            for t in background:
-                t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await service.stop()
-            tokenizers.close()
-            stats.source.close()
+        with startup_heap_frozen():  # after the imports, before any model is loaded: see heap.py
+            await service.start()
+            background: list[asyncio.Task[Any]] = []
+            if not settings.lazy_load_model:
+                service.preload_task = asyncio.create_task(service.preload_default(), name="preload")
+                background.append(service.preload_task)
+            if settings.status_annotation:
+                background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
+            log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
+            try:
+                yield
+            finally:
+                for t in background:
+                    t.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await service.stop()
+                tokenizers.close()
+                stats.source.close()
 
     app = FastAPI(title="gpufleet pod server", lifespan=lifespan)
     install_error_handlers(app)

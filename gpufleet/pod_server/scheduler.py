@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -307,6 +308,7 @@ class DeviceScheduler:
         self.switching_to = group
         self.hooks.on_change()
         abort = threading.Event()
+        started = time.perf_counter()
         try:
             if self.runtime is not None:
                 runtime, self.runtime = self.runtime, None
@@ -331,6 +333,9 @@ class DeviceScheduler:
             models = self.residency.current
             self.runtime = await loop.run_in_executor(self.executor, self._runtime_factory, self.device, group, models)
             self._record_kv()
+            # What a waiting request sees, and what routing must price: the old engine stopped, the
+            # weights moved, the new engine started. The weights alone are a fraction of it on CPU.
+            weights_s, result = result.seconds, dataclasses.replace(result, seconds=time.perf_counter() - started)
         except Exception as exc:  # a group that cannot load degrades only itself
             msg = f"loading group {group!r} timed out" if isinstance(exc, TimeoutError) else str(exc)
             self.failed[group] = (time.monotonic(), msg)
@@ -361,6 +366,7 @@ class DeviceScheduler:
                     "source": result.source,
                     "prefetched": result.prefetched,
                     "seconds": round(result.seconds, 4),
+                    "weights_seconds": round(weights_s, 4),
                     "evicted": list(result.evicted),
                 },
             )

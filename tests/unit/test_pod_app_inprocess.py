@@ -97,3 +97,21 @@ async def test_the_status_names_each_gpu_by_uuid_and_accepts_it_as_a_target(
         # A lease reaching a pod server was sent past the router: refused by name, never ignored.
         r = await c.post("/v1/chat/completions", json={**body, "lease": "lease-1"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lease"
+
+
+
+async def test_the_app_keeps_its_startup_heap_out_of_collections_while_it_runs(demo_models: Path) -> None:
+    # Full collections skip what the imports left (gpufleet.pod_server.heap): a switch's engine stop
+    # collects twice. An app run in-process leaves its host's collector as it found it.
+    import gc
+
+    before = gc.get_freeze_count()  # a router app run in this process may have frozen its own
+    settings = load_settings(devices=["cpu:0"], lazy_load_model=True, model_groups=demo_models)
+    app = create_app(settings, load_model_groups(demo_models))
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() > max(before, 100_000)
+        garbage: list[object] = []
+        garbage.append(garbage)  # a cycle made after the freeze is still collected
+        del garbage
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == 0

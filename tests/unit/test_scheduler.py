@@ -283,3 +283,30 @@ async def test_queued_group_is_prefetched_and_its_switch_counts_it(demo_models: 
     assert runtime.group == "g2" and s.switch_s.get("cache") is not None and s.prefetched_switches == 1
     later.finish()
     await s.drain_and_stop(5)
+
+
+async def test_a_switch_is_timed_whole_engine_start_included(demo_models: Path) -> None:
+    # Routing prices a switch by the seconds the pod reports, so they must cover what a waiting
+    # request sees: here the engine's start takes at least 50 ms (a deterministic busy wait) while
+    # moving the tiny weights takes far less; the old figure timed the weights alone.
+    import time
+
+    engine_s = 0.05
+
+    def slow_engine(device: str, group: str, models: dict[str, LoadedModel]) -> GroupRuntime:
+        until = time.perf_counter() + engine_s
+        while time.perf_counter() < until:
+            pass
+        return GroupRuntime(device, group, models)
+
+    s = DeviceScheduler(
+        "cpu:0", DeviceResidency("cpu:0", 4, load_model), load_model_groups(demo_models), max_sequences=4,
+        workers=1, queue_limit=8, load_timeout_s=60, failed_retry_s=60, runtime_factory=slow_engine,
+    )  # fmt: skip
+    s.start()
+    await s.ensure_group("alpha")
+    await s.ensure_group("beta")
+    await s.ensure_group("alpha")  # from the cache: no load at all, only the engines
+    assert s.switch_s["disk"] >= engine_s
+    assert s.switch_s["cache"] >= engine_s
+    await s.drain_and_stop(5)
