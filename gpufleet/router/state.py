@@ -63,6 +63,9 @@ class PodRecord:
     contact_at: float | None = None  # last successful poll of this pod
     others: dict[str, int] = field(default_factory=dict)  # device -> load beyond ours at the last queue poll
     queue_doc: dict[str, Any] | None = None
+    # device -> requests queued there, from the latest queue poll or load report (an answer carries
+    # one; busy pods are never polled, so the queue document alone would go stale under load)
+    waiting: dict[str, int] = field(default_factory=dict)
     queue_at: float | None = None
     annotated: bool = False  # its status comes from Kubernetes (the pod's status Lease)
     tenant: str | None = None  # its namespace: its group and model ids are qualified by it (router.tenancy)
@@ -289,6 +292,7 @@ class FleetState:
             device: max(0, d.running + d.waiting - self.inflight.get(f"{rec.name}/{device}", 0))
             for device, d in report.devices.items()
         }
+        rec.waiting = {device: d.waiting for device, d in report.devices.items()}
         rec.queue_at = rec.contact_at = now
         held = rec.status.status_version if rec.status is not None else None
         if report.status_version is not None and held is not None and report.status_version > held:
@@ -338,6 +342,7 @@ class FleetState:
             # What the pod holds beyond what this router sent there: other routers' traffic.
             others[device] = max(0, reported - self.inflight.get(f"{rec.name}/{device}", 0))
         rec.others, rec.queue_doc, rec.queue_at = others, doc, now
+        rec.waiting = {device: int(q.get("queue_size", 0)) for device, q in (doc.get("devices") or {}).items()}
         version, held = doc.get("status_version"), rec.status.status_version if rec.status is not None else None
         if isinstance(version, int) and held is not None and version > held:
             rec.status_due = True
@@ -563,7 +568,7 @@ class FleetState:
                     workers=d.workers,
                     queue_limit=d.queue_limit,
                     load=mine + others,
-                    waiting=int(queue.get("queue_size", 0)),
+                    waiting=rec.waiting.get(d.device, 0) if queue_fresh else 0,
                     waiting_groups=frozenset(waiting_groups),
                     switching_to=d.switching_to,
                     switch_s_from_cache=d.switch_seconds_from_cache,

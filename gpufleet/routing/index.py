@@ -196,11 +196,16 @@ class DeviceIndex:
         def switches(d: DeviceState) -> bool:  # an idle device that must load the group
             return settled(d) and group not in d.cached_groups
 
-        heaps = ((self._resident.get(group), open_), (self._cached_idle.get(group), cached), (self._idle, switches))
-        for heap, good in heaps:
+        floor = costs.switch_floor_s
+        heaps = (
+            (self._resident.get(group), open_, None),
+            (self._cached_idle.get(group), cached, floor),
+            (self._idle, switches, floor),
+        )
+        for heap, good, priced_from in heaps:
             if not heap:
                 continue
-            heads = self._heads(heap, good)
+            heads = self._heads(heap, good, priced_from)
             if heads is None:
                 return None
             for d in heads:
@@ -209,15 +214,24 @@ class DeviceIndex:
             out[key] = self._slots[key].state
         return list(out.values())
 
-    def _heads(self, heap: list[Entry], good: Callable[[DeviceState], bool]) -> list[DeviceState] | None:
+    def _heads(
+        self, heap: list[Entry], good: Callable[[DeviceState], bool], floor: float | None = None
+    ) -> list[DeviceState] | None:
         """Live entries from the top of ``heap`` until two ``good`` ones have been seen: the best of
         the heap's kind, and the next one, which tells whether the best ties with devices left
-        unseen (their cost only grows along the heap). None past SCAN_LIMIT entries."""
+        unseen (their cost only grows along the heap). None past SCAN_LIMIT entries.
+
+        With ``floor`` (a heap keyed by switch seconds, each priced at least the floor) every entry
+        under the floor is taken too: the floor makes them all cost the same, and such a tie is
+        broken by load and key, not by the heap's order of the raw seconds. (Equal raw seconds are
+        already in key order.)"""
         out: list[DeviceState] = []
         popped: list[Entry] = []
         seen = 0
         try:
-            while heap and seen < 2:
+            while heap:
+                if seen >= 2 and (floor is None or heap[0][0] > floor + _EPS):
+                    break
                 entry = heapq.heappop(heap)
                 slot = self._slots.get(entry[2])
                 if slot is None or slot.version != entry[3]:

@@ -54,6 +54,9 @@ def test_answers_replace_polls_and_announce_status_changes() -> None:
     ticket = state.begin("pod-a", "cpu:0", "alpha")
     state.observe_load("pod-a", LoadReport({"cpu:0": DeviceLoad(running=4, waiting=2)}, 3))
     assert state.snapshot().devices[0].load == 1 + 5
+    # What waits there comes from the answer too: a busy pod is never polled for its queue, and
+    # the queue scorer (gie) reads this.
+    assert state.snapshot().devices[0].waiting == 2
     assert state.due_queue(90) == [] and state.due_status(90) == []
     state.finish(ticket)
     # An answer announcing a newer status version makes the document due at once.

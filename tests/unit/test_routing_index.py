@@ -7,7 +7,7 @@ import dataclasses
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gpufleet.routing.index import SMALL_FLEET, DeviceIndex
@@ -62,6 +62,9 @@ def same(index: DeviceIndex, devices: tuple[DeviceState, ...], group: str, costs
 
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(SMALL_FLEET + 1, 160), service=st.sampled_from((0.05, 0.25, 1.0)))
+# Found by this test: a switch floor above three idle devices' cache times made them tie, and the
+# heap's order of their raw times, not their keys, picked the one the index saw.
+@example(seed=33, n=40, service=0.05)
 def test_indexed_and_full_decisions_agree(seed: int, n: int, service: float) -> None:
     rng = random.Random(seed)
     index = DeviceIndex()
