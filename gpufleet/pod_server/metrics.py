@@ -76,7 +76,7 @@ class PodMetrics:
         )
         self.switch_seconds = Histogram(
             "gpufleet_group_switch_seconds",
-            "Time to make a group current",
+            "Time to make a group current: the old engine stopped, the weights moved, the new engine started",
             [*base, "source"],
             buckets=SWITCH_BUCKETS,
             registry=r,
