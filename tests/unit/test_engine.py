@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpufleet.api.errors import ConfigError
-from gpufleet.pod_server.engine.batching import BatchEngine, SamplingParams
+from gpufleet.pod_server.engine.batching import BatchEngine, EngineError, SamplingParams
 from gpufleet.pod_server.engine.kv_sizing import kv_bytes_per_token, size_kv_cache
 from gpufleet.pod_server.engine.sampling import draw_key
 
@@ -94,3 +94,26 @@ async def test_leaving_early_cancels_the_sequence(engine: Any) -> None:
     await steps.aclose()  # type: ignore[attr-defined]
     assert e.running == 0
     assert not e._manager.output_router.result_handlers  # nothing left behind for the cancelled request
+
+
+async def test_a_dead_step_thread_fails_its_requests_and_the_next_one_gets_a_fresh_engine(engine: Any) -> None:
+    # A fatal error inside a step (injected at the library's boundary) ends transformers' step
+    # thread; before, its sequences stayed "running" forever and every later request hung.
+    e, prompt = engine
+    assert await _tokens(e, prompt, SamplingParams(4, temperature=0.0))
+
+    def fatal(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fatal step error")
+
+    e._manager._generation_step = fatal
+    with pytest.raises(EngineError):
+        await asyncio.wait_for(_tokens(e, prompt, SamplingParams(50, temperature=0.0)), 30)
+    assert e.running == 0
+    # Requests that arrive while the dying thread winds down fail too (503, Retry-After); once it
+    # has exited, the next request starts a new manager.
+    deadline = asyncio.get_running_loop().time() + 30
+    while e._manager.is_running():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    again = await asyncio.wait_for(_tokens(e, prompt, SamplingParams(4, temperature=0.0)), 30)
+    assert len(again) == 4 and e.restarts == 1

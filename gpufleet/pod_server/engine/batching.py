@@ -6,6 +6,10 @@ library lacks around it (per-request seeds and greedy rows: ``sampling``; the en
 request, which the library never reports), and turns each request into an async iterator of
 token steps whose closing cancels the sequence and frees its KV blocks at once.
 
+If the library's step thread dies (a fatal error in a step), its requests fail with the error,
+requests that were waiting on it fail within ``LIVENESS_CHECK_S``, and the next request starts a
+fresh manager: one failure costs the requests in flight, not the device.
+
 Created when a group becomes current on a device, stopped (cache freed) before it is parked.
 """
 
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 # warpers at all (it skips a warper whose default is a no-op); each request sends its own values.
 _BASE_TEMPERATURE = 0.5
 _BASE_TOP_P = 0.5
+# How often a request waiting for tokens checks that the step thread is still alive.
+LIVENESS_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,9 @@ class BatchEngine:
         self.eos_ids = sorted(set(eos_ids))
         self._on_tokens = on_tokens  # every generated token, delivered or not (metrics)
         self.running = 0
-        generation = GenerationConfig(
+        self.restarts = 0  # managers started again after their step thread died
+        self._closed = False
+        self._generation = GenerationConfig(
             do_sample=True,
             temperature=_BASE_TEMPERATURE,
             top_p=_BASE_TOP_P,
@@ -88,7 +96,7 @@ class BatchEngine:
             eos_token_id=self.eos_ids or -1,
             pad_token_id=self.eos_ids[0] if self.eos_ids else 0,
         )
-        config = _cb_config(
+        self._config = _cb_config(
             page_size=sizing.page_size,
             num_blocks=sizing.num_blocks,
             max_batch_tokens=sizing.max_batch_tokens,
@@ -100,11 +108,16 @@ class BatchEngine:
             auto_switch_to_flash=False,  # keep the attention the model was loaded with
             use_cuda_graph=False if not is_cuda(device) else None,
         )
-        with _on_device(device):
-            self._manager = model.init_continuous_batching(
-                generation_config=generation, continuous_batching_config=config
+        self._model = model
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> Any:
+        with _on_device(self.device):
+            manager = self._model.init_continuous_batching(
+                generation_config=self._generation, continuous_batching_config=self._config
             )
-        sampling.install(self._manager.logit_processor)
+        sampling.install(manager.logit_processor)
+        return manager
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -125,6 +138,7 @@ class BatchEngine:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the step loop and free the KV cache (blocking: call off the event loop)."""
+        self._closed = True
         if self._manager.is_running():
             self._manager.stop(block=True, timeout=timeout_s, hard_stop=True)
 
@@ -139,8 +153,26 @@ class BatchEngine:
 
     # --- requests ----------------------------------------------------------------------------
 
+    def _revive(self) -> None:
+        """A manager whose step thread died takes no more work: start a fresh one in its place."""
+        if self._closed:
+            raise EngineError(f"the batching engine of {self.model_id} on {self.device} is stopped")
+        dead, fatal = self._manager, getattr(self._manager.background_thread_status, "fatal_error", None)
+        log.error(
+            "batching engine died; starting a new one",
+            extra={"model": self.model_id, "device": self.device, "error": repr(fatal), "restarts": self.restarts + 1},
+        )
+        self._manager = self._new_manager()
+        with _on_device(self.device), torch.inference_mode():
+            self._manager.start()
+        self.restarts += 1
+        del dead  # its KV cache goes with it
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
         """Stream one sequence; leaving the iteration early (a stop string, a client gone) cancels it."""
+        if not _alive(self._manager):
+            self._revive()
+        manager = self._manager  # a revival for a later request must not orphan this one
         request_id = f"{self.model_id}-{uuid.uuid4().hex[:16]}"
         steps: asyncio.Queue[tuple[list[int], Any]] = asyncio.Queue()
         seen = 0
@@ -156,8 +188,8 @@ class BatchEngine:
         greedy = params.temperature <= 1e-5
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         key = sampling.GREEDY if greedy else seed & 0x7FFFFFFF  # the library carries an int32
-        self._manager.register_result_handler(request_id, on_output)
-        self._manager.add_request(
+        manager.register_result_handler(request_id, on_output)
+        manager.add_request(
             list(prompt_ids),
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
@@ -171,7 +203,13 @@ class BatchEngine:
         finished = False
         try:
             while True:
-                new, output = await steps.get()
+                try:
+                    new, output = await asyncio.wait_for(steps.get(), LIVENESS_CHECK_S)
+                except TimeoutError:
+                    if _alive(manager):
+                        continue
+                    finished = True  # nothing more comes from a dead thread
+                    raise EngineError(f"the batching engine on {self.device} stopped mid-request") from None
                 if output.error:
                     finished = True
                     raise EngineError(f"generation failed on {self.device}: {output.error}")
@@ -185,8 +223,8 @@ class BatchEngine:
         finally:
             self.running -= 1
             if not finished:
-                self._manager.cancel_request(request_id)
-                _forget_handler(self._manager, request_id)
+                manager.cancel_request(request_id)
+                _forget_handler(manager, request_id)
 
 
 def _cb_config(**fields: Any) -> ContinuousBatchingConfig:
@@ -200,6 +238,12 @@ def _cb_config(**fields: Any) -> ContinuousBatchingConfig:
     if missing:
         raise RuntimeError(f"this transformers' ContinuousBatchingConfig lacks {missing}: see pyproject's pin")
     return ContinuousBatchingConfig(**fields)
+
+
+def _alive(manager: Any) -> bool:
+    """The step thread runs and has recorded no fatal error (it may take a moment to exit after one)."""
+    status = getattr(manager, "background_thread_status", None)
+    return bool(manager.is_running()) and getattr(status, "fatal_error", None) is None
 
 
 def _forget_handler(manager: Any, request_id: str) -> None:
