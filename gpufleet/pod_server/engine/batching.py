@@ -204,7 +204,8 @@ class BatchEngine:
         try:
             while True:
                 try:
-                    new, output = await asyncio.wait_for(steps.get(), LIVENESS_CHECK_S)
+                    async with asyncio.timeout(LIVENESS_CHECK_S):  # no task per step, unlike wait_for
+                        new, output = await steps.get()
                 except TimeoutError:
                     if _alive(manager):
                         continue
