@@ -538,8 +538,20 @@ def test_same_named_groups_of_two_namespaces_are_two_groups(fleet: Fleet) -> Non
 
         fleet.wait(listed, "the router lists both namespaces' models", 90)
         for ns, ip in ips.items():
-            r = client.post("/v1/chat/completions", json={"model": f"{ns}/tiny-chat-t", "max_tokens": 4,
-                                                          "messages": [{"role": "user", "content": "hi"}]})
+            answers: list[httpx.Response] = []
+
+            def served(ns: str = ns, answers: list[httpx.Response] = answers) -> bool:
+                # The router lists a pod's models from its status before it counts the pod ready
+                # (its endpoints and health checks converge on their own): until then it answers
+                # 503 with Retry-After, as a client would see, and nothing else.
+                r = client.post("/v1/chat/completions", json={"model": f"{ns}/tiny-chat-t", "max_tokens": 4,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+                answers.append(r)
+                return r.status_code != 503
+
+            fleet.wait(served, f"the router serves {ns}/tiny-chat-t", 60)
+            assert all("retry-after" in a.headers for a in answers[:-1]), [a.text for a in answers]
+            r = answers[-1]
             assert r.status_code == 200, r.text
             assert r.headers["x-served-by-pod"].endswith(f"@{ip}:8000"), (ns, r.headers["x-served-by-pod"])
         r = client.post("/v1/chat/completions", json={"model": "tiny-chat-t", "max_tokens": 4,
