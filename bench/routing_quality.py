@@ -85,9 +85,9 @@ def measured_switches() -> SwitchCosts:
         # A switch is never free: the scheduler's own bookkeeping takes a moment.
         cache_fixed_s=max(cache["fixed_s"], 1e-3),
         cache_s_per_gb=cache["s_per_gb"],
-        # Stopping one batching engine and starting the next, on every switch (recorded since the
-        # pod measured its switches whole; older records lack it).
-        engine_s=fit["engine"]["fixed_s"] + fit["engine"]["s_per_gb"] if "engine" in fit else 0.0,
+        # Stopping one batching engine and starting the next, on every switch, whatever the group's
+        # size (the fit's slope is 0); older records lack it.
+        engine_s=fit["engine"]["fixed_s"] if "engine" in fit else 0.0,
         origin=origin,
     )
 

@@ -2,7 +2,8 @@
 
 torch and transformers leave some 400,000 tracked objects behind at import, and every full
 collection walks them all. The continuous-batching manager collects twice when it stops, so each
-group switch cost about 0.7 s of held GIL on a CPU pod (measured: 0.12 s frozen), and every
+group switch cost about 0.7 s of held GIL on a CPU pod (0.18-0.27 s frozen: bench/results/
+switch_cost.json, ``engine``), and every
 automatic full collection paused decoding as long. Frozen objects are never collected, so this
 runs once, before any model is loaded: a model's module tree holds reference cycles and must
 stay collectable for an evicted group's memory to come back.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,12 +29,14 @@ async def poll_status_once(
 ) -> None:
     """Fetch status documents: of every pod, or (``idle_poll_s``) only of those due (``FleetState.due_status``)."""
     async def one(pod_id: str, url: str) -> None:
-        try:
-            doc = PodStatus.model_validate(await pool.get_json(url, "/api/status", headers, timeout_s))
-        except POLL_ERRORS as exc:
-            state.observe_failure(pod_id, f"status poll: {type(exc).__name__}: {exc}"[:300])
-            return
-        state.observe_status(pod_id, doc)
+        doc = await _fetch(state, pool, pod_id, url, "/api/status", timeout_s, headers)
+        if doc is not None:
+            try:
+                status = PodStatus.model_validate(doc)
+            except ValidationError as exc:
+                state.observe_failure(pod_id, f"/api/status poll: {type(exc).__name__}: {exc}"[:300])
+                return
+            state.observe_status(pod_id, status)
 
     records = state.due_status(idle_poll_s) if idle_poll_s is not None else list(state.pods.values())
     targets = [(rec.id, rec.url) for rec in records if rec.url and not (only_missing and rec.annotated)]
@@ -45,19 +48,28 @@ async def poll_queues_once(
 ) -> None:
     """Fetch queue documents: of every pod with a status, or (``idle_poll_s``) only of idle ones."""
     async def one(pod_id: str, url: str) -> None:
-        try:
-            doc = await pool.get_json(url, "/api/queue", headers, timeout_s)
-            if not isinstance(doc, dict):
-                raise ValueError("queue document is not an object")
-        except POLL_ERRORS as exc:
-            state.observe_failure(pod_id, f"queue poll: {type(exc).__name__}: {exc}"[:300])
-            return
-        state.observe_queue(pod_id, doc)
+        doc = await _fetch(state, pool, pod_id, url, "/api/queue", timeout_s, headers)
+        if doc is not None:
+            state.observe_queue(pod_id, doc)
 
     # Only pods that have published a status: the rest are not routable yet anyway.
     records = state.due_queue(idle_poll_s) if idle_poll_s is not None else list(state.pods.values())
     targets = [(rec.id, rec.url) for rec in records if rec.url and rec.status is not None]
     await asyncio.gather(*(one(pod_id, url) for pod_id, url in targets))
+
+
+async def _fetch(
+    state: FleetState, pool: UpstreamPool, pod_id: str, url: str, path: str, timeout_s: float, headers: Headers
+) -> dict[str, Any] | None:
+    """One poll's JSON object, or None with the failure noted against the pod (its outlier count)."""
+    try:
+        doc = await pool.get_json(url, path, headers, timeout_s)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path} document is not an object")
+    except POLL_ERRORS as exc:
+        state.observe_failure(pod_id, f"{path} poll: {type(exc).__name__}: {exc}"[:300])
+        return None
+    return doc
 
 
 async def every(interval_s: float, action: Callable[[], Awaitable[None]], what: str) -> None:

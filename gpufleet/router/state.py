@@ -294,10 +294,15 @@ class FleetState:
         }
         rec.waiting = {device: d.waiting for device, d in report.devices.items()}
         rec.queue_at = rec.contact_at = now
-        held = rec.status.status_version if rec.status is not None else None
-        if report.status_version is not None and held is not None and report.status_version > held:
-            rec.status_due = True
+        self._note_status_version(rec, report.status_version)
         self._sync(rec)
+
+    @staticmethod
+    def _note_status_version(rec: PodRecord, version: object) -> None:
+        """A load report or queue document announcing a newer status makes the document due."""
+        held = rec.status.status_version if rec.status is not None else None
+        if isinstance(version, int) and held is not None and version > held:
+            rec.status_due = True
 
     def due_status(self, idle_poll_s: float) -> list[PodRecord]:
         """Pods whose status document should be fetched now: none yet, announced newer, or idle too long."""
@@ -337,15 +342,14 @@ class FleetState:
             return
         now = self.clock()
         others: dict[str, int] = {}
+        queued: dict[str, int] = {}
         for device, q in (doc.get("devices") or {}).items():
-            reported = int(q.get("queue_size", 0)) + int(q.get("busy_workers", 0))
+            queued[device] = int(q.get("queue_size", 0))
+            reported = queued[device] + int(q.get("busy_workers", 0))
             # What the pod holds beyond what this router sent there: other routers' traffic.
             others[device] = max(0, reported - self.inflight.get(f"{rec.name}/{device}", 0))
-        rec.others, rec.queue_doc, rec.queue_at = others, doc, now
-        rec.waiting = {device: int(q.get("queue_size", 0)) for device, q in (doc.get("devices") or {}).items()}
-        version, held = doc.get("status_version"), rec.status.status_version if rec.status is not None else None
-        if isinstance(version, int) and held is not None and version > held:
-            rec.status_due = True
+        rec.others, rec.waiting, rec.queue_doc, rec.queue_at = others, queued, doc, now
+        self._note_status_version(rec, doc.get("status_version"))
         for device, q in (doc.get("devices") or {}).items():
             key = f"{rec.name}/{device}"
             exp = self.expected.get(key)
