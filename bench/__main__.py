@@ -19,12 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import RESULTS, machine_info, progress, read_result
 
 # In run order: the switch costs feed the simulator.
-PARTS = ("switch_cost", "routing_quality", "throughput", "replay")
+PARTS = ("switch_cost", "routing_quality", "throughput", "replay", "pool")
 DESCRIPTIONS = {
     "switch_cost": "time to make a group current from disk and from the CPU cache, per GB, vs copy bandwidth",
     "routing_quality": "simulated batched devices: the real policy vs round robin, least load, LRU multiplexing, GIE",
     "throughput": "tokens/s and time to first token at concurrency 1-64: serve, up, batch-1 loop, transformers CB",
     "replay": "a scaled-down trace replayed on gpufleet up per policy, beside the simulator",
+    "pool": "6 groups on a 2-pod GpuPool vs 6 dedicated pods on the real control plane, the same trace",
 }
 
 
@@ -35,13 +36,15 @@ def _runner(part: str) -> Callable[..., Any]:
         from bench.routing_quality import run
     elif part == "throughput":
         from bench.throughput import run
-    else:
+    elif part == "replay":
         from bench.replay import run
+    else:
+        from bench.pool import run
     return run
 
 
 def write_summary() -> None:
-    from bench import replay, routing_quality, switch_cost, throughput
+    from bench import pool, replay, routing_quality, switch_cost, throughput
 
     m = machine_info()
     lines = [
@@ -60,8 +63,9 @@ def write_summary() -> None:
         "routing_quality": routing_quality.summarize,
         "throughput": throughput.summarize,
         "replay": replay.summarize,
+        "pool": pool.summarize,
     }
-    for part in ("routing_quality", "replay", "switch_cost", "throughput", "gpu"):
+    for part in ("routing_quality", "replay", "pool", "switch_cost", "throughput", "gpu"):
         doc = read_result(part)
         if doc is None:
             continue
@@ -128,6 +132,10 @@ def _targets_overview() -> list[str]:
     if rp:
         pairs = ", ".join(f"{p} {v['real']['switches']}/{v['sim']['switches']}" for p, v in rp["policies"].items())
         out.append(f"- Replay on gpufleet up, switches measured/simulated: {pairs}.")
+    pl = read_result("pool")
+    if pl:
+        met = sum(t["met"] for t in pl["targets"])
+        out.append(f"- GPU pool vs dedicated pods (real control plane): {met} of {len(pl['targets'])} targets met.")
     return out
 
 

@@ -22,6 +22,7 @@ class Outcome:
     latency_s: float
     completion_tokens: int = 0
     error: str | None = None
+    retry_after: str | None = None  # the Retry-After header of a refusal, if it had one
 
 
 def chat_body(model: str, max_tokens: int) -> dict[str, Any]:
@@ -39,7 +40,7 @@ async def _one(http: httpx.AsyncClient, url: str, index: int, model: str, tokens
         r = await http.post(url + "/v1/chat/completions", json=chat_body(model, tokens))
         lat = time.perf_counter() - started
         if r.status_code != 200:
-            return Outcome(index, r.status_code, lat, error=r.text[:200])
+            return Outcome(index, r.status_code, lat, error=r.text[:200], retry_after=r.headers.get("retry-after"))
         usage = r.json().get("usage") or {}
         return Outcome(index, 200, lat, int(usage.get("completion_tokens", 0)))
     except httpx.HTTPError as exc:

@@ -40,10 +40,10 @@ def model_of(group: str) -> str:
     return "m" + group[1:]
 
 
-def calibrate(url: str) -> dict[str, float]:
-    """Service seconds = a + b * tokens of the default group, sequentially on the idle fleet."""
+def calibrate(url: str, model: str = "m00") -> dict[str, float]:
+    """Service seconds = a + b * tokens of one model, sequentially on the idle fleet."""
     tokens = [4, 32, 4, 32, 16, 16, 4, 32]
-    outs = run_async(sequential(url, "m00", tokens))[2:]  # the first two warm the path
+    outs = run_async(sequential(url, model, tokens))[2:]  # the first two warm the path
     xs = [t for t, o in zip(tokens[2:], outs, strict=True) if o.status == 200]
     ys = [o.latency_s for o in outs if o.status == 200]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)

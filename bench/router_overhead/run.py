@@ -1,10 +1,12 @@
 """Router overhead: latency direct vs through the router, chunk delays, saturation.
 
-Starts the echo backend and a real ``gpufleet router`` process pinned to one core
-(``taskset``), runs each case for a few seconds from this process on another core, prints
-a table and writes ``bench/results/router_overhead.json``.
+Starts two echo backends and a real ``gpufleet router`` process pinned to one core
+(``taskset``), and, when it is installed, the peer vllm-router (the vLLM project's Rust router,
+in a virtualenv of its own: never a project or CI dependency) pinned to the same core; runs
+each case for a few seconds from this process on the other core, prints a table and writes
+``bench/results/router_overhead.json`` with the ratios to the peer as its ``targets``.
 
-    python -m bench.router_overhead [--duration 3] [--router-core 0] [--client-core 1]
+    python -m bench.router_overhead [--duration 3] [--router-core 0] [--client-core 1] [--peer PATH|none]
 """
 
 from __future__ import annotations
@@ -123,14 +125,32 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(" | ".join(f"{r.get(c) if r.get(c) is not None else '':>12}" for c in cols))
 
 
+PEER_VENV_ROUTER = Path.home() / ".cache" / "gpufleet" / "peers" / "vllm-router" / "bin" / "vllm-router"
+# The issue's targets against the peer, on one core each (non-streaming).
+PEER_TARGETS = {"rps_c16_vs_peer": 0.8, "added_p50_c1_vs_peer": 1.5}
+
+
+def find_peer(given: str | None) -> str | None:
+    """vllm-router, from --peer, its own virtualenv (see bench/README.md) or PATH; None: no peer."""
+    if given == "none":
+        return None
+    for candidate in (given, str(PEER_VENV_ROUTER), shutil.which("vllm-router")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gpufleet router overhead benchmark")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per case")
     parser.add_argument("--router-core", type=int, default=0)
-    parser.add_argument("--client-core", type=int, default=1, help="this process and the echo backend")
+    parser.add_argument("--client-core", type=int, default=1, help="this process and the echo backends")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--chunk-gap-ms", type=float, default=2.0)
     parser.add_argument("--log-level", default="INFO", help="router LOG_LEVEL (INFO logs every decision)")
+    parser.add_argument(
+        "--peer", default=None, help="the vllm-router binary (default: its own virtualenv, then PATH); 'none': skip"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -138,55 +158,44 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.client_core})
     load_before = os.getloadavg()[0]
     logs = Path(tempfile.mkdtemp(prefix="router-bench-"))
-    echo_port, router_port = free_port(), free_port()
+    echo_ports, router_port, peer_port = [free_port(), free_port()], free_port(), free_port()
+    peer = find_peer(args.peer)
     procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, cmd: list[str], core: int | None, env: dict[str, str] | None = None) -> int:
+        procs.append(
+            subprocess.Popen(pinned(cmd, core), env=env, stdout=subprocess.DEVNULL, stderr=(logs / name).open("wb"))
+        )
+        return procs[-1].pid  # taskset execs the command: the same process
+
     try:
-        procs.append(
-            subprocess.Popen(
-                pinned(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.support.echo_backend",
-                        "--port",
-                        str(echo_port),
-                        "--chunks",
-                        str(args.chunks),
-                        "--chunk-gap-ms",
-                        str(args.chunk_gap_ms),
-                    ],
-                    args.client_core,
-                ),
-                stdout=subprocess.DEVNULL,
-                stderr=(logs / "echo.log").open("wb"),
-            )
-        )
-        env = {
-            **os.environ,
-            "POD_URLS": f"http://127.0.0.1:{echo_port}",
-            "PORT": str(router_port),
-            "HOST": "127.0.0.1",
-            "LOG_LEVEL": args.log_level,
-        }
-        procs.append(
-            subprocess.Popen(
-                pinned([sys.executable, "-m", "gpufleet.cli", "router"], args.router_core),
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=(logs / "router.log").open("wb"),
-            )
-        )
-        router_pid = procs[-1].pid  # taskset execs python: the same process
-        wait_ready(f"http://127.0.0.1:{echo_port}/ready")
+        for i, port in enumerate(echo_ports):
+            echo = [sys.executable, "-m", "tests.support.echo_backend", "--port", str(port), "--name", f"echo-{i}"]
+            spawn(f"echo-{i}.log", [*echo, "--chunks", str(args.chunks), "--chunk-gap-ms", str(args.chunk_gap_ms)],
+                  args.client_core)
+        backends = [f"http://127.0.0.1:{p}" for p in echo_ports]
+        env = {**os.environ, "POD_URLS": ",".join(backends), "PORT": str(router_port), "HOST": "127.0.0.1",
+               "LOG_LEVEL": args.log_level}
+        targets = [("direct", echo_ports[0], None),
+                   ("router", router_port, spawn("router.log", [sys.executable, "-m", "gpufleet.cli", "router"],
+                                                 args.router_core, env))]
+        if peer is not None:
+            cmd = [peer, "--host", "127.0.0.1", "--port", str(peer_port), "--worker-urls", *backends,
+                   "--policy", "round_robin", "--log-level", "warning"]
+            targets.append(("vllm-router", peer_port, spawn("vllm-router.log", cmd, args.router_core)))
+        for port in echo_ports:
+            wait_ready(f"http://127.0.0.1:{port}/ready")
         wait_ready(f"http://127.0.0.1:{router_port}/ready")
+        if peer is not None:
+            wait_ready(f"http://127.0.0.1:{peer_port}/health")
         rows: list[dict[str, Any]] = []
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             for stream in (False, True):
                 for conc in (1, 16):
-                    for target, port, pid in (("direct", echo_port, None), ("router", router_port, router_pid)):
+                    for target, port, pid in targets:
                         figures = runner.run(measure(port, stream, conc, args.duration, pid))
                         rows.append({"target": target, "stream": stream, "conc": conc, **figures})
-                        print(f"  {target:6} stream={stream!s:5} c={conc:<2} {figures}", file=sys.stderr, flush=True)
+                        print(f"  {target:11} stream={stream!s:5} c={conc:<2} {figures}", file=sys.stderr, flush=True)
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
@@ -199,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     def row(target: str, stream: bool, conc: int) -> dict[str, Any]:
         return next(r for r in rows if r["target"] == target and r["stream"] == stream and r["conc"] == conc)
 
+    def added(target: str, key: str, stream: bool = False) -> float:
+        return round(row(target, stream, 1)[key] - row("direct", stream, 1)[key], 3)
+
     figures = {
-        "added_p50_ms_c1": round(row("router", False, 1)["p50_ms"] - row("direct", False, 1)["p50_ms"], 3),
-        "added_p99_ms_c1": round(row("router", False, 1)["p99_ms"] - row("direct", False, 1)["p99_ms"], 3),
-        "added_p50_ms_c1_stream": round(row("router", True, 1)["p50_ms"] - row("direct", True, 1)["p50_ms"], 3),
-        "added_p99_ms_c1_stream": round(row("router", True, 1)["p99_ms"] - row("direct", True, 1)["p99_ms"], 3),
+        "added_p50_ms_c1": added("router", "p50_ms"),
+        "added_p99_ms_c1": added("router", "p99_ms"),
+        "added_p50_ms_c1_stream": added("router", "p50_ms", True),
+        "added_p99_ms_c1_stream": added("router", "p99_ms", True),
         "max_chunk_delay_ms": row("router", True, 1)["chunk_delay_max_ms"],
         "max_chunk_delay_ms_c16": row("router", True, 16)["chunk_delay_max_ms"],
         "router_rps_c16": row("router", False, 16)["rps"],
@@ -217,6 +229,24 @@ def main(argv: list[str] | None = None) -> int:
         "max_chunk_delay_ms": figures["max_chunk_delay_ms"] <= TARGETS["max_chunk_delay_ms"],
         "router_rps_c16": figures["router_rps_c16"] >= TARGETS["router_rps_c16"],
     }
+    target_list: list[dict[str, Any]] = []
+    if peer is not None:
+        figures |= {
+            "peer_added_p50_ms_c1": added("vllm-router", "p50_ms"),
+            "peer_rps_c16": row("vllm-router", False, 16)["rps"],
+            "peer_cpu_us_per_req_c16": row("vllm-router", False, 16).get("router_cpu_us_per_req"),
+            "peer_rps_c16_stream": row("vllm-router", True, 16)["rps"],
+            "router_rps_c16_stream": row("router", True, 16)["rps"],
+        }
+        rps_ratio = figures["router_rps_c16"] / figures["peer_rps_c16"]
+        p50_ratio = figures["added_p50_ms_c1"] / max(figures["peer_added_p50_ms_c1"], 1e-6)
+        figures |= {"rps_c16_vs_peer": round(rps_ratio, 3), "added_p50_c1_vs_peer": round(p50_ratio, 3)}
+        target_list = [
+            {"target": "non-streaming c=16 answers/s >= 0.8x vllm-router's (one core each)",
+             "measured": figures["rps_c16_vs_peer"], "met": rps_ratio >= PEER_TARGETS["rps_c16_vs_peer"]},
+            {"target": "added p50 at c=1 <= 1.5x vllm-router's", "measured": figures["added_p50_c1_vs_peer"],
+             "met": p50_ratio <= PEER_TARGETS["added_p50_c1_vs_peer"]},
+        ]
     result = {
         "benchmark": "router_overhead",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -224,19 +254,22 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "load_avg_1m": os.getloadavg()[0],
+            "load_avg_1m_before": load_before,
         },
         "setup": {
             "duration_s": args.duration,
             "router_core": args.router_core,
             "client_core": args.client_core,
+            "backends": len(echo_ports),
             "chunks": args.chunks,
             "chunk_gap_ms": args.chunk_gap_ms,
             "router_log_level": args.log_level,
+            "peer": peer,
         },
         "rows": rows,
         "figures": figures,
-        "targets": TARGETS,
+        "targets": target_list,
+        "overhead_targets": TARGETS,
         "met": verdict,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in figures.items():
         mark = "" if key not in verdict else ("  ok" if verdict[key] else "  MISSED")
         print(f"{key:>26}: {value}{mark}")
+    for t in target_list:
+        print(f"{'met' if t['met'] else 'MISSED':>6}: {t['target']}: {t['measured']}")
     print(f"\nload average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"written: {args.out}")
     return 0

@@ -111,7 +111,7 @@ class PodServer:
         if route == "/api/status":
             return _response(200, self.status_bytes())
         if route == "/api/queue":
-            return _response(200, json.dumps(pod_docs.queue_doc(self.pod)).encode())
+            return _response(200, json.dumps(pod_docs.queue_doc(self.pod, self.status_version)).encode())
         if route == "/api/gpu_stats":
             return _response(200, json.dumps(pod_docs.gpu_stats_doc(self.pod)).encode())
         if route == "/api/models":

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from bench.scale.layout import EmulatedPod, model_ids
+from gpufleet.api.device_report import device_queue, queue_document
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 
 WORKERS = 16  # sequences a device runs at once (the pod server's max_sequences)
@@ -45,29 +46,20 @@ def status_doc(
     return doc.model_dump(mode="json", exclude_none=True)
 
 
-def queue_doc(pod: EmulatedPod) -> dict[str, Any]:
+def queue_doc(pod: EmulatedPod, status_version: int = 0) -> dict[str, Any]:
+    """Through the pod server's own writer; nothing queues on an emulated device (``queued`` stays 0),
+    so no group waits."""
     devices = {
-        d.device: {
-            "queue_size": d.queued,
-            "waiting_for_switch": 0,
-            "queue_limit": QUEUE_LIMIT,
-            "running_sequences": d.running,
-            "max_sequences": WORKERS,
-            "busy_workers": d.running,
-            "idle_workers": max(0, WORKERS - d.running),
-            "workers": WORKERS,
-            "kv_blocks_used": 0,
-            "kv_blocks_total": 1024,
-            "current_group": d.current_group,
-            "switching_to": None,
-        }
+        d.device: device_queue(
+            running=d.running,
+            max_sequences=WORKERS,
+            queue_limit=QUEUE_LIMIT,
+            current_group=d.current_group,
+            kv_blocks=(0, 1024),
+        )
         for d in pod.devices
     }
-    return {
-        "devices": devices,
-        "total_queued": sum(d.queued for d in pod.devices),
-        "total_running": sum(d.running for d in pod.devices),
-    }
+    return queue_document(devices, status_version)
 
 
 def gpu_stats_doc(pod: EmulatedPod) -> dict[str, Any]:

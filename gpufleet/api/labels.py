@@ -13,6 +13,7 @@ SHORT_NAMES = ("mg",)
 # Labels (selectable).
 LABEL_COMPONENT = f"{DOMAIN}/component"  # "pod-server" | "router" | "operator"
 LABEL_MODEL_GROUP = f"{DOMAIN}/model-group"
+LABEL_POOL = f"{DOMAIN}/pool"  # on a GpuPool's pods (which carry no model-group label)
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"

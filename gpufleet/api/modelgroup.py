@@ -208,16 +208,16 @@ class PodTemplateFields(_Camel):
 DEFAULTABLE_FIELDS = tuple(PodTemplateFields.model_fields)
 
 
-class ModelGroupSpec(PodTemplateFields):
-    models: list[ModelSource] = Field(min_length=1, max_length=32, description="The group's models; ids are unique.")
+class PodServerFields(PodTemplateFields):
+    """Everything that shapes the pod servers: shared by a dedicated ModelGroup (its own pods)
+    and a GpuPool (pods that serve many ModelGroups)."""
+
     replicas: int = Field(default=1, ge=0, le=256, description="GPU pods that keep this group resident.")
     gpus_per_pod: int = Field(
         default=1, ge=1, le=16, description="GPUs per pod server; 1 means one pod per GPU. Immutable."
     )
     workers_per_gpu: int = Field(default=1, ge=1, le=64)
-    cpu_cache_size: int = Field(default=2, ge=0, le=64, description="Models kept in the pod's CPU cache.")
     queue_limit: int = Field(default=64, ge=1, le=10_000, description="Bounded queue per GPU.")
-    lazy_load: bool = False
     exclusive: bool = Field(
         default=False,
         description="These GPUs serve no other group: no other group's pod server, in any namespace, is scheduled"
@@ -231,16 +231,67 @@ class ModelGroupSpec(PodTemplateFields):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @model_validator(mode="after")
-    def _check(self) -> ModelGroupSpec:
-        ids = [m.id for m in self.models]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"duplicate model ids: {', '.join(dupes)}")
+    def _check_pods(self) -> PodServerFields:
         if GPU_RESOURCE in self.resources.limits or GPU_RESOURCE in self.resources.requests:
             raise ValueError(f"set GPUs with gpusPerPod, not resources ({GPU_RESOURCE})")
         visible = sorted(e.name for e in self.env if e.name.endswith(VISIBLE_DEVICES_SUFFIX))
         if visible:
             raise ValueError(f"env: {', '.join(visible)} is set from gpusPerPod by the GPU runtime, not here")
+        return self
+
+
+# The pod-shaped fields a pooled ModelGroup may not set (its pods are the pool's), with the
+# value each takes when unset: the API server fills in defaults before it validates, so a
+# field with a default counts as set only when it differs from that default.
+POD_FIELD_DEFAULTS: dict[str, Any] = {
+    to_camel(name): (None if info.default_factory is not None else info.default)
+    for name, info in PodServerFields.model_fields.items()
+} | {"cpuCacheSize": 2, "lazyLoad": False}
+
+
+class ModelGroupSpec(PodServerFields):
+    cpu_cache_size: int = Field(default=2, ge=0, le=64, description="Models kept in the pod's CPU cache.")
+    lazy_load: bool = False
+    models: list[ModelSource] = Field(min_length=1, max_length=32, description="The group's models; ids are unique.")
+    pool: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=DNS_LABEL,
+        description="A GpuPool of this namespace whose pods serve this group (no pods of its own); pod-shaped"
+        " fields are then the pool's and may not be set here. Unset: dedicated pods, as set here.",
+    )
+    min_resident: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Pooled groups: devices of the pool that keep this group current or cached at all times"
+        " (0: loaded only on demand).",
+    )
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Pooled groups: higher is placed first when devices are scarce."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelGroupSpec:
+        ids = [m.id for m in self.models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model ids: {', '.join(dupes)}")
+        if self.pool is None and (self.min_resident or self.priority):
+            raise ValueError("minResident and priority apply to pooled groups only: set spec.pool")
+        if self.pool is not None:
+            given = {name for name in self.model_fields_set if to_camel(name) in POD_FIELD_DEFAULTS}
+            pod_fields = sorted(
+                to_camel(name)
+                for name in given
+                if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)
+            )
+            if pod_fields:
+                raise ValueError(
+                    f"spec.{pod_fields[0]} is a pod setting: a pooled ModelGroup runs on GpuPool {self.pool!r}'s"
+                    " pods; set it on the pool"
+                )
         return self
 
 
@@ -272,3 +323,4 @@ class ModelGroupStatus(_Camel):
     conditions: list[Condition] = Field(default_factory=list)
     placements: list[Placement] = Field(default_factory=list)
     service: str | None = None
+    pool: str | None = Field(default=None, description="The GpuPool whose pods serve this group, when pooled.")

@@ -60,8 +60,9 @@ class _Body(BaseModel):
         default=None,
         min_length=1,
         description=(
-            "Id of an exclusive lease (POST /api/leases on the router; or header x-gpufleet-lease): the request "
-            "runs only on the lease's devices, which serve nobody else. The router consumes it; pod servers refuse it."
+            "Id of an exclusive lease (POST /api/leases on the router; or header x-gpufleet-lease, which wins "
+            "when both are set): the request runs only on the lease's devices, which serve nobody else. The router "
+            "consumes it; pod servers refuse it."
         ),
     )
 

@@ -21,6 +21,9 @@ from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, Embedd
 from gpufleet.api.responses import ChatCompletion, Completion, EmbeddingList, ErrorBody
 
 LEASE_HEADER = "x-gpufleet-lease"
+LEASE_PRECEDENCE = (
+    "When a request carries both the header and the body field `lease`, the header's lease is the one used."
+)
 REF = "#/components/schemas/{model}"
 
 # path -> (summary, request body, 200 body, streams)
@@ -104,7 +107,8 @@ def _openai_operation(path: str, router: bool) -> dict[str, Any]:
                 "name": LEASE_HEADER,
                 "in": "header",
                 "required": False,
-                "description": "gpufleet extension: the lease to serve this request under (as the `lease` field).",
+                "description": "gpufleet extension: the lease to serve this request under (as the `lease` field). "
+                + LEASE_PRECEDENCE,
                 "schema": {"type": "string", "minLength": 1, "pattern": "\\S"},
             }
         ],

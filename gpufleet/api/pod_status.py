@@ -61,6 +61,25 @@ class PodStatus(BaseModel):
     )
     cpu_cache_bytes: int | None = Field(default=None, description="Bytes of host copies in the pod's CPU cache.")
     cpu_cache_limit_bytes: int | None = None
+    # The configuration a pod serves, reloaded while it runs (MODEL_GROUPS_RELOAD_S, PLACEMENT).
+    refused_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="Groups of model_groups.json this pod does not serve -> why (a malformed entry, or a model id "
+        "another group keeps).",
+    )
+    config_error: str | None = Field(
+        default=None,
+        description="Why the last reload of model_groups.json or placement.json failed as a whole; the "
+        "configuration before it keeps serving.",
+    )
+    groups_hash: str | None = Field(
+        default=None,
+        description="Short sha256 of the model_groups.json bytes served now (gpufleet.api.model_groups."
+        "groups_digest): a writer can tell when the pod has picked up what it wrote.",
+    )
+    placement_generation: int | None = Field(
+        default=None, description="The generation of the placement.json honoured now; None without one."
+    )
 
     def state_key(self) -> tuple[object, ...]:
         """What counts as a change worth an API write (everything but the timestamp)."""
@@ -71,4 +90,8 @@ class PodStatus(BaseModel):
                 (d.device, d.current_group, tuple(d.cached_groups), tuple(d.failed_groups), d.healthy, d.switching_to)
                 for d in self.devices
             ),
+            tuple(sorted(self.refused_groups.items())),
+            self.groups_hash,
+            self.config_error,
+            self.placement_generation,
         )

@@ -1,6 +1,6 @@
 """Cached reads for the reconciler (pure, no kopf): what the operator's watches hold.
 
-kopf indexes (gpufleet.operator.handlers) keep every ModelGroup and every child we own,
+kopf indexes (gpufleet.operator.handlers) keep every ModelGroup, every GpuPool and every child we own,
 as the watches (with server-side label selectors) deliver them; a reconcile reads those
 instead of a GET per child, so a resync round costs no API call when nothing changed.
 
@@ -32,6 +32,8 @@ class Observed(Protocol):
 
     def groups(self, namespace: str) -> list[Obj] | None: ...
 
+    def pool(self, namespace: str, name: str) -> Obj | None: ...
+
 
 def slim(body: Mapping[str, Any]) -> Obj:
     """The object without its managedFields (the bulk of a stored object; never read)."""
@@ -52,11 +54,14 @@ def _first(index: Index | None, key: Any) -> Obj | None:
 
 class IndexedReads:
     """Observed over kopf indexes: children by (api_version, kind) and (namespace, name);
-    ModelGroups under two keys each: their namespace, and (namespace, name)."""
+    ModelGroups and GpuPools under two keys each: their namespace, and (namespace, name)."""
 
-    def __init__(self, children: Mapping[tuple[str, str], Index], groups: Index) -> None:
+    def __init__(
+        self, children: Mapping[tuple[str, str], Index], groups: Index, pools: Index | None = None
+    ) -> None:
         self._children = children
         self._groups = groups
+        self._pools: Index = pools if pools is not None else {}
 
     def child(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
         return _first(self._children.get((api_version, kind)), (namespace, name))
@@ -67,15 +72,27 @@ class IndexedReads:
     def group(self, namespace: str, name: str) -> Obj | None:
         return _first(self._groups, (namespace, name))
 
+    def pool(self, namespace: str, name: str) -> Obj | None:
+        """The GpuPool as the watch holds it; None: there is none (the index is complete)."""
+        return _first(self._pools, (namespace, name))
+
     def group_keys(self) -> list[tuple[str, str, str]]:
         """(namespace, name, uid) of every ModelGroup the watch holds."""
-        out = []
-        for key in list(self._groups):
-            if isinstance(key, tuple):
-                body = _first(self._groups, key)
-                if body is not None:
-                    out.append((str(key[0]), str(key[1]), str(body["metadata"].get("uid") or "")))
-        return out
+        return _keys(self._groups)
+
+    def pool_keys(self) -> list[tuple[str, str, str]]:
+        """(namespace, name, uid) of every GpuPool the watch holds."""
+        return _keys(self._pools)
+
+
+def _keys(index: Index) -> list[tuple[str, str, str]]:
+    out = []
+    for key in list(index):
+        if isinstance(key, tuple):
+            body = _first(index, key)
+            if body is not None:
+                out.append((str(key[0]), str(key[1]), str(body["metadata"].get("uid") or "")))
+    return out
 
 
 def _rv(obj: Obj | None) -> str | None:

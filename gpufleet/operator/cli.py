@@ -1,4 +1,4 @@
-"""`gpufleet operator` (run the ModelGroup operator) and `gpufleet crd` (print the CRD)."""
+"""`gpufleet operator` (run the ModelGroup and GpuPool operator) and `gpufleet crd` (print the CRDs)."""
 
 from __future__ import annotations
 
@@ -81,14 +81,26 @@ def _drop_kopf_extras(record: logging.LogRecord) -> bool:
     return True
 
 
+CRD_KINDS = ("modelgroup", "gpupool")
+
+
 def configure_crd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", "-k", choices=CRD_KINDS, default="modelgroup", help="which CRD (default: modelgroup)")
     p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    p.add_argument(
+        "--output-dir", "-d", default=None,
+        help="write every CRD into this folder as <kind>.yaml (crds/modelgroup.yaml, crds/gpupool.yaml)",
+    )
 
 
 def run_crd(args: argparse.Namespace) -> int:
     from gpufleet.operator.crd import crd_yaml
 
-    text = crd_yaml()
+    if args.output_dir:
+        for kind in CRD_KINDS:
+            (Path(args.output_dir) / f"{kind}.yaml").write_text(crd_yaml(kind))
+        return 0
+    text = crd_yaml(args.kind)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -99,9 +111,14 @@ def run_crd(args: argparse.Namespace) -> int:
 COMMANDS = [
     (
         "operator",
-        "run the ModelGroup operator (kopf) against KUBECONFIG or the in-cluster API",
+        "run the ModelGroup and GpuPool operator (kopf) against KUBECONFIG or the in-cluster API",
         configure_operator,
         run_operator,
     ),
-    ("crd", "print the ModelGroup CustomResourceDefinition (crds/modelgroup.yaml)", configure_crd, run_crd),
+    (
+        "crd",
+        "print the ModelGroup or GpuPool CustomResourceDefinition, or write both (crds/*.yaml)",
+        configure_crd,
+        run_crd,
+    ),
 ]

@@ -17,7 +17,7 @@ _SUFFIXES: dict[str, Decimal | int] = {
 }
 
 
-def _quantity(value: str) -> Decimal | None:
+def quantity(value: str) -> Decimal | None:
     """A Kubernetes quantity's value ("500m" -> 0.5, "1Gi" -> 1073741824), or None."""
     for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if value.endswith(suffix):
@@ -38,7 +38,7 @@ def _same_scalar(want: Any, have: Any) -> bool:
         return True
     # The API server stores quantities in canonical form ("1000m" -> "1", 2 -> "2").
     if isinstance(want, str | int) and isinstance(have, str | int):
-        a, b = _quantity(str(want)), _quantity(str(have))
+        a, b = quantity(str(want)), quantity(str(have))
         return a is not None and a == b
     return False
 

@@ -1,20 +1,24 @@
 """kopf handlers: thin adapters from kopf's triggers to the Reconciler.
 
 Triggers, all leading to the same level-triggered reconcile:
-- create/update/resume of a ModelGroup: reconcile now;
-- every resync_seconds, every ModelGroup again (resync_forever), so drift of any child (a
-  hand-edited ConfigMap, a deleted Service) is put back even without an event; each group
+- create/update/resume of a ModelGroup or a GpuPool: reconcile now; a pooled ModelGroup's
+  create, update and deletion also reconcile its pool (the pool's ConfigMap gains, changes
+  or loses the group), and a GpuPool's reconcile refreshes the status of its groups;
+- every resync_seconds, every ModelGroup and GpuPool again (resync_forever), so drift of any
+  child (a hand-edited ConfigMap, a deleted Service) is put back even without an event; each
   at its own phase of the period (gpufleet.operator.resync), so a round is no burst;
 - events of the StatefulSets we own: reconcile the owner at once (a deleted or edited
-  StatefulSet comes back in seconds; its status changes update the group's);
+  StatefulSet comes back in seconds; its status changes update the owner's);
 - events of pod-server pods and of their status Leases: refresh the owner's status
-  (readiness, each pod server's own status document).
-Deleted pods are recreated by the StatefulSet controller; deleting a ModelGroup removes
-its children through owner references (no finalizer, so it works with the operator down).
+  (readiness, each pod server's own status document); for a pool's pods, the pool's status
+  and that of every group bound to it.
+Deleted pods are recreated by the StatefulSet controller; deleting a ModelGroup or GpuPool
+removes its children through owner references (no finalizer, so it works with the operator
+down; a deleted pooled group leaves its pool's files at the next reconcile of the pool).
 
-At scale: every watch but the ModelGroups' carries a server-side label selector (only what
-we manage crosses the wire; kopf's handler `labels=` filters are client-side), and kopf
-indexes keep the ModelGroups and every child we own, so a reconcile reads those
+At scale: every watch but the ModelGroups' and GpuPools' carries a server-side label selector
+(only what we manage crosses the wire; kopf's handler `labels=` filters are client-side), and
+kopf indexes keep the ModelGroups, the GpuPools and every child we own, so a reconcile reads those
 (gpufleet.operator.cache) instead of GETs: a steady-state round makes no API call.
 
 Errors: kopf.TemporaryError means "not yet" (API trouble, a name still taken), retried
@@ -30,18 +34,19 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from gpufleet.api import gpupool
 from gpufleet.api import labels as keys
 from gpufleet.operator.cache import IndexedReads, slim
 from gpufleet.operator.kube import Kube
 from gpufleet.operator.peering import is_active, peering_paths
-from gpufleet.operator.reconcile import InvalidSpec, Reconciler, Result
+from gpufleet.operator.reconcile import InvalidSpec, PoolResult, Reconciler, Result, pool_of
 from gpufleet.operator.resync import schedule
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.operator.status import with_leases
@@ -49,6 +54,7 @@ from gpufleet.operator.status import with_leases
 log = logging.getLogger(__name__)
 
 MODELGROUPS = (keys.API_GROUP, keys.API_VERSION, keys.PLURAL)
+GPUPOOLS = (keys.API_GROUP, keys.API_VERSION, gpupool.PLURAL)
 POD_SERVER_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER, keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
 OWNED_LABELS = {keys.LABEL_MANAGED_BY: keys.MANAGED_BY}
 LEASE_LABELS = {keys.LABEL_COMPONENT: keys.COMPONENT_POD_SERVER}
@@ -76,7 +82,7 @@ def _selector(match: dict[str, str]) -> str:
 def server_side_selectors() -> list[tuple[tuple[str, str] | tuple[str, str, str], str]]:
     """Label selectors the API server applies to our watches (kopf's handler `labels=`
     filters are client-side: without these we would receive every pod, ConfigMap, Service
-    ... in the cluster). Only the ModelGroups' watch has none: they are all ours."""
+    ... in the cluster). Only the ModelGroups' and GpuPools' watches have none: they are all ours."""
     out: list[tuple[tuple[str, str] | tuple[str, str, str], str]] = [
         (("v1", "pods"), _selector(POD_SERVER_LABELS)),
         (LEASES, _selector(LEASE_LABELS)),
@@ -163,7 +169,7 @@ def _pods(index: Any, leases: Any, namespace: str, group: str) -> list[dict[str,
     return with_leases(pods, own)
 
 
-def _guarded(what: str, fn: Callable[[], Result]) -> Result:
+def _guarded(what: str, fn: Callable[[], Any]) -> Any:
     """Map failures to kopf's retry semantics."""
     try:
         return fn()
@@ -178,19 +184,39 @@ def _guarded(what: str, fn: Callable[[], Result]) -> Result:
 class Indexes:
     """kopf's live indexes, as handlers and the resync task receive them."""
 
-    pod_servers: Any  # (namespace, group) -> slim pods
+    pod_servers: Any  # (namespace, group) -> slim pods of dedicated groups
     status_leases: Any  # (namespace, pod name) -> slim Lease
     pod_groups: Any  # (namespace, pod name) -> group
-    reads: IndexedReads  # ModelGroups and children
+    reads: IndexedReads  # ModelGroups, GpuPools and children
+    pool_pods: Any = field(default_factory=dict)  # (namespace, pool) -> slim pods of a GpuPool
+    pod_pools: Any = field(default_factory=dict)  # (namespace, pod name) -> pool
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Indexes:
         children = {kind: kwargs[child_index_id(kind[1])] for kind in CHILDREN}
         return cls(kwargs["pod_servers"], kwargs["status_leases"], kwargs["pod_groups"],
-                   IndexedReads(children, kwargs["model_groups"]))
+                   IndexedReads(children, kwargs["model_groups"], kwargs["gpu_pools"]),
+                   kwargs["pool_pods"], kwargs["pod_pools"])
 
     def pods(self, namespace: str, group: str) -> list[dict[str, Any]]:
         return _pods(self.pod_servers, self.status_leases, namespace, group)
+
+    def pods_of_pool(self, namespace: str, pool: str) -> list[dict[str, Any]]:
+        return _pods(self.pool_pods, self.status_leases, namespace, pool)
+
+    def pods_for(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The pods whose documents make a ModelGroup's status: its own, or its pool's."""
+        meta = body["metadata"]
+        pool = pool_of(body)
+        return self.pods_of_pool(meta["namespace"], pool) if pool else self.pods(meta["namespace"], meta["name"])
+
+    def bound(self, namespace: str, pool: str) -> list[dict[str, Any]]:
+        """The ModelGroups of the namespace bound to the pool (not being deleted)."""
+        return [
+            dict(g)
+            for g in self.reads.groups(namespace) or []
+            if pool_of(g) == pool and not g["metadata"].get("deletionTimestamp")
+        ]
 
 
 def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, priority: int) -> bool:
@@ -205,11 +231,51 @@ def acting(reconciler: Reconciler, settings: OperatorSettings, identity: str, pr
     return True
 
 
+def refresh_bound_groups(reconciler: Reconciler, indexes: Indexes, namespace: str, pool: str) -> None:
+    """The status of every group bound to the pool (their pods are the pool's); one group's
+    failure does not keep the others from theirs."""
+    pods = indexes.pods_of_pool(namespace, pool)
+    for group in indexes.bound(namespace, pool):
+        try:
+            result = reconciler.refresh_status(group, pods, indexes.reads)
+            _post(reconciler.kube, group, result.events)
+        except Exception as exc:
+            log.warning("cannot refresh a pooled group", extra={"group": group["metadata"]["name"], "error": str(exc)})
+
+
+def pool_round(
+    reconciler: Reconciler, indexes: Indexes, namespace: str, pool: str, *, full: bool = True, groups: bool = True
+) -> PoolResult | None:
+    """Reconcile the pool (``full``: children and status; else status only), then refresh
+    its groups' status (``groups``). A pool that does not exist (any more) has no round,
+    but its groups learn it."""
+    body = indexes.reads.pool(namespace, pool)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        if groups:
+            refresh_bound_groups(reconciler, indexes, namespace, pool)
+        return None
+    body = dict(body)
+    pods = indexes.pods_of_pool(namespace, pool)
+    step = reconciler.reconcile_pool if full else reconciler.refresh_pool_status
+    result: PoolResult = _guarded(f"reconciling GpuPool {namespace}/{pool}", lambda: step(body, pods, indexes.reads))
+    _post(reconciler.kube, body, result.events)
+    if groups:
+        refresh_bound_groups(reconciler, indexes, namespace, pool)
+    return result
+
+
+async def _resync_pool(reconciler: Reconciler, indexes: Indexes, namespace: str, name: str) -> None:
+    try:
+        await asyncio.to_thread(pool_round, reconciler, indexes, namespace, name, groups=False)
+    except Exception as exc:
+        log.warning("resync failed", extra={"pool": name, "error": str(exc)})
+
+
 async def _resync_one(reconciler: Reconciler, indexes: Indexes, namespace: str, name: str) -> None:
     body = indexes.reads.group(namespace, name)  # as of now, not as of the round's start
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
-    pods = indexes.pods(namespace, name)
+    pods = indexes.pods_for(body)
     try:
         result = await asyncio.to_thread(reconciler.reconcile, dict(body), pods, indexes.reads)
         # Blocked groups stay blocked quietly: the status says why; events said it once.
@@ -227,10 +293,10 @@ async def resync_forever(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
-    """Every resync_seconds, reconcile every ModelGroup: drift of any child (a hand-edited
-    ConfigMap, a deleted Service) is put back even when no event announced it. Each group
-    at its own phase of the period (spread, no burst), read from the watch caches (no API
-    call when nothing changed). Kopf pauses its handlers in a standby replica, but not this
+    """Every resync_seconds, reconcile every ModelGroup and GpuPool: drift of any child (a
+    hand-edited ConfigMap, a deleted Service) is put back even when no event announced it.
+    Each at its own phase of the period (spread, no burst), read from the watch caches (no
+    API call when nothing changed). Kopf pauses its handlers in a standby replica, but not this
     task: it checks the peering itself, once per round."""
     period = settings.resync_seconds
     start = clock()
@@ -241,9 +307,16 @@ async def resync_forever(
             log.warning("resync: cannot read the peering", extra={"error": str(exc)})
             active = False
         if active:
-            for offset, namespace, name in schedule(indexes.reads.group_keys(), period):
+            due = sorted(
+                [(offset, ns, name, False) for offset, ns, name in schedule(indexes.reads.group_keys(), period)]
+                + [(offset, ns, name, True) for offset, ns, name in schedule(indexes.reads.pool_keys(), period)]
+            )
+            for offset, namespace, name, is_pool in due:
                 await sleep(max(0.0, start + offset - clock()))
-                await _resync_one(reconciler, indexes, namespace, name)
+                if is_pool:
+                    await _resync_pool(reconciler, indexes, namespace, name)
+                else:
+                    await _resync_one(reconciler, indexes, namespace, name)
         # The next round starts one period after this one did; a round that ran late
         # (slow API) is not made up for with a burst.
         start = max(start + period, clock())
@@ -272,6 +345,16 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         group = labels.get(keys.LABEL_MODEL_GROUP)
         return {(namespace, name): group} if group else None
 
+    @kopf.index("v1", "pods", id="pool_pods", labels=POD_SERVER_LABELS, registry=registry)
+    async def pool_pods(namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
+        pool = labels.get(keys.LABEL_POOL)
+        return {(namespace, pool): _slim_pod(body)} if pool else None
+
+    @kopf.index("v1", "pods", id="pod_pools", labels=POD_SERVER_LABELS, registry=registry)
+    async def pod_pools(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> Any:
+        pool = labels.get(keys.LABEL_POOL)
+        return {(namespace, name): pool} if pool else None
+
     @kopf.index(*LEASES, id="status_leases", labels=LEASE_LABELS, registry=registry)
     async def status_leases(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
         return {(namespace, name): _slim_lease(body)}
@@ -280,6 +363,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     async def model_groups(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
         group = slim(body)  # one object under both keys
         return {namespace: group, (namespace, name): group}
+
+    @kopf.index(*GPUPOOLS, id="gpu_pools", registry=registry)
+    async def gpu_pools(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+        pool = slim(body)
+        return {namespace: pool, (namespace, name): pool}
 
     def index_children(kind: str, resource: tuple[str, ...]) -> None:
         async def owned(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
@@ -292,8 +380,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
 
     def reconcile(body: Any, indexes: Indexes) -> None:
         meta = body["metadata"]
-        pods = indexes.pods(meta["namespace"], meta["name"])
-        result = _guarded(
+        pods = indexes.pods_for(body)
+        result: Result = _guarded(
             f"reconciling {meta['namespace']}/{meta['name']}",
             lambda: reconciler.reconcile(dict(body), pods, indexes.reads),
         )
@@ -308,7 +396,39 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     @kopf.on.update(*MODELGROUPS, id="reconcile", registry=registry)
     def modelgroup_changed(body: Any, **kwargs: Any) -> None:
         indexed.set()
-        reconcile(body, Indexes.from_kwargs(kwargs))
+        indexes = Indexes.from_kwargs(kwargs)
+        pool = pool_of(body)
+        if pool:  # the pool's files gain or change the group first (status: the pool's other groups)
+            pool_round(reconciler, indexes, body["metadata"]["namespace"], pool, groups=False)
+        reconcile(body, indexes)
+
+    # Deleting a pooled group takes it out of its pool's files (no finalizer: a deletion
+    # while the operator is down is caught up by the pool's next reconcile).
+    @kopf.on.event(*MODELGROUPS, id="pooled-group-deleted", registry=registry)
+    def modelgroup_event(event: Mapping[str, Any], body: Any, namespace: str | None, **kwargs: Any) -> None:
+        indexed.set()
+        pool = pool_of(body)
+        if event.get("type") == "DELETED" and pool and namespace is not None:
+            pool_round(reconciler, Indexes.from_kwargs(kwargs), namespace, pool, groups=False)
+
+    @kopf.on.resume(*GPUPOOLS, id="reconcile-pool", registry=registry)
+    @kopf.on.create(*GPUPOOLS, id="reconcile-pool", registry=registry)
+    @kopf.on.update(*GPUPOOLS, id="reconcile-pool", registry=registry)
+    def gpupool_changed(body: Any, **kwargs: Any) -> None:
+        indexed.set()
+        meta = body["metadata"]
+        result = pool_round(reconciler, Indexes.from_kwargs(kwargs), meta["namespace"], meta["name"])
+        if result is not None and result.blocked is not None:
+            if isinstance(result.blocked, InvalidSpec):
+                raise kopf.PermanentError(str(result.blocked))
+            raise kopf.TemporaryError(str(result.blocked), delay=15)
+
+    # A deleted pool: its groups say so (PoolNotFound); its children go with it (owner references).
+    @kopf.on.event(*GPUPOOLS, id="pool-deleted", registry=registry)
+    def gpupool_event(event: Mapping[str, Any], namespace: str | None, name: str, **kwargs: Any) -> None:
+        indexed.set()
+        if event.get("type") == "DELETED" and namespace is not None:
+            refresh_bound_groups(reconciler, Indexes.from_kwargs(kwargs), namespace, name)
 
     # The periodic re-check is our own task, not a kopf timer: kopf puts a finalizer on every
     # object with a timer, and a finalizer would make deleting a ModelGroup (or its namespace)
@@ -334,9 +454,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def owner_group(body: Any) -> str | None:
+    def owner(body: Any, kind: str) -> str | None:
         for ref in body.get("metadata", {}).get("ownerReferences") or []:
-            if ref.get("kind") == keys.KIND and ref.get("apiVersion", "").startswith(keys.API_GROUP + "/"):
+            if ref.get("kind") == kind and ref.get("apiVersion", "").startswith(keys.API_GROUP + "/"):
                 return str(ref.get("name"))
         return None
 
@@ -352,7 +472,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         if namespace is None:  # StatefulSets are namespaced; this only narrows the type
             return
         indexes = Indexes.from_kwargs(kwargs)
-        name = owner_group(body)
+        pool = owner(body, gpupool.KIND)
+        if pool is not None:
+            pool_round(reconciler, indexes, namespace, pool, groups=False)
+            return
+        name = owner(body, keys.KIND)
         group = cached_group(indexes, namespace, name)
         if group is None:
             return
@@ -375,16 +499,24 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         indexed.set()
         if namespace is None:  # Pods are namespaced; this only narrows the type
             return
-        refresh(namespace, labels.get(keys.LABEL_MODEL_GROUP), Indexes.from_kwargs(kwargs))
+        indexes = Indexes.from_kwargs(kwargs)
+        pool = labels.get(keys.LABEL_POOL)
+        if pool:
+            pool_round(reconciler, indexes, namespace, pool, full=False)
+            return
+        refresh(namespace, labels.get(keys.LABEL_MODEL_GROUP), indexes)
 
     @kopf.on.event(*LEASES, id="status-lease", labels=LEASE_LABELS, registry=registry)
     def lease_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
         indexed.set()
         if namespace is None:  # Leases are namespaced; this only narrows the type
             return
-        # The Lease is named like its pod; the pod's labels name the group.
+        # The Lease is named like its pod; the pod's labels name the group or the pool.
         indexes = Indexes.from_kwargs(kwargs)
         key = (namespace, name)
+        for pool in indexes.pod_pools.get(key, ()):
+            pool_round(reconciler, indexes, namespace, pool, full=False)
+            return
         for group in indexes.pod_groups.get(key, ()):
             refresh(namespace, group, indexes)
             return

@@ -18,7 +18,8 @@ class OperatorMetrics:
         r = self.registry
         self.reconcile_seconds = Histogram(
             "gpufleet_operator_reconcile_seconds",
-            "Time of one reconcile of one ModelGroup (kind: full = children and status; status = status only)",
+            "Time of one reconcile of one ModelGroup or GpuPool (kind: full = a ModelGroup's children and status;"
+            " status = its status only; pool = a GpuPool's children and status; pool_status = its status only)",
             ["kind"],
             buckets=RECONCILE_BUCKETS,
             registry=r,

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpufleet.api import labels
+from gpufleet.api.gpupool import GpuPoolStatus
 from gpufleet.api.modelgroup import Condition, ModelGroupSpec, ModelGroupStatus, Placement
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.operator.builders import child_names, selector_string
@@ -131,11 +132,70 @@ def placements(views: list[PodView], group: str) -> list[Placement]:
 
 
 @dataclass
-class _Conds:
-    items: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # type -> (status, reason, message)
+class Conds:
+    """The three conditions being decided: type -> (status, reason, message)."""
+
+    items: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     def set(self, kind: str, status: bool, reason: str, message: str) -> None:
         self.items[kind] = ("True" if status else "False", reason, message)
+
+    def conditions(self, previous: list[Condition], now: str, observed: int | None) -> list[Condition]:
+        """As Condition objects; each keeps its transition time while its status does not change."""
+        before = {c.type: c for c in previous}
+        out = []
+        for kind in ("Ready", "Progressing", "Degraded"):
+            status, reason, message = self.items[kind]
+            old = before.get(kind)
+            since = old.last_transition_time if old is not None and old.status == status else now
+            out.append(
+                Condition.model_validate(
+                    {
+                        "type": kind,
+                        "status": status,
+                        "reason": reason,
+                        "message": message,
+                        "lastTransitionTime": since,
+                        "observedGeneration": observed,
+                    }
+                )
+            )
+        return out
+
+
+def pod_problems(live: list[PodView]) -> list[tuple[str, str]]:
+    """(reason, message) of what keeps pods from running: unschedulable, failing."""
+    problems: list[tuple[str, str]] = []
+    unschedulable = [v for v in live if v.unschedulable]
+    if unschedulable:
+        v = unschedulable[0]
+        message = f"{len(unschedulable)} pod(s) cannot be scheduled; {v.name}: {v.unschedulable}"
+        problems.append(("Unschedulable", message))
+    failing = [v for v in live if v.failing]
+    if failing:
+        problems.append(("PodFailing", f"{len(failing)} pod(s) failing; {failing[0].name}: {failing[0].failing}"))
+    return problems
+
+
+def pods_progress(statefulset: dict[str, Any] | None, live: list[PodView], desired: int) -> tuple[str, str] | None:
+    """(reason, message) while the pods are being rolled out or scaled; None once they are in place."""
+    rollout = _rollout(statefulset, desired)
+    if rollout:
+        return ("RollingOut", rollout)
+    if len(live) < desired:
+        return ("ScalingUp", f"{len(live)}/{desired} pods exist")
+    if len(live) > desired:
+        return ("ScalingDown", f"{len(live)} pods exist, {desired} desired")
+    return None
+
+
+def observed_generation(
+    generation: int | None, statefulset: dict[str, Any] | None, previous: int | None
+) -> int | None:
+    """The status speaks for a generation only once the StatefulSet controller has seen the
+    StatefulSet we made from it: until then `kubectl wait` must not take an older
+    generation's Ready for this one."""
+    return generation if _statefulset_caught_up(statefulset) else previous
 
 
 def _rollout(sts: dict[str, Any] | None, desired: int) -> str | None:
@@ -175,19 +235,12 @@ def compute_status(
     live = [v for v in views if not v.terminating]
     ready = [v for v in live if serves(v, name)]
     desired = spec.replicas
-    conds = _Conds()
+    conds = Conds()
 
     problems: list[tuple[str, str]] = []
     if conflict:  # some model ids are served by an earlier ModelGroup (gpufleet.operator.conflicts)
         problems.append(("ModelIdConflict", conflict))
-    unschedulable = [v for v in live if v.unschedulable]
-    if unschedulable:
-        v = unschedulable[0]
-        message = f"{len(unschedulable)} pod(s) cannot be scheduled; {v.name}: {v.unschedulable}"
-        problems.append(("Unschedulable", message))
-    failing = [v for v in live if v.failing]
-    if failing:
-        problems.append(("PodFailing", f"{len(failing)} pod(s) failing; {failing[0].name}: {failing[0].failing}"))
+    problems.extend(pod_problems(live))
     load_failed = sorted(
         f"{v.name}/{d.device}" for v in live if v.server for d in v.server.devices if name in d.failed_groups
     )
@@ -198,13 +251,9 @@ def compute_status(
     else:
         conds.set("Degraded", False, "AsExpected", "")
 
-    rollout = _rollout(statefulset, desired)
-    if rollout:
-        conds.set("Progressing", True, "RollingOut", rollout)
-    elif len(live) < desired:
-        conds.set("Progressing", True, "ScalingUp", f"{len(live)}/{desired} pods exist")
-    elif len(live) > desired:
-        conds.set("Progressing", True, "ScalingDown", f"{len(live)} pods exist, {desired} desired")
+    progress = pods_progress(statefulset, live, desired)
+    if progress:
+        conds.set("Progressing", True, *progress)
     elif len(ready) < desired:
         conds.set("Progressing", True, "Loading", f"{len(ready)}/{desired} pod servers have the group loaded")
     else:
@@ -217,30 +266,8 @@ def compute_status(
     else:
         conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
 
-    # The status speaks for a generation only once the StatefulSet controller has seen the
-    # StatefulSet we made from it: until then `kubectl wait` must not take an older
-    # generation's Ready for this one.
-    observed = (
-        generation if _statefulset_caught_up(statefulset) else (previous.observed_generation if previous else None)
-    )
-    before = {c.type: c for c in (previous.conditions if previous else [])}
-    conditions = []
-    for kind in ("Ready", "Progressing", "Degraded"):
-        status, reason, message = conds.items[kind]
-        old = before.get(kind)
-        since = old.last_transition_time if old is not None and old.status == status else now
-        conditions.append(
-            Condition.model_validate(
-                {
-                    "type": kind,
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": since,
-                    "observedGeneration": observed,
-                }
-            )
-        )
+    observed = observed_generation(generation, statefulset, previous.observed_generation if previous else None)
+    conditions = conds.conditions(previous.conditions if previous else [], now, observed)
     return ModelGroupStatus(
         observed_generation=observed,
         replicas=len(live),
@@ -253,7 +280,9 @@ def compute_status(
     )
 
 
-def condition_events(previous: ModelGroupStatus | None, new: ModelGroupStatus) -> list[tuple[str, str, str]]:
+def condition_events(
+    previous: ModelGroupStatus | GpuPoolStatus | None, new: ModelGroupStatus | GpuPoolStatus
+) -> list[tuple[str, str, str]]:
     """Events worth showing users for condition changes: (type, reason, message)."""
     old = {c.type: c for c in (previous.conditions if previous else [])}
     out = []
@@ -272,7 +301,7 @@ def condition_events(previous: ModelGroupStatus | None, new: ModelGroupStatus) -
     return out
 
 
-def status_body(status: ModelGroupStatus) -> dict[str, Any]:
+def status_body(status: ModelGroupStatus | GpuPoolStatus) -> dict[str, Any]:
     """The JSON for the status subresource."""
     body: dict[str, Any] = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     return body

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from gpufleet.api.headers import ROUTED_DEVICE_HEADER
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
+from gpufleet.pod_server.group_reload import ConfigWatcher
 from gpufleet.pod_server.handlers import OpenAIHandlers
 from gpufleet.pod_server.heap import startup_heap_frozen
 from gpufleet.pod_server.load_header import LoadHeaderMiddleware
@@ -34,29 +36,59 @@ from gpufleet.web.openapi import install_openapi
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: PodServerSettings, groups: ModelGroupsFile) -> FastAPI:
+def create_app(
+    settings: PodServerSettings,
+    groups: ModelGroupsFile,
+    *,
+    groups_path: Path | None = None,
+    groups_hash: str | None = None,
+    refused: Mapping[str, str] | None = None,
+) -> FastAPI:
+    """The app serving ``groups``: read from ``groups_path`` (default: MODEL_GROUPS), whose bytes
+    hash to ``groups_hash``, less the ``refused`` groups; reloaded from there when
+    MODEL_GROUPS_RELOAD_S is set."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = PodMetrics(settings.pod_name or "local", settings.pod_namespace or "")
-        service = PodService(settings, groups, metrics)
+        service = PodService(settings, groups, metrics, refused=refused, groups_hash=groups_hash)
         stats = GpuStats(open_stats_source(settings.devices), settings.devices, service.ledger)
         service.device_uuids = {d: stats.source.uuid(d) for d in settings.devices}
         app.state.service = service
         app.state.metrics = metrics
         app.state.stats = stats
         tokenizers = TokenizerCache()
-        app.state.handlers = OpenAIHandlers(
-            service, Validator(groups, tokenizers, settings.max_tokens_default), metrics
+        validator = Validator(groups, tokenizers, settings.max_tokens_default)
+        app.state.handlers = OpenAIHandlers(service, validator, metrics)
+
+        def serve(new: ModelGroupsFile) -> None:  # a reloaded model_groups.json: what requests may name
+            validator.groups = new
+            tokenizers.retain(m for g in new.groups.values() for m in g.models)
+
+        service.groups_listeners.append(serve)
+        watcher = ConfigWatcher(
+            service,
+            groups_path=groups_path or settings.model_groups,
+            placement_path=settings.placement,
+            interval_s=settings.model_groups_reload_s,
+            groups_hash=groups_hash,
+            default_group=settings.default_group,
         )
         with startup_heap_frozen():  # after the imports, before any model is loaded: see heap.py
             await service.start()
+            await watcher.poll()  # the placement, before the preload that leaves placed devices to it
             background: list[asyncio.Task[Any]] = []
+            if settings.model_groups_reload_s > 0:
+                background.append(asyncio.create_task(watcher.run(), name="config-reload"))
             if not settings.lazy_load_model:
                 service.preload_task = asyncio.create_task(service.preload_default(), name="preload")
                 background.append(service.preload_task)
             if settings.status_annotation:
                 background.append(asyncio.create_task(run_status_publisher(service, settings), name="status"))
-            log.info("pod server started", extra={"devices": settings.devices, "groups": sorted(groups.groups)})
+            log.info(
+                "pod server started",
+                extra={"devices": settings.devices, "groups": sorted(service.groups.groups), "refused": refused or {}},
+            )
             try:
                 yield
             finally:

@@ -16,7 +16,8 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gpufleet.api.model_groups import load_model_groups
+    from gpufleet.api.errors import ConfigError
+    from gpufleet.api.model_groups import groups_digest, load_model_groups, parse_model_groups_lenient
     from gpufleet.logs import setup_logging
     from gpufleet.pod_server.app import create_app
     from gpufleet.pod_server.demo_models import build_demo_models
@@ -34,9 +35,20 @@ def run_serve(args: argparse.Namespace) -> int:
     path = settings.model_groups
     if path is None:
         path = build_demo_models(settings.demo_models_dir, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    groups = load_model_groups(path).with_default(settings.default_group)
+    refused: dict[str, str] = {}
+    if settings.model_groups_reload_s > 0:
+        # A file that is reloaded serves its good groups and refuses the bad ones by name, from the start.
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"MODEL_GROUPS: cannot read {path}: {exc.strerror or exc}") from None
+        groups, refused = parse_model_groups_lenient(data, path)
+    else:
+        groups = load_model_groups(path)
+        data = path.read_bytes()
+    groups = groups.with_default(settings.default_group)
     _configure_torch(settings.torch_threads, len(settings.devices))
-    app = create_app(settings, groups)
+    app = create_app(settings, groups, groups_path=path, groups_hash=groups_digest(data), refused=refused)
     uvicorn.run(
         app,
         host=settings.host,

@@ -5,14 +5,19 @@ Bounded by bytes (``MAX_CPU_CACHE_GB``, counting what the pinned allocator reall
 copy is what parking returns to), and only groups current nowhere are evicted, least recently
 used first. A device that takes a group another device holds gets a module tree over the same
 host tensors (``LoadedModel.clone_sharing_weights``), never a second copy.
+
+An entry remembers the spec it was loaded from: once model_groups.json changes a group, its old
+copy is never handed out for the new spec, and ``discard_stale`` drops it when no device uses it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gpufleet.api.model_groups import GroupSpec
 from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.memory import MemoryLedger
 
@@ -23,6 +28,10 @@ class CachedGroup:
     nbytes: int
     users: set[str] = field(default_factory=set)  # devices where the group is current
     prefetched: bool = False  # loaded ahead of need, not yet used by a switch
+    spec: GroupSpec | None = None  # what it was loaded from (None: not said, matches any)
+
+    def matches(self, spec: GroupSpec | None) -> bool:
+        return spec is None or self.spec is None or self.spec == spec
 
 
 class HostCache:
@@ -64,12 +73,25 @@ class HostCache:
 
     # --- taking and giving back ------------------------------------------------------------
 
-    def acquire(self, group: str, device: str) -> tuple[dict[str, LoadedModel], bool] | None:
+    def holds(self, group: str, spec: GroupSpec | None = None) -> bool:
+        """Whether the group is cached (loaded from ``spec``, when given)."""
+        with self._lock:
+            entry = self._groups.get(group)
+            return entry is not None and entry.matches(spec)
+
+    def acquire(
+        self, group: str, device: str, spec: GroupSpec | None = None
+    ) -> tuple[dict[str, LoadedModel], bool] | None:
         """The group's models for ``device`` (the originals, or clones over their host tensors when
-        another device holds them) and whether it had been prefetched; None when not cached."""
+        another device holds them) and whether it had been prefetched; None when not cached, or
+        cached from another spec than ``spec`` (an old copy no device uses is dropped then)."""
         with self._lock:
             entry = self._groups.get(group)
             if entry is None:
+                return None
+            if not entry.matches(spec):
+                if not entry.users:
+                    self._evict(group)
                 return None
             self._groups.move_to_end(group)
             prefetched, entry.prefetched = entry.prefetched, False
@@ -90,14 +112,27 @@ class HostCache:
             return True
 
     def insert(
-        self, group: str, models: dict[str, LoadedModel], *, device: str | None, prefetched: bool = False
+        self,
+        group: str,
+        models: dict[str, LoadedModel],
+        *,
+        device: str | None,
+        prefetched: bool = False,
+        spec: GroupSpec | None = None,
     ) -> tuple[bool, list[str]]:
-        """Cache a group just loaded (current on ``device``, or prefetched); returns whether it was
-        cached and the groups evicted for it. A group too big for the budget is not cached."""
+        """Cache a group just loaded (current on ``device``, or prefetched) from ``spec``; returns
+        whether it was cached and the groups evicted for it. A group too big for the budget is not
+        cached, nor one whose copy from another spec a device still uses."""
         nbytes = sum(m.host_bytes or m.bytes for m in models.values())
         evicted: list[str] = []
         with self._lock:
-            if group in self._groups:
+            old = self._groups.get(group)
+            if old is not None and not old.matches(spec):
+                if old.users:
+                    return False, evicted
+                self._evict(group)
+                evicted.append(group)
+            elif old is not None:
                 return True, evicted
             if not self._could_ever_fit(len(models), nbytes):
                 return False, evicted
@@ -107,7 +142,7 @@ class HostCache:
                     return False, evicted  # everything cached is in use somewhere
                 self._evict(victim)
                 evicted.append(victim)
-            self._groups[group] = CachedGroup(dict(models), nbytes, {device} if device else set(), prefetched)
+            self._groups[group] = CachedGroup(dict(models), nbytes, {device} if device else set(), prefetched, spec)
         if self.ledger is not None:
             for mid, m in models.items():
                 self.ledger.add_host_copy(mid, m.host_bytes or m.bytes)
@@ -117,6 +152,18 @@ class HostCache:
         with self._lock:
             if group in self._groups:
                 self._evict(group)
+
+    def discard_stale(self, served: Mapping[str, GroupSpec]) -> list[str]:
+        """Drop the copies no device uses of groups not served any more, or served from another spec
+        now (after a model_groups.json change); returns the groups dropped. Copies in use stay until
+        their device parks them and this is called again."""
+        with self._lock:
+            stale = [
+                g for g, e in self._groups.items() if not e.users and (g not in served or not e.matches(served[g]))
+            ]
+            for g in stale:
+                self._evict(g)
+        return stale
 
     def _evict(self, group: str) -> None:
         entry = self._groups.pop(group)

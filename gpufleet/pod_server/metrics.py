@@ -7,7 +7,10 @@ DCGM label names (``gpu``, ``pod``, ``namespace``) so dashboards can join with D
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -115,3 +118,38 @@ class PodMetrics:
 
     def labels(self, device: str) -> dict[str, str]:
         return {**self.const, "gpu": device}
+
+    def forget_group(self, group: str, models: Iterable[str]) -> None:
+        """Drop the series of a group the pod serves no more, and of its models no group serves, so a
+        removed group does not linger on dashboards (and its label values do not grow without end)."""
+        base = ["pod", "namespace", "gpu"]
+        by_group: list[tuple[MetricWrapperBase, list[str]]] = [
+            (self.requests, [*base, "model", "group", "endpoint", "status"]),
+            (self.e2e, [*base, "group"]),
+            (self.ttft, [*base, "group"]),
+            (self.queue_time, [*base, "group"]),
+            (self.group_current, [*base, "group"]),
+            (self.group_cached, [*base, "group"]),
+            (self.switches, [*base, "group", "source"]),
+            (self.load_failures, [*base, "group"]),
+        ]
+        for metric, names in by_group:
+            _remove_where(metric, names, "group", {group})
+        by_model = [self.prompt_tokens, self.generation_tokens, self.completion_tokens]
+        gone = set(models)
+        for metric in by_model:
+            _remove_where(metric, [*base, "model"], "model", gone)
+        _remove_where(self.model_device_bytes, [*base, "model", "kind"], "model", gone)
+
+
+def _remove_where(metric: MetricWrapperBase, names: list[str], label: str, values: set[str]) -> None:
+    """Remove every child of ``metric`` whose ``label`` is one of ``values`` (its children are found
+    in what it collects: prometheus_client offers no lookup by one label)."""
+    children = {
+        tuple(sample.labels[n] for n in names)
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels.get(label) in values
+    }
+    for child in children:
+        metric.remove(*child)

@@ -84,9 +84,18 @@ class DeviceResidency:
         with self._lock:
             return self._make_current(group_id, group, abort or threading.Event())
 
+    def drop_current(self) -> str | None:
+        """Make no group current (the current one left model_groups.json or changed there): its
+        models go back to their host copy when it is cached, else are freed. Returns the group."""
+        with self._lock:
+            group = self.current_group
+            self._park_current()
+            self.restore_error = None
+            return group
+
     def _make_current(self, group_id: str, group: GroupSpec, abort: threading.Event) -> SwitchResult:
         started = time.perf_counter()
-        if self.current_group == group_id:
+        if self.current_group == group_id and self.current_spec == group:
             return SwitchResult(group_id, "current", 0.0)
         previous_group, previous_spec = self.current_group, self.current_spec
         evicted: list[str] = []
@@ -97,13 +106,13 @@ class DeviceResidency:
         source: SwitchSource = "disk"
         prefetched = False
         try:
-            taken = self.host_cache.acquire(group_id, self.device)
+            taken = self.host_cache.acquire(group_id, self.device, group)
             if taken is None:
                 with self.host_cache.group_lock(group_id):  # a peer device or a prefetch may be loading it
-                    taken = self.host_cache.acquire(group_id, self.device)
+                    taken = self.host_cache.acquire(group_id, self.device, group)
                     if taken is None:
                         incoming = self._load(group_id, group, abort)
-                        evicted += self._cache(group_id, incoming)
+                        evicted += self._cache(group_id, group, incoming)
             if taken is not None:
                 incoming, prefetched = taken
                 source = "cache"
@@ -138,14 +147,14 @@ class DeviceResidency:
                 raise GroupLoadError(group_id, spec.id, exc) from exc
         return loaded
 
-    def _cache(self, group_id: str, models: dict[str, LoadedModel]) -> list[str]:
+    def _cache(self, group_id: str, spec: GroupSpec, models: dict[str, LoadedModel]) -> list[str]:
         """Give a group loaded from disk its host copy and a place in the pod's cache, if it fits."""
         nbytes = sum(m.bytes for m in models.values())
         if not self.host_cache.room_for(nbytes, len(models)):
             return []  # served from the device only; dropped when parked
         for m in models.values():
             m.ensure_host_copy()
-        _, evicted = self.host_cache.insert(group_id, models, device=self.device)
+        _, evicted = self.host_cache.insert(group_id, models, device=self.device, spec=spec)
         return evicted
 
     def _activate(self, group_id: str, models: dict[str, LoadedModel], abort: threading.Event) -> None:
@@ -180,7 +189,7 @@ class DeviceResidency:
             return
         errors: list[str] = []
         for attempt in range(2):
-            taken = self.host_cache.acquire(group_id, self.device)
+            taken = self.host_cache.acquire(group_id, self.device, spec)
             if taken is None:
                 break
             models = taken[0]
@@ -200,7 +209,7 @@ class DeviceResidency:
             return
         try:
             models = self._load(group_id, spec, threading.Event())
-            self._cache(group_id, models)
+            self._cache(group_id, spec, models)
         except Exception as exc:
             errors.append(str(exc))
             self.restore_error = f"group {group_id!r} could not be restored after a failed switch: {'; '.join(errors)}"

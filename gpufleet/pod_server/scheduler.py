@@ -6,6 +6,10 @@ runs next is decided by ``queue_order.next_action`` (serve the current group's w
 before switching; bounded waits so no group starves); this module is the I/O around it: one
 pump task per device, switches on the device's own thread pool, engines started and stopped
 with the group.
+
+The specs it serves (``specs``) are replaced when model_groups.json is reloaded. A current group
+whose spec is no longer the one served (removed, or changed) is *stale*: it admits no new work,
+its running work finishes on its old engines, and then it is dropped from the device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +73,7 @@ class SchedulerHooks:
     on_switch: Callable[[str, SwitchResult], None] = lambda device, result: None
     on_load_failed: Callable[[str, str, str], None] = lambda device, group, error: None
     on_change: Callable[[], None] = lambda: None
+    on_drop: Callable[[str, str], None] = lambda device, group: None  # a stale group left the device
 
 
 class DeviceScheduler:
@@ -91,7 +96,8 @@ class DeviceScheduler:
     ) -> None:
         self.device = device
         self.residency = residency
-        self.groups = groups
+        # Group -> the spec served now; the pod replaces the whole mapping on a reload (never mutates it).
+        self.specs: Mapping[str, GroupSpec] = dict(groups.groups)
         self.max_sequences = max_sequences
         self.workers = workers
         self.queue_limit = queue_limit
@@ -161,6 +167,11 @@ class DeviceScheduler:
         out.update({g: fit.message(g, self.device) for g, fit in self.unfit.items()})
         return out
 
+    def current_is_stale(self) -> bool:
+        """The current group was loaded from a spec no longer served (removed or changed since)."""
+        r = self.residency
+        return r.current_group is not None and self.specs.get(r.current_group) != r.current_spec
+
     def retry_after_s(self) -> float:
         return retry_after_s([self.device_state()], self.service.costs(Costs()))
 
@@ -193,7 +204,8 @@ class DeviceScheduler:
             g = by_group[job.group]
             by_group[job.group] = GroupQueue(g.group, g.waiting + 1, g.oldest_at, g.head_weight)
         return QueueState(
-            current_group=self.residency.current_group,
+            # A stale group takes no new work: to the queue rule the device holds nothing it can use.
+            current_group=None if self.current_is_stale() else self.residency.current_group,
             running=self.running,
             capacity=self.max_sequences,
             queues=tuple(by_group.values()),
@@ -217,6 +229,24 @@ class DeviceScheduler:
         self._changed()
         return job
 
+    def place(self, group: str) -> Job:
+        """Queue one zero-weight job that makes ``group`` current in its turn (a placement): no one
+        awaits it; it finishes itself once admitted, and a failure only is logged. Like any job it
+        waits behind the queue rule, so it never interrupts a running batch."""
+        job = self.submit(group, weight=0)
+
+        def settle(admitted: asyncio.Future[GroupRuntime]) -> None:
+            if not admitted.cancelled() and (exc := admitted.exception()) is not None:
+                log.warning("placement not honoured", extra={"device": self.device, "group": group, "error": str(exc)})
+            job.finish()
+
+        job.admitted.add_done_callback(settle)
+        return job
+
+    def wake(self) -> None:
+        """Have the pump look again (the served specs changed)."""
+        self._wake.set()
+
     def _release(self, job: Job) -> None:
         if job.started_at is None:  # still queued: a client that left costs nothing more
             with contextlib.suppress(ValueError):
@@ -225,7 +255,8 @@ class DeviceScheduler:
                 job.admitted.cancel()
         else:
             self.running -= job.weight
-            if job.alone and not job.switched:
+            # A zero-weight job (preload, placement) ran nothing: its time says nothing of a request's.
+            if job.alone and not job.switched and job.weight > 0:
                 self.service.observe(time.monotonic() - job.started_at)
         self._changed()
 
@@ -238,6 +269,9 @@ class DeviceScheduler:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            if self.running == 0 and self.current_is_stale():
+                await self._drop_current()
+                continue
             state = self.queue_state()
             step = next_action(state, self.policy)
             if step.action is Action.ADMIT:
@@ -280,13 +314,13 @@ class DeviceScheduler:
             return
         for job in self._queue:
             if job.group != current and job.group not in self.residency.host_cache:
-                spec = self.groups.groups.get(job.group)
+                spec = self.specs.get(job.group)
                 if spec is not None and job.group not in self.failed_groups():
                     self._prefetch(self.device, job.group, spec)
 
     async def _switch(self, group: str) -> None:
         """Make ``group`` current (nothing is running). On failure its queued jobs get the error."""
-        spec = self.groups.groups.get(group)
+        spec = self.specs.get(group)
         if spec is None or group in self.failed_groups():
             self._fail_queued(lambda job: job.group == group, self._failed_error(group) if spec else None)
             return
@@ -297,6 +331,8 @@ class DeviceScheduler:
             except Exception as exc:  # an estimate that cannot be made must not block the load
                 log.warning("fit check failed", extra={"device": self.device, "group": group, "error": str(exc)})
             else:
+                if self.specs.get(group) != spec:
+                    return  # reloaded meanwhile: the pump decides again, on the spec served now
                 if not fit.fits:
                     # Decided before anything moves: the current group keeps serving.
                     self.unfit[group] = fit
@@ -337,6 +373,11 @@ class DeviceScheduler:
             # weights moved, the new engine started. The weights alone are a fraction of it on CPU.
             weights_s, result = result.seconds, dataclasses.replace(result, seconds=time.perf_counter() - started)
         except Exception as exc:  # a group that cannot load degrades only itself
+            if self.specs.get(group) != spec:
+                # Reloaded meanwhile: the failure was the old spec's, and the queued jobs want the new one.
+                log.warning("superseded group load failed", extra={"device": self.device, "group": group})
+                await self._restore_runtime()
+                return
             msg = f"loading group {group!r} timed out" if isinstance(exc, TimeoutError) else str(exc)
             self.failed[group] = (time.monotonic(), msg)
             log.error("group load failed", extra={"device": self.device, "group": group, "error": msg})
@@ -371,6 +412,26 @@ class DeviceScheduler:
                 },
             )
             self.hooks.on_switch(self.device, result)
+
+    async def _drop_current(self) -> None:
+        """Free the device of its stale group once nothing of it runs: its engines stop, its weights
+        leave the device (back to a cached host copy, if any: the pod drops stale copies)."""
+        group = self.residency.current_group
+        assert group is not None
+        try:
+            if self.runtime is not None:
+                runtime, self.runtime = self.runtime, None
+                await runtime.close()
+            self.residency.ledger.clear_kv(self.device)
+            # A failed engine stop is not retried (the runtime is gone), and the residency lets go of
+            # the group before it parks the models: the pump never loops on a stale group.
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.residency.drop_current)
+        except Exception as exc:
+            log.error("dropping a stale group failed", extra={"device": self.device, "group": group, "error": str(exc)})
+        self.current_since = None
+        log.info("stale group dropped", extra={"device": self.device, "group": group})
+        self.hooks.on_drop(self.device, group)
+        self.hooks.on_change()
 
     def _record_kv(self) -> None:
         if self.runtime is None:

@@ -1,34 +1,42 @@
-"""The pod server's core: its devices, the dispatcher, and the documents it publishes."""
+"""The pod server's core: its devices, the dispatcher, and the documents it publishes.
+
+The groups it serves may change while it runs (``apply_groups``, from a reloaded
+model_groups.json): a removed group keeps its spec while its queued or running jobs need it,
+then leaves every device, cache and map; a changed group serves new work from its new spec
+while its running work finishes on the old engines.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gpufleet.api.errors import Overloaded
+from gpufleet.api.errors import ModelNotFound, Overloaded
 from gpufleet.api.load_report import DeviceLoad, format_load
 from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
+from gpufleet.api.placement import PoolPlacement
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.pod_server.devices import is_cuda
 from gpufleet.pod_server.fast_load import select_loader
-from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime, kv_budget_bytes
+from gpufleet.pod_server.fit_checks import FitChecks
+from gpufleet.pod_server.group_reload import GroupsDiff, diff_groups
+from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime
 from gpufleet.pod_server.host_cache import HostCache
 from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.memory import (
     Fit,
     GroupNeed,
     MemoryLedger,
-    check_fit,
     default_cpu_cache_bytes,
-    estimate_group_need,
 )
 from gpufleet.pod_server.metrics import PodMetrics
+from gpufleet.pod_server.placing import Placer
 from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 from gpufleet.pod_server.scheduler import DeviceScheduler, InsufficientDeviceMemory, Job, SchedulerHooks
@@ -47,9 +55,20 @@ class PodService:
         metrics: PodMetrics,
         *,
         loader: Callable[..., LoadedModel] | None = None,
+        refused: Mapping[str, str] | None = None,
+        groups_hash: str | None = None,
     ) -> None:
         self.settings = settings
-        self.groups = groups
+        self.groups = groups  # what new requests may ask for
+        self.refused_groups: dict[str, str] = dict(refused or {})  # groups of the file not served -> why
+        self.groups_hash = groups_hash  # of the model_groups.json bytes served
+        self.config_error: str | None = None  # why the last reload failed as a whole
+        self.placement: PoolPlacement | None = None
+        # Removed groups whose queued or running jobs still need their spec; freed once those are gone.
+        self._retiring: dict[str, GroupSpec] = {}
+        self._served: Mapping[str, GroupSpec] = dict(groups.groups)  # groups + retiring: what the devices serve
+        self._collect_scheduled = False
+        self.groups_listeners: list[Callable[[ModelGroupsFile], None]] = []  # told of every applied file
         self.metrics = metrics
         self.pod = settings.pod_name or "local"
         self.device_uuids: dict[str, str | None] = {}  # device -> its GPU's UUID, set from the stats source
@@ -67,8 +86,7 @@ class PodService:
             int(cache_bytes * 1e9) if cache_bytes is not None else default_cpu_cache_bytes(),
             self.ledger,
         )
-        self._needs: dict[tuple[str, str], GroupNeed] = {}
-        self._needs_lock = threading.Lock()
+        self.fits = FitChecks(settings, self.ledger)
         # One background loader for the pod: prefetches never compete with each other for disk or RAM.
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetching: set[str] = set()
@@ -80,7 +98,10 @@ class PodService:
         )
         for device in settings.devices:
             hooks = SchedulerHooks(
-                on_switch=self._on_switch, on_load_failed=self._on_load_failed, on_change=self._on_change
+                on_switch=self._on_switch,
+                on_load_failed=self._on_load_failed,
+                on_change=self._on_change,
+                on_drop=self._on_drop,
             )
             self.schedulers[device] = DeviceScheduler(
                 device,
@@ -99,6 +120,7 @@ class PodService:
                 fit_check=self.fit,
                 prefetch=self.prefetch if settings.prefetch else None,
             )
+        self._placer = Placer(self.pod, self.schedulers, self.prefetch)
         for device in settings.devices:
             self.metrics.workers.labels(**metrics.labels(device)).set(settings.num_workers_per_gpu)
             self.metrics.max_sequences.labels(**metrics.labels(device)).set(settings.max_sequences_per_device)
@@ -112,35 +134,19 @@ class PodService:
     # --- memory -----------------------------------------------------------------------------
 
     def reserve_bytes(self, device: str) -> int:
-        gb = self.settings.device_memory_reserve_gb
-        return int((gb if gb is not None else (0.5 if is_cuda(device) else 0.0)) * 1e9)
+        return self.fits.reserve_bytes(device)
 
     def need(self, device: str, group: str, spec: GroupSpec) -> GroupNeed:
-        """What the group will take on ``device`` (estimated once per device and group; blocking)."""
-        key = (device, group)
-        with self._needs_lock:
-            known = self._needs.get(key)
-        if known is None:
-            known = estimate_group_need(
-                group,
-                spec,
-                device,
-                kv_budget_bytes(device, self.settings.kv_cache_gb),
-                self.settings.max_sequences_per_device,
-            )
-            with self._needs_lock:
-                self._needs[key] = known
-        return known
+        """What the group will take on ``device`` (estimated once per device, group and spec; blocking)."""
+        return self.fits.need(device, group, spec)
 
     def fit(self, device: str, group: str, spec: GroupSpec) -> Fit:
         """The fit check before a switch (blocking: reads checkpoint headers and the device's memory)."""
-        return check_fit(
-            self.need(device, group, spec), self.ledger.capacity(device).total_bytes, self.reserve_bytes(device)
-        )
+        return self.fits.fit(device, group, spec)
 
     def prefetch(self, device: str, group: str, spec: GroupSpec) -> None:
         """Load a queued group into the host cache in the background, if it fits and the budget allows."""
-        if group in self._prefetching or group in self.host_cache or self.schedulers[device].closing:
+        if group in self._prefetching or self.host_cache.holds(group, spec) or self.schedulers[device].closing:
             return
         self._prefetching.add(group)
         try:
@@ -159,14 +165,16 @@ class PodService:
             pin = any(is_cuda(d) for d in self.schedulers)
             started = time.perf_counter()
             with self.host_cache.group_lock(group):
-                if group in self.host_cache:
+                if self.host_cache.holds(group, spec):
                     return
                 models: dict[str, LoadedModel] = {}
                 for m in spec.models:
                     loaded = self._loader(_host_spec(m, device), "cpu")
                     loaded.ensure_host_copy(pin=pin)
                     models[m.id] = loaded
-                cached, evicted = self.host_cache.insert(group, models, device=None, prefetched=True)
+                if self._served.get(group) != spec:  # reloaded meanwhile: this copy is of no use now
+                    return
+                cached, evicted = self.host_cache.insert(group, models, device=None, prefetched=True, spec=spec)
             self.prefetch_loads += cached
             log.info(
                 "group prefetched" if cached else "prefetch not cached: CPU cache full",
@@ -185,13 +193,19 @@ class PodService:
         if self.settings.lazy_load_model:
             self.ready = True
             self._on_change()
+        self.check_fits()
 
     async def preload_default(self) -> None:
-        """Make the default group current on every device; the pod is ready once one has it."""
+        """Make the default group current on every device the placement does not name; the pod is
+        ready once one has it (at once when there is nothing to preload)."""
         group = self.groups.default_group
-        results = await asyncio.gather(
-            *(s.ensure_group(group) for s in self.schedulers.values()), return_exceptions=True
-        )
+        targets = [s for i, s in enumerate(self.schedulers.values()) if not self._placer.names(self.placement, i)]
+        if group is None or not targets:
+            self.ready = True
+            self.status_version += 1
+            self._on_change()
+            return
+        results = await asyncio.gather(*(s.ensure_group(group) for s in targets), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         for r in failures:
             log.error("default group preload failed", extra={"group": group, "error": str(r)})
@@ -203,6 +217,137 @@ class PodService:
         self.ready = False
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
         await asyncio.gather(*(s.drain_and_stop(timeout_s) for s in self.schedulers.values()))
+
+    # --- configuration changes (event loop) -----------------------------------------------------
+
+    def apply_groups(self, new: ModelGroupsFile, refused: Mapping[str, str], groups_hash: str | None) -> GroupsDiff:
+        """Serve ``new`` from now on (a reloaded model_groups.json); nothing unchanged restarts.
+
+        New requests see ``new`` at once. A removed group keeps its spec for its queued and running
+        jobs, and is freed once they are gone; a changed group's queued jobs wait for its new spec,
+        loaded once its running jobs (on the old engines) have finished and the old copy is dropped."""
+        diff = diff_groups(self.groups, new)
+        for g in diff.removed:
+            if self._has_work(g):
+                self._retiring[g] = self.groups.groups[g]
+        for g in (*diff.added, *diff.changed):
+            self._retiring.pop(g, None)  # back in the file: its new spec wins
+        old = self.groups
+        self.groups, self.refused_groups, self.groups_hash = new, dict(refused), groups_hash
+        self._publish_specs()
+        for g in (*diff.added, *diff.changed):
+            self._reset_group(g)  # a failure or misfit of another spec says nothing of this one
+        for g in diff.removed:
+            if g not in self._retiring:
+                self._forget_group(g, old.groups[g])
+        for listener in self.groups_listeners:
+            listener(new)
+        self.host_cache.discard_stale(self._served)
+        log.info(
+            "model groups reloaded",
+            extra={
+                "added": list(diff.added),
+                "removed": list(diff.removed),
+                "changed": list(diff.changed),
+                "refused": self.refused_groups,
+                "retiring": sorted(self._retiring),
+                "groups_hash": groups_hash,
+            },
+        )
+        self.status_version += 1
+        self._refresh_residency_metrics()
+        self._on_change()
+        self.check_fits()
+        self.honour_placement()
+        return diff
+
+    def apply_placement(self, placement: PoolPlacement) -> None:
+        self.placement = placement
+        log.info("placement applied", extra={"generation": placement.generation})
+        self.status_version += 1
+        self.honour_placement()
+        self.changed.set()
+
+    def honour_placement(self) -> None:
+        self._placer.honour(self.placement, self.groups.groups)
+
+    def set_config_error(self, error: str | None) -> None:
+        if error != self.config_error:
+            self.config_error = error
+            self.status_version += 1
+            self.changed.set()
+
+    def _has_work(self, group: str) -> bool:
+        return any(
+            any(j.group == group for j in s.jobs()) or (s.residency.current_group == group and s.running > 0)
+            for s in self.schedulers.values()
+        )
+
+    def _publish_specs(self) -> None:
+        # Replaced whole, never mutated: device and prefetch threads read it without a lock.
+        self._served = {**self._retiring, **self.groups.groups}
+        for s in self.schedulers.values():
+            s.specs = self._served
+            s.wake()  # a stale current group is dropped once idle
+
+    def _collect_retired(self) -> None:
+        """Free the removed groups whose last job has ended."""
+        self._collect_scheduled = False
+        done = {g: spec for g, spec in self._retiring.items() if not self._has_work(g)}
+        if not done:
+            return
+        for g in done:
+            del self._retiring[g]
+        self._publish_specs()
+        for g, spec in done.items():
+            self._forget_group(g, spec)
+        self.host_cache.discard_stale(self._served)
+        log.info("removed groups retired", extra={"groups": sorted(done)})
+        self.status_version += 1
+        self._refresh_residency_metrics()
+        self.changed.set()
+
+    def _reset_group(self, group: str) -> None:
+        for s in self.schedulers.values():
+            s.unfit.pop(group, None)
+            s.failed.pop(group, None)
+
+    def _forget_group(self, group: str, spec: GroupSpec) -> None:
+        """Drop what the pod knew of a group it serves no more (its copies go as devices release them)."""
+        self._reset_group(group)
+        self.fits.forget(group)
+        served_models = {m.id for g in self._served.values() for m in g.models}
+        self.metrics.forget_group(group, [m.id for m in spec.models if m.id not in served_models])
+
+    def _on_drop(self, device: str, group: str) -> None:
+        # A device let go of a stale copy: the cached one may now have no user left.
+        self.host_cache.discard_stale(self._served)
+        self.status_version += 1
+        self._refresh_residency_metrics()
+
+    # --- fit known before any request -------------------------------------------------------
+
+    def check_fits(self) -> None:
+        """Record, in the background, on every device the served groups that can never fit there,
+        so the status names them before any request asks (reads checkpoint headers: the prefetch
+        thread, never the event loop). A group whose fit cannot be estimated is not recorded."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self._prefetcher.submit(self._check_fits_blocking, loop, dict(self.groups.groups))
+
+    def _check_fits_blocking(self, loop: asyncio.AbstractEventLoop, specs: dict[str, GroupSpec]) -> None:
+        for device, group, spec, fit in self.fits.unfit(list(self.schedulers), specs):
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._record_unfit, device, group, spec, fit)
+
+    def _record_unfit(self, device: str, group: str, spec: GroupSpec, fit: Fit) -> None:
+        s = self.schedulers[device]
+        if self._served.get(group) != spec or group in s.unfit:
+            return  # reloaded meanwhile, or known already
+        s.unfit[group] = fit
+        log.warning("group does not fit", extra={"device": device, "group": group, "error": fit.message(group, device)})
+        self.status_version += 1
+        self._on_change()
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -234,6 +379,9 @@ class PodService:
     ) -> tuple[str, Job]:
         """Queue a request holding ``weight`` sequence slots on the best device for ``group``; the
         device the router chose (``routed_device``) while it is still eligible."""
+        if self.groups.group_of(model_id) != group:
+            # Validated before a reload took the model away (or into another group): as if unknown.
+            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
         decision = honour_choice(RouteRequest(group=group, exclusive=exclusive), self.snapshot(), routed_device)
         log.info(
             "dispatch",
@@ -270,6 +418,10 @@ class PodService:
 
     def _on_change(self) -> None:
         self.changed.set()
+        if self._retiring and not self._collect_scheduled:
+            # Not from inside the scheduler's own bookkeeping: the next loop turn looks.
+            self._collect_scheduled = True
+            asyncio.get_running_loop().call_soon(self._collect_retired)
         m = self.metrics
         waiting = running = 0
         for device, s in self.schedulers.items():
@@ -327,7 +479,7 @@ class PodService:
         for device, s in self.schedulers.items():
             labels = m.labels(device)
             cached = set(s.residency.cached_groups())
-            for group in self.groups.groups:
+            for group in self._served:
                 m.group_current.labels(**labels, group=group).set(1 if s.residency.current_group == group else 0)
                 m.group_cached.labels(**labels, group=group).set(1 if group in cached else 0)
             if s.residency.current_group:
@@ -384,6 +536,10 @@ class PodService:
             status_version=self.status_version,
             cpu_cache_bytes=self.host_cache.used_bytes(),
             cpu_cache_limit_bytes=self.host_cache.max_bytes,
+            refused_groups=dict(self.refused_groups),
+            config_error=self.config_error,
+            groups_hash=self.groups_hash,
+            placement_generation=self.placement.generation if self.placement is not None else None,
         )
 
     def models_document(self) -> dict[str, Any]:

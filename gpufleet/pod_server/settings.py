@@ -75,6 +75,17 @@ class PodServerSettings(ServerSettings):
     )
     lazy_load_model: bool = Field(default=False, description="Load the default group on first use, not at start-up.")
     model_groups: Path | None = Field(default=None, description="Path of model_groups.json; default: demo models.")
+    model_groups_reload_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Poll model_groups.json (and PLACEMENT) this often and apply changes without a restart; "
+        "0: read once at start-up.",
+    )
+    placement: Path | None = Field(
+        default=None,
+        description="Path of a pool's placement.json: which group each device of this pod makes current or "
+        "caches (by POD_NAME and device index); default: none.",
+    )
     max_queue_per_device: int = Field(default=256, ge=1, le=100_000, description="Requests waiting per device.")
     model_load_timeout_s: float = Field(default=300.0, gt=0, description="A group load taking longer fails.")
     max_tokens_default: int = Field(default=64, ge=1, le=4096, description="max_tokens when a request gives none.")

@@ -3,11 +3,13 @@ context length and the end tokens, loaded once per model without the weights, so
 are refused (400, context too long) before they queue or trigger a group switch.
 
 Tokenising runs on a thread, never on the event loop: a megabyte of prompt takes seconds.
+Entries are keyed by the whole spec, so a model whose spec a reload changed is read anew.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,25 +33,33 @@ class ModelInfo:
 
 class TokenizerCache:
     def __init__(self, threads: int = 2) -> None:
-        self._entries: dict[str, ModelInfo] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._entries: dict[ModelSpec, ModelInfo] = {}
+        self._locks: dict[ModelSpec, asyncio.Lock] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
 
     async def info(self, spec: ModelSpec) -> ModelInfo:
-        if spec.id in self._entries:
-            return self._entries[spec.id]
-        lock = self._locks.setdefault(spec.id, asyncio.Lock())
+        if spec in self._entries:
+            return self._entries[spec]
+        lock = self._locks.setdefault(spec, asyncio.Lock())
         async with lock:
-            if spec.id not in self._entries:
+            if spec not in self._entries:
                 try:
-                    self._entries[spec.id] = await self._run(load_model_info, spec)
+                    self._entries[spec] = await self._run(load_model_info, spec)
                 except Exception as exc:  # a broken model directory degrades only its model
                     raise Unavailable(
                         f"model {spec.id!r} is unavailable: cannot read its tokenizer or config: {exc}",
                         code="model_load_failed",
                         retry_after_s=30,
                     ) from exc
-        return self._entries[spec.id]
+        return self._entries[spec]
+
+    def retain(self, specs: Iterable[ModelSpec]) -> None:
+        """Forget every model but these (the ones served after a reload)."""
+        keep = set(specs)
+        for spec in [s for s in self._entries if s not in keep]:
+            del self._entries[spec]
+        for spec in [s for s in self._locks if s not in keep and not self._locks[s].locked()]:
+            del self._locks[spec]
 
     async def encode(self, spec: ModelSpec, text: str) -> list[int]:
         tok = (await self.info(spec)).tokenizer

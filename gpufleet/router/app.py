@@ -33,7 +33,7 @@ from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once
 from gpufleet.router.proxy import PROXY_PATHS, Proxy, ProxyConfig, send_error
 from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import Clock, EjectionPolicy, FleetState
-from gpufleet.router.upstream import UpstreamPool
+from gpufleet.router.upstream import Upstream, UpstreamPool, get_json
 from gpufleet.routing import leases as leases_rules
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
@@ -47,7 +47,7 @@ class Runtime:
     settings: RouterSettings
     state: FleetState
     metrics: RouterMetrics
-    pool: UpstreamPool  # one keep-alive pool for proxying, polls and the fleet API
+    pool: Upstream  # one keep-alive pool for proxying, polls and the fleet API
     proxy: Proxy
     pod_headers: list[tuple[bytes, bytes]]
     leases: LeaseStore
@@ -62,8 +62,11 @@ def make_lease_store(settings: RouterSettings) -> LeaseStore:
     return MemoryLeaseStore()
 
 
-def build_runtime(settings: RouterSettings, clock: Clock, leases: LeaseStore | None = None) -> Runtime:
-    metrics = RouterMetrics()
+def build_runtime(
+    settings: RouterSettings, clock: Clock, leases: LeaseStore | None = None, upstream: Upstream | None = None
+) -> Runtime:
+    """Every shared part of the router; ``upstream`` replaces the HTTP pool (tests: ``MockUpstream``)."""
+    metrics = RouterMetrics(per_pod=settings.pod_labels_on)
     state = FleetState(
         clock=clock,
         stale_after_s=settings.stale_after_s,
@@ -74,7 +77,7 @@ def build_runtime(settings: RouterSettings, clock: Clock, leases: LeaseStore | N
 
     def on_eject(pod: str, ejected: bool) -> None:
         if ejected:
-            metrics.ejections.labels(pod).inc()
+            metrics.ejection(pod)
         log.warning("pod ejected" if ejected else "pod re-admitted", extra={"pod": pod})
 
     state.on_eject = on_eject
@@ -86,7 +89,7 @@ def build_runtime(settings: RouterSettings, clock: Clock, leases: LeaseStore | N
         pod_headers=((b"content-type", b"application/json"), *headers),
     )
     decider = Decider(state, metrics, settings.routing_policy)
-    pool = UpstreamPool(
+    pool = upstream or UpstreamPool(
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_s=settings.first_byte_timeout_s,
         idle_s=settings.idle_timeout_s,
@@ -122,10 +125,11 @@ def create_app(
     discovery: Discovery | None = None,
     clock: Clock = time.monotonic,
     leases: LeaseStore | None = None,
+    upstream: Upstream | None = None,
 ) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = build_runtime(settings, clock, leases)
+        runtime = build_runtime(settings, clock, leases, upstream)
         found = discovery or make_discovery(settings)
         pool, headers = runtime.pool, runtime.pod_headers
 
@@ -178,7 +182,7 @@ async def fan_out(runtime: Runtime, path: str) -> list[fleet_api.PodDoc]:
         node = (rec.status.node if rec.status else None) or rec.node
         pod_state = state.pod_state(rec)
         try:
-            doc = await runtime.pool.get_json(rec.url, path, runtime.pod_headers, runtime.settings.poll_timeout_s)
+            doc = await get_json(runtime.pool, rec.url, path, runtime.pod_headers, runtime.settings.poll_timeout_s)
             return fleet_api.PodDoc(rec.name, node, rec.url, pod_state, doc, tenant=rec.tenant)
         except POLL_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"[:200]

@@ -14,7 +14,7 @@ from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState
 from gpufleet.routing import leases
 from gpufleet.routing.alternatives import POLICIES, Policy
-from gpufleet.routing.policy import Decision, RouteRequest, choose_device
+from gpufleet.routing.policy import Decision, RouteRequest
 from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
 log = logging.getLogger(ROUTE_LOGGER)
@@ -41,11 +41,7 @@ class Decider:
         lease: str | None = None,
     ) -> Decision:
         request = RouteRequest(group=group, exclusive=exclusive, sequence=self.state.sequence, lease=lease)
-        if self.policy is choose_device and not exclude:
-            # The kept index: a bounded candidate set, the same answer as the full function.
-            decision = self.state.decide(request)
-        else:
-            decision = self.policy(request, self.state.snapshot(exclude))
+        decision = self.state.decide(request, self.policy, exclude)
         choice = decision.choice
         if log.isEnabledFor(logging.INFO):
             self._log(request_id, model, group, exclusive, attempt, decision, lease)

@@ -15,13 +15,13 @@ from typing import Protocol
 from gpufleet.router.polling import every, poll_status_once
 from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import FleetState
-from gpufleet.router.upstream import UpstreamPool
+from gpufleet.router.upstream import Upstream
 
 
 class Discovery(Protocol):
     kind: str
 
-    async def run(self, state: FleetState, pool: UpstreamPool) -> None: ...
+    async def run(self, state: FleetState, pool: Upstream) -> None: ...
 
 
 class StaticDiscovery:
@@ -46,7 +46,7 @@ class StaticDiscovery:
         for url in self.urls:
             state.upsert(url, url)
 
-    async def run(self, state: FleetState, pool: UpstreamPool) -> None:
+    async def run(self, state: FleetState, pool: Upstream) -> None:
         self.register(state)
 
         async def poll() -> None:

@@ -54,3 +54,15 @@ class Outlier:
         self.ejected_until = now + min(self.cooldown_max_s, self.cooldown_s * 2**self.ejections)
         self.ejections += 1
         self.failures = 0
+
+
+@dataclass(frozen=True)
+class EjectionPolicy:
+    """The settings every pod's ``Outlier`` is made with."""
+
+    threshold: int = 3
+    cooldown_s: float = 10.0
+    cooldown_max_s: float = 120.0
+
+    def new(self) -> Outlier:
+        return Outlier(self.threshold, self.cooldown_s, self.cooldown_max_s)

@@ -4,11 +4,11 @@ Each Pod gives its IP, readiness and node; each pod server publishes its status 
 in the ``gpufleet.io/status`` annotation of a Lease named like its Pod (written on change
 plus a slow heartbeat; see gpufleet.pod_server.status_publisher). Only pods the operator
 manages are trusted (its managed-by label, and a controller owner reference to the
-StatefulSet named by the pod's model-group label), and a Lease only when its owner
-reference is that Pod's uid: a Lease left by an earlier pod of the same name, or made by
-hand, is never believed. Parsing is pure (``parse_pod``, ``parse_lease``, ``ClusterView``)
-over the objects' JSON; the watches run in threads with the synchronous ``kubernetes``
-client and hand events to the event loop.
+StatefulSet named by the pod's model-group label, or by its pool label on a GpuPool's
+pods), and a Lease only when its owner reference is that Pod's uid: a Lease left by an
+earlier pod of the same name, or made by hand, is never believed. Parsing is pure
+(``parse_pod``, ``parse_lease``, ``ClusterView``) over the objects' JSON; the watches run in
+threads with the synchronous ``kubernetes`` client and hand events to the event loop.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gpufleet.api.labels import STATUS_ANNOTATION
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.polling import every, poll_status_once
 from gpufleet.router.state import FleetState
-from gpufleet.router.upstream import UpstreamPool
+from gpufleet.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 300
@@ -70,15 +70,16 @@ def _port(spec: Mapping[str, Any], default_port: int) -> int:
 
 
 def managed_by_operator(meta: Mapping[str, Any]) -> bool:
-    """The operator's label, and owned (as controller) by the group's StatefulSet."""
+    """The operator's label, and owned (as controller) by the StatefulSet its labels name: a
+    dedicated group's (the model-group label) or a GpuPool's (the pool label)."""
     pod_labels = meta.get("labels") or {}
-    group = pod_labels.get(labels.LABEL_MODEL_GROUP)
-    if pod_labels.get(labels.LABEL_MANAGED_BY) != labels.MANAGED_BY or not group:
+    owner = pod_labels.get(labels.LABEL_MODEL_GROUP) or pod_labels.get(labels.LABEL_POOL)
+    if pod_labels.get(labels.LABEL_MANAGED_BY) != labels.MANAGED_BY or not owner:
         return False
     return any(
         ref.get("controller")
         and ref.get("kind") == "StatefulSet"
-        and ref.get("name") == group
+        and ref.get("name") == owner
         and str(ref.get("apiVersion", "")).startswith("apps/")
         for ref in meta.get("ownerReferences") or []
     )
@@ -307,7 +308,7 @@ class KubernetesDiscovery:
         self.timeout_s = timeout_s
         self.headers = headers or []
 
-    async def run(self, state: FleetState, pool: UpstreamPool) -> None:
+    async def run(self, state: FleetState, pool: Upstream) -> None:
         loop = asyncio.get_running_loop()
         stop = threading.Event()
         view = ClusterView()

@@ -1,4 +1,11 @@
-"""Prometheus metrics of the router, in a registry owned by the app (no module globals)."""
+"""Prometheus metrics of the router, in a registry owned by the app (no module globals).
+
+Series per pod and per device (``pod``, ``gpu`` labels) are optional (``per_pod``; the router's
+``METRICS_POD_LABELS``): a fleet of 10,000 devices would otherwise make 10,000+ series of decisions
+and leases alone, and in Kubernetes every restarted pod adds series under a new name that never go
+away. Without them the same counters are kept fleet-wide; which pod and device each decision chose
+is in its decision log line, and ``/api/fleet`` shows every device now.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +19,39 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, per_pod: bool = True) -> None:
+        self.per_pod = per_pod
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        pod = ["pod"] if per_pod else []
+        device = ["pod", "gpu"] if per_pod else []
         self.decisions = Counter(
             "gpufleet_router_decisions_total",
             "Routing decisions by outcome and reason",
-            ["policy", "outcome", "reason", "pod", "gpu"],
+            ["policy", "outcome", "reason", *device],
             registry=r,
         )
         self.requests = Counter(
             "gpufleet_router_requests_total", "Requests answered by the router", ["endpoint", "code"], registry=r
         )
-        self.retries = Counter("gpufleet_router_retries_total", "Requests retried on another pod", ["pod"], registry=r)
+        self.retries = Counter("gpufleet_router_retries_total", "Requests retried on another pod", pod, registry=r)
         self.upstream_failures = Counter(
-            "gpufleet_router_upstream_failures_total", "Failed upstream attempts", ["pod", "kind"], registry=r
+            "gpufleet_router_upstream_failures_total", "Failed upstream attempts", [*pod, "kind"], registry=r
         )
-        self.ejections = Counter("gpufleet_router_ejections_total", "Pods ejected as outliers", ["pod"], registry=r)
+        self.ejections = Counter("gpufleet_router_ejections_total", "Pods ejected as outliers", pod, registry=r)
         self.pods = Gauge("gpufleet_router_pods", "Pods known, by state", ["state"], registry=r)
         self.inflight = Gauge("gpufleet_router_requests_running", "Requests being proxied", registry=r)
         self.leases_active = Gauge("gpufleet_router_leases_active", "Live exclusive leases", registry=r)
-        self.device_leased = Gauge(
-            "gpufleet_router_device_leased", "1 while a live exclusive lease holds the device", ["pod", "gpu"],
-            registry=r,
+        self.leased_devices = Gauge(
+            "gpufleet_router_leased_devices", "Devices held by a live exclusive lease", registry=r
+        )
+        self.device_leased = (
+            Gauge(
+                "gpufleet_router_device_leased", "1 while a live exclusive lease holds the device", device,
+                registry=r,
+            )
+            if per_pod
+            else None
         )
         self.ttfb = Histogram(
             "gpufleet_router_time_to_first_byte_seconds",
@@ -57,18 +74,37 @@ class RouterMetrics:
         key = (id(metric), *values)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*values)
+            child = self._children[key] = metric.labels(*values) if values else metric
         return child
+
+    def _per_pod(self, metric: Any, *values: str, pod: str, gpu: str | None = None) -> Any:
+        """The child of ``metric`` for ``values``, with the pod (and device) when there are such series."""
+        if not self.per_pod:
+            return self._child(metric, *values)
+        if gpu is None:
+            return self._child(metric, pod, *values)
+        return self._child(metric, *values, pod, gpu)
 
     def leases_now(self, snap: Snapshot) -> None:
         """Set at scrape time from the snapshot: live leases, and which devices they hold."""
         self.leases_active.set(len(snap.leases))
-        self.device_leased.clear()
-        for d in snap.devices:
-            self.device_leased.labels(d.pod, d.device).set(1 if d.leased_by else 0)
+        self.leased_devices.set(sum(1 for d in snap.devices if d.leased_by))
+        if self.device_leased is not None:
+            self.device_leased.clear()
+            for d in snap.devices:
+                self.device_leased.labels(d.pod, d.device).set(1 if d.leased_by else 0)
 
     def decision(self, policy: str, outcome: str, reason: str, pod: str, gpu: str) -> None:
-        self._child(self.decisions, policy, outcome, reason, pod, gpu).inc()
+        self._per_pod(self.decisions, policy, outcome, reason, pod=pod, gpu=gpu).inc()
+
+    def upstream_failure(self, pod: str, kind: str) -> None:
+        self._per_pod(self.upstream_failures, kind, pod=pod).inc()
+
+    def retry(self, pod: str) -> None:
+        self._per_pod(self.retries, pod=pod).inc()
+
+    def ejection(self, pod: str) -> None:
+        self._per_pod(self.ejections, pod=pod).inc()
 
     def request_done(self, endpoint: str, code: int, seconds: float) -> None:
         self._child(self.requests, endpoint, str(code)).inc()

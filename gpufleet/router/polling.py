@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from gpufleet.api.device_report import QueueDocument
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.state import FleetState
-from gpufleet.router.upstream import UpstreamError, UpstreamPool
+from gpufleet.router.upstream import Upstream, UpstreamError, get_json
 
 log = logging.getLogger(__name__)
 Headers = list[tuple[bytes, bytes]]
 POLL_ERRORS = (UpstreamError, TimeoutError, ValueError, ValidationError)
+Doc = TypeVar("Doc", bound=BaseModel)
 
 
 async def poll_status_once(
     state: FleetState,
-    pool: UpstreamPool,
+    pool: Upstream,
     timeout_s: float,
     headers: Headers,
     *,
@@ -29,13 +31,8 @@ async def poll_status_once(
 ) -> None:
     """Fetch status documents: of every pod, or (``idle_poll_s``) only of those due (``FleetState.due_status``)."""
     async def one(pod_id: str, url: str) -> None:
-        doc = await _fetch(state, pool, pod_id, url, "/api/status", timeout_s, headers)
-        if doc is not None:
-            try:
-                status = PodStatus.model_validate(doc)
-            except ValidationError as exc:
-                state.observe_failure(pod_id, f"/api/status poll: {type(exc).__name__}: {exc}"[:300])
-                return
+        status = await _fetch(state, pool, pod_id, url, "/api/status", PodStatus, timeout_s, headers)
+        if status is not None:
             state.observe_status(pod_id, status)
 
     records = state.due_status(idle_poll_s) if idle_poll_s is not None else list(state.pods.values())
@@ -44,11 +41,11 @@ async def poll_status_once(
 
 
 async def poll_queues_once(
-    state: FleetState, pool: UpstreamPool, timeout_s: float, headers: Headers, *, idle_poll_s: float | None = None
+    state: FleetState, pool: Upstream, timeout_s: float, headers: Headers, *, idle_poll_s: float | None = None
 ) -> None:
     """Fetch queue documents: of every pod with a status, or (``idle_poll_s``) only of idle ones."""
     async def one(pod_id: str, url: str) -> None:
-        doc = await _fetch(state, pool, pod_id, url, "/api/queue", timeout_s, headers)
+        doc = await _fetch(state, pool, pod_id, url, "/api/queue", QueueDocument, timeout_s, headers)
         if doc is not None:
             state.observe_queue(pod_id, doc)
 
@@ -59,17 +56,15 @@ async def poll_queues_once(
 
 
 async def _fetch(
-    state: FleetState, pool: UpstreamPool, pod_id: str, url: str, path: str, timeout_s: float, headers: Headers
-) -> dict[str, Any] | None:
-    """One poll's JSON object, or None with the failure noted against the pod (its outlier count)."""
+    state: FleetState, pool: Upstream, pod_id: str, url: str, path: str, model: type[Doc], timeout_s: float,
+    headers: Headers,
+) -> Doc | None:
+    """One poll's document, or None with the failure noted against the pod (its outlier count)."""
     try:
-        doc = await pool.get_json(url, path, headers, timeout_s)
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path} document is not an object")
+        return model.model_validate(await get_json(pool, url, path, headers, timeout_s))
     except POLL_ERRORS as exc:
         state.observe_failure(pod_id, f"{path} poll: {type(exc).__name__}: {exc}"[:300])
         return None
-    return doc
 
 
 async def every(interval_s: float, action: Callable[[], Awaitable[None]], what: str) -> None:

@@ -1,15 +1,19 @@
 """Forwarding OpenAI requests to the chosen pod: buffered answers, SSE pass-through, one retry.
 
-The hot path parses only what routing needs (``model``, ``exclusive_gpu``, ``lease``,
-``stream``; the lease may also come in the ``x-gpufleet-lease`` header) and forwards the
-client's raw bytes; the body is re-serialised only to rewrite an exclusive target into the
-pod's own device name, to pin the device on a pod that has a leased one, or to drop the
-``lease`` field (the router consumes leases; pod servers know nothing of them). Nothing
-reaches the client before the pod's first byte, so any failure up to then (refused
+The client's bytes go to the pod unchanged. The router reads, in one parse of the body, only what
+routing needs (``model``, ``exclusive_gpu``, ``lease``, ``stream``, and ``n`` for the request's
+weight; the lease may also come in the ``x-gpufleet-lease`` header) and refuses only what it cannot
+route; everything else is the pod's to validate. Its decisions travel in headers
+(``gpufleet.api.headers``): the device it chose, the device the request is pinned to (the client's
+target or lease resolved), the pod's own id of a namespace-qualified model. A pod that does not
+announce reading those (``ROUTING_HEADERS_VERSION`` in its status document) still gets a body
+rewritten where the client's would not do: the target as its device, no ``lease``, its own model id.
+
+Nothing reaches the client before the pod's first byte, so any failure up to then (refused
 connection, reset, timeout, a 5xx or 429) is retried once on another eligible pod.
 Non-streaming answers are read whole before the client sees them, so they are always
 retryable; an SSE stream is committed at its first chunk and every later chunk is
-forwarded the moment it arrives.
+forwarded the moment it arrives. The answer's bytes are relayed as the pod sent them.
 """
 
 from __future__ import annotations
@@ -24,13 +28,19 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, UpstreamError
-from gpufleet.api.headers import ROUTED_DEVICE_HEADER
+from gpufleet.api.headers import (
+    EXCLUSIVE_DEVICE_HEADER,
+    MODEL_HEADER,
+    ROUTED_DEVICE_HEADER,
+    ROUTING_HEADERS_VERSION,
+)
 from gpufleet.api.load_report import LOAD_HEADER, parse_load
+from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.decide import Decider
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.state import FleetState, Ticket
+from gpufleet.router.upstream import Upstream, UpstreamResponse
 from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
-from gpufleet.router.upstream import UpstreamPool, UpstreamResponse
 from gpufleet.routing.leases import HEADER as LEASE_HEADER
 from gpufleet.routing.policy import DeviceState, names_one_device
 from gpufleet.routing.refusal import FAILURE_STATUSES, RETRY_STATUSES, may_retry_elsewhere
@@ -57,6 +67,9 @@ _DROP = frozenset(
 )
 _JSON = (b"content-type", b"application/json")
 _LEASE_HEADER = LEASE_HEADER.encode()
+_ROUTED_DEVICE = ROUTED_DEVICE_HEADER.encode()  # the pod keeps this choice while the device is eligible
+_EXCLUSIVE_DEVICE = EXCLUSIVE_DEVICE_HEADER.encode()
+_MODEL = MODEL_HEADER.encode()
 
 
 @dataclass(frozen=True)
@@ -105,16 +118,18 @@ async def read_body(receive: Receive) -> bytes:
 
 @dataclass(frozen=True)
 class Routing:
-    """What the router reads from a body: ``model``, ``exclusive_gpu``, ``lease`` and ``stream``."""
+    """What the router reads from a body: ``model``, ``exclusive_gpu``, ``lease``, ``stream`` and ``n``."""
 
     model: str
     exclusive_gpu: str | None
     stream: bool
     lease: str | None = None
+    n: int = 1  # choices: the sequences it takes on its device, so its weight in the load the router counts
 
 
 def parse_routing(body: bytes) -> tuple[dict[str, Any], Routing]:
-    """Only the fields routing needs, checked by hand: this runs on every request."""
+    """Only the fields routing needs, checked by hand: this runs on every request. What the router
+    does not need to route (``n`` out of range, say) is the pod's to refuse."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -135,29 +150,46 @@ def parse_routing(body: bytes) -> tuple[dict[str, Any], Routing]:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("stream: must be a boolean", param="stream")
-    return doc, Routing(model, exclusive, stream, lease)
+    n = doc.get("n")
+    choices = n if type(n) is int and n > 1 else 1
+    return doc, Routing(model, exclusive, stream, lease, choices)
 
 
 def request_lease(fields: Routing, headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The lease a request carries: its body field or its header (they must agree)."""
+    """The lease a request carries: its ``x-gpufleet-lease`` header, else its body field ``lease``.
+
+    The header wins when both are set, as the OpenAPI document says (``openapi.LEASE_PRECEDENCE``):
+    both are valid alone, so a request carrying two different ones is valid too and must not be
+    refused for it. The header, because it is the part of a request that the deployment (a gateway,
+    an SDK's default headers) sets for a client, and routing decisions travel in headers."""
     header = next((v.decode("latin-1") for k, v in headers if k == _LEASE_HEADER), None)
-    if header is not None and not header.strip():
+    if header is None:
+        return fields.lease
+    if not header.strip():
         raise InvalidRequest(f"{LEASE_HEADER}: must be a lease id", param="lease")
-    if header is not None and fields.lease is not None and header.strip() != fields.lease:
-        raise InvalidRequest(f"the {LEASE_HEADER} header and the body field lease name different leases",
-                             param="lease")
-    return fields.lease or (header.strip() if header is not None else None)
+    return header.strip()
 
 
-def pod_body(doc: dict[str, Any], device: str | None) -> bytes:
-    """The body for the pod: ``exclusive_gpu`` set to the pod-local ``device`` (pinned), or
-    dropped (None: the pod may use any of its devices); never the router's ``lease``."""
+def pod_body(doc: dict[str, Any], device: str | None, model: str | None = None) -> bytes:
+    """The body for a pod that does not read the routing headers: ``exclusive_gpu`` set to the
+    pod-local ``device`` (pinned), or dropped (None: the pod may use any of its devices); never the
+    router's ``lease``; ``model`` as the pod knows it, when given."""
     out = {k: v for k, v in doc.items() if k != "lease"}
     if device is not None:
         out["exclusive_gpu"] = device
     else:
         out.pop("exclusive_gpu", None)
+    if model is not None:
+        out["model"] = model
     return json.dumps(out, separators=(",", ":")).encode()
+
+
+def reads_routing_headers(status: PodStatus | None) -> bool:
+    """Does the pod take the router's decisions from headers (``gpufleet.api.headers``)?"""
+    # getattr: the status document's field ``routing_headers`` is the pod server's to add; until it
+    # does, every pod gets the rewritten body where the client's would not do.
+    version = getattr(status, "routing_headers", 0)
+    return isinstance(version, int) and version >= ROUTING_HEADERS_VERSION
 
 
 def _sse_error(exc: GpufleetError) -> bytes:
@@ -171,7 +203,7 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 class Proxy:
     def __init__(
-        self, state: FleetState, decider: Decider, metrics: RouterMetrics, pool: UpstreamPool, config: ProxyConfig
+        self, state: FleetState, decider: Decider, metrics: RouterMetrics, pool: Upstream, config: ProxyConfig
     ) -> None:
         self.state = state
         self.decider = decider
@@ -230,24 +262,21 @@ class Proxy:
             retry_status = last.response[0] if last is not None and last.response is not None else None
             if retry_status is not None and not may_retry_elsewhere(retry_status, choice, group):
                 break
-            payload = self._payload(body, doc, exclusive, lease, choice)
-            local = self.state.local_models.get(fields.model)
-            if local is not None and local != fields.model:
-                # "team-a/chat" is "chat" to the pod server (it knows only its namespace's ids).
-                payload = json.dumps({**json.loads(payload), "model": local}, separators=(",", ":")).encode()
-            ticket = self.state.begin(choice.pod, choice.device, group, idle=choice.load == 0)
+            payload, headers = self._for_pod(body, doc, fields, lease, choice, rec.status)
+            headers.append((b"x-request-id", request_id.encode()))
+            ticket = self.state.begin(choice.pod, choice.device, group, idle=choice.load == 0, weight=fields.n)
             if choice.resident_group() != group:
                 self.state.expect(choice.pod, choice.device, group)
             try:
                 ok = await self._forward(
-                    rec.url, scope["path"], payload, fields.stream, ticket, request_id, receive, send, started
+                    rec.url, scope["path"], payload, headers, fields.stream, ticket, receive, send, started
                 )
                 self.state.finish(ticket, ok=ok)
                 return
             except _Retryable as failure:
                 last, last_pod = failure, choice.pod
                 tried.add(choice.pod)
-                self.metrics.upstream_failures.labels(choice.pod, failure.kind).inc()
+                self.metrics.upstream_failure(choice.pod, failure.kind)
                 ejected = self.state.failed(choice.pod, failure.message) if failure.failure else False
                 log.warning(
                     "upstream attempt failed",
@@ -261,7 +290,7 @@ class Proxy:
                     },
                 )
                 if attempt < self.config.retries:
-                    self.metrics.retries.labels(choice.pod).inc()
+                    self.metrics.retry(choice.pod)
             finally:
                 self.state.finish(ticket)
         assert last is not None
@@ -273,9 +302,12 @@ class Proxy:
             return
         await send_error(send, UpstreamError(f"pod {last_pod!r} failed: {last.message}", code=f"upstream_{last.kind}"))
 
-    def _payload(
-        self, body: bytes, doc: dict[str, Any], exclusive: str | None, lease: str | None, choice: DeviceState
-    ) -> bytes:
+    def _for_pod(
+        self, body: bytes, doc: dict[str, Any], fields: Routing, lease: str | None, choice: DeviceState,
+        status: PodStatus | None,
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The body and the headers for the pod: the client's bytes, the decisions in headers."""
+        exclusive = fields.exclusive_gpu
         # Pinned to the chosen device when the client named it, when it is leased, and on a pod
         # with a leased device (there the pod's own choice could land on the leased one).
         pin = (
@@ -283,21 +315,24 @@ class Proxy:
             or (exclusive is not None and names_one_device(exclusive, choice))
             or self.state.pod_has_lease(choice.pod)
         )
-        if not pin and exclusive is None and "lease" not in doc:
-            return body
-        return pod_body(doc, choice.device if pin else None)
+        # "team-a/chat" is "chat" to the pod server (it knows only its namespace's ids).
+        local = self.state.local_models.get(fields.model)
+        model = local if local is not None and local != fields.model else None
+        headers = [*self.config.pod_headers, (_ROUTED_DEVICE, choice.device.encode())]
+        if pin:
+            headers.append((_EXCLUSIVE_DEVICE, choice.device.encode()))
+        if model is not None:
+            headers.append((_MODEL, model.encode()))
+        routed_fields = exclusive is not None or fields.lease is not None
+        if reads_routing_headers(status) or not (pin or model is not None or routed_fields):
+            return body, headers
+        return pod_body(doc, choice.device if pin else None, model), headers
 
     async def _forward(
-        self, base_url: str, path: str, payload: bytes, stream: bool, ticket: Ticket, request_id: str,
-        receive: Receive, send: Send, started: float,
+        self, base_url: str, path: str, payload: bytes, headers: list[tuple[bytes, bytes]], stream: bool,
+        ticket: Ticket, receive: Receive, send: Send, started: float,
     ) -> bool:
         """Relay one attempt; True when the pod answered 200 in full. Raises _Retryable before the first byte."""
-        headers = [
-            *self.config.pod_headers,
-            (b"x-request-id", request_id.encode()),
-            # The pod keeps this choice while the device is still eligible: one decision per request.
-            (ROUTED_DEVICE_HEADER.encode(), ticket.device.encode()),
-        ]
         try:
             response = await self.pool.request(base_url, path, headers, payload)
         except UpstreamConnectionError as exc:
@@ -364,7 +399,7 @@ class Proxy:
                     chunk = await response.next_chunk()
                 except UpstreamConnectionError as exc:
                     kind = "idle_timeout" if exc.timeout else "stream_broken"
-                    self.metrics.upstream_failures.labels(ticket.pod, kind).inc()
+                    self.metrics.upstream_failure(ticket.pod, kind)
                     self.state.failed(ticket.pod, f"mid-stream: {exc}")
                     log.warning("stream from pod broke", extra={"pod": ticket.pod, "kind": kind})
                     tail = _sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))

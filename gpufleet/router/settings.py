@@ -13,6 +13,12 @@ from gpufleet.settings_support import ServerSettings, parse_settings, split_csv
 PolicyName = Literal["affinity", "round_robin", "least_load", "lru_multiplex", "gie"]
 
 
+# With static discovery the fleet is a list someone wrote and cannot grow behind the router's back:
+# up to this many pods, per-pod series cost little and say much. A Kubernetes fleet grows, and its
+# pods' names change with every restart (series that never go away): there they must be asked for.
+POD_LABELS_AUTO_MAX = 64
+
+
 class RouterSettings(ServerSettings):
     """host, port, api_key, max_body_bytes and log_level come from ServerSettings."""
 
@@ -70,6 +76,11 @@ class RouterSettings(ServerSettings):
         default=None,
         description="Namespace of the router's Lease objects (kubernetes discovery); default: the router's own.",
     )
+    metrics_pod_labels: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Per-pod and per-device series (pod, gpu labels) on the router's metrics. auto: on with "
+        f"static discovery of at most {POD_LABELS_AUTO_MAX} pods, off with kubernetes discovery.",
+    )
 
     _split_urls = field_validator("pod_urls", "pod_namespaces", mode="before")(split_csv)
 
@@ -82,6 +93,13 @@ class RouterSettings(ServerSettings):
         if self.discovery == "static" and not self.pod_urls:
             raise ValueError("POD_URLS: static discovery needs at least one pod-server URL")
         return self
+
+    @property
+    def pod_labels_on(self) -> bool:
+        """``METRICS_POD_LABELS`` resolved once, at start-up: a series set never changes while running."""
+        if self.metrics_pod_labels == "auto":
+            return self.discovery == "static" and len(self.pod_urls) <= POD_LABELS_AUTO_MAX
+        return self.metrics_pod_labels
 
 
 def load_router_settings(**overrides: Any) -> RouterSettings:

@@ -1,4 +1,8 @@
-"""The proxy's upstream HTTP client: a thin adapter over one ``aiohttp.ClientSession``.
+"""The proxy's upstream: the interface (``Upstream``, ``UpstreamResponse``, ``UpstreamError``) and its
+HTTP implementation, ``UpstreamPool``, a thin adapter over one ``aiohttp.ClientSession``.
+Everything the router sends to pods goes through ``Upstream.request``: forwarded requests, polls
+(``get_json``) and the fleet API's fan-out. ``gpufleet.router.mock_upstream`` implements the same
+interface in-process, for tests of forwarding, retries, failover, ejection and SSE relaying.
 
 One keep-alive pool for all pods (``TCPConnector``; idle connections are dropped after
 ``keepalive_s``, UPSTREAM_KEEPALIVE_S, well below the pods' own KEEP_ALIVE_S, so the pool never
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -44,8 +48,61 @@ class UpstreamError(Exception):
         self.timeout = timeout
 
 
-class UpstreamResponse:
-    """The answer to one request; read it with ``next_chunk`` until it returns None, then ``release``."""
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamResponse(Protocol):
+    """The answer to one request: its status and headers (names in lower case) once it started;
+    read its body with ``next_chunk`` until it returns None (or ``read_all``), then ``release``.
+    Both reads raise ``UpstreamError`` (``timeout=True`` when the idle timeout ran out)."""
+
+    status: int
+    headers: Headers
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+    async def next_chunk(self) -> bytes | None: ...
+
+    async def read_all(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """Where the router's requests to pods go."""
+
+    async def request(
+        self, base_url: str, path: str, headers: Headers, body: bytes, method: bytes = b"POST"
+    ) -> UpstreamResponse:
+        """Send a request and return once the answer's head is in; raises ``UpstreamError``
+        (``connect=True``: nothing reached the pod; ``timeout=True``: no answer in the first-byte timeout)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def first_header(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+async def get_json(upstream: Upstream, base_url: str, path: str, headers: Headers, timeout_s: float) -> Any:
+    """GET a JSON document within ``timeout_s``; raises UpstreamError, TimeoutError or ValueError."""
+    async with asyncio.timeout(timeout_s):
+        response = await upstream.request(base_url, path, headers, b"", b"GET")
+        try:
+            data = await response.read_all()
+        finally:
+            response.release()
+    if response.status != 200:
+        raise UpstreamError(f"GET {path} answered {response.status}")
+    return json.loads(data)
+
+
+class AiohttpResponse:
+    """``UpstreamResponse`` over an aiohttp answer."""
 
     __slots__ = ("_idle_s", "_resp", "headers", "status")
 
@@ -56,10 +113,7 @@ class UpstreamResponse:
         self.headers = [(k.lower(), v) for k, v in resp.raw_headers]
 
     def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        return first_header(self.headers, name)
 
     def _error(self, exc: BaseException) -> UpstreamError:
         if isinstance(exc, TimeoutError):  # aiohttp's SocketTimeoutError: the idle timer fired
@@ -90,6 +144,8 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
+    """``Upstream`` over HTTP/1.1: one aiohttp keep-alive pool for every pod."""
+
     def __init__(
         self,
         *,
@@ -134,8 +190,8 @@ class UpstreamPool:
         return url
 
     async def request(
-        self, base_url: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, method: bytes = b"POST"
-    ) -> UpstreamResponse:
+        self, base_url: str, path: str, headers: Headers, body: bytes, method: bytes = b"POST"
+    ) -> AiohttpResponse:
         """Send a request and wait for the answer's headers (the caller bounds the wait)."""
         session = self._open()
         url = self._url(base_url, path)
@@ -157,20 +213,8 @@ class UpstreamPool:
             if protocol is not None:  # the body gets the idle timeout, counted from the headers
                 protocol.read_timeout = self.idle_s
                 protocol.start_timeout()
-            return UpstreamResponse(resp, self.idle_s)
+            return AiohttpResponse(resp, self.idle_s)
         raise AssertionError("unreachable")
-
-    async def get_json(self, base_url: str, path: str, headers: list[tuple[bytes, bytes]], timeout_s: float) -> Any:
-        """GET a JSON document within ``timeout_s``; raises UpstreamError, TimeoutError or ValueError."""
-        async with asyncio.timeout(timeout_s):
-            response = await self.request(base_url, path, headers, b"", b"GET")
-            try:
-                data = await response.read_all()
-            finally:
-                response.release()
-        if response.status != 200:
-            raise UpstreamError(f"GET {path} answered {response.status}")
-        return json.loads(data)
 
     async def close(self) -> None:
         if self._session is not None:

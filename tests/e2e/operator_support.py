@@ -3,10 +3,12 @@
 kwok runs no containers: it marks pods Running with an IP from a loopback range. So:
 - PodServerFarm starts a real ``gpufleet serve`` process for each pod-server pod that kwok
   runs, as its container would run: the container's args, its env resolved like the
-  kubelet does (downward API fields, $(VAR) references), its ConfigMap volume written to a
-  folder, bound to the pod's own (loopback) IP, and talking to the API server with a token
-  of the pod's ServiceAccount (bound to the pod). Paths inside the "image" map to folders
-  here (the demo models). Each pod's "GPUs" become CPU devices (cpu:0..N-1).
+  kubelet does (downward API fields, $(VAR) references), its ConfigMap volumes projected
+  into folders as the kubelet projects them (a ``..data`` symlink swapped atomically, and
+  rewritten when the ConfigMap changes, which a GpuPool's pods rely on), bound to the pod's
+  own (loopback) IP, and talking to the API server with a token of the pod's
+  ServiceAccount (bound to the pod). Paths inside the "image" map to folders here (the
+  demo models). Each pod's "GPUs" become CPU devices (cpu:0..N-1).
 - LocalComponent runs the operator or the router the same way, from the env of the chart's
   Deployment (installed with replicas 0), with a token of the chart's ServiceAccount: what
   they can do in the test is exactly what the chart grants them.
@@ -96,10 +98,38 @@ def resolve_env(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str
 
 
 @dataclass
+class _Projection:
+    """A ConfigMap volume of a running pod, as the kubelet keeps it: ``key -> ..data/key``, with
+    ``..data`` a symlink to a timestamped folder that is swapped in one rename."""
+
+    configmap: str
+    folder: Path
+    resource_version: str | None = None
+
+    def write(self, data: dict[str, str]) -> None:
+        stamp = f"..{time.time_ns()}"
+        (self.folder / stamp).mkdir(parents=True)
+        for key, text in data.items():
+            (self.folder / stamp / key).write_text(text)
+        tmp = self.folder / "..data_tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(stamp)
+        old = (self.folder / "..data").resolve() if (self.folder / "..data").is_symlink() else None
+        tmp.rename(self.folder / "..data")  # atomic: a reader sees the old files or the new ones
+        for key in data:
+            link = self.folder / key
+            if not link.is_symlink():
+                link.symlink_to(Path("..data") / key)
+        if old is not None and old.name != stamp:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
 class _Running:
     uid: str
     ip: str
     proc: procs.Process
+    projections: list[_Projection]
 
 
 class PodServerFarm:
@@ -162,6 +192,8 @@ class PodServerFarm:
             elif not run.proc.alive():
                 self.errors.append(f"pod server {name} exited: {run.proc.log_tail(15)}")
                 del self.running[name]  # started again below, like a container restart
+            else:
+                self._refresh(pod, run)
         seen, self._seen = self._seen, {p["metadata"]["uid"] for p in wanted.values()}
         for name, pod in wanted.items():
             # Start once a pod has been running for two rounds: pods that a test creates and
@@ -178,6 +210,21 @@ class PodServerFarm:
         if run is not None:
             procs.stop(run.proc, grace=5)
 
+    def _project(self, namespace: str, projection: _Projection) -> bool:
+        """Write the ConfigMap's current data into the folder when it changed (the kubelet's
+        sync); False while the ConfigMap does not exist."""
+        cm = try_get(self.api, f"/api/v1/namespaces/{namespace}/configmaps/{projection.configmap}")
+        if cm is None:
+            return False
+        if cm["metadata"].get("resourceVersion") != projection.resource_version:
+            projection.write({key: self._map_text(text) for key, text in (cm.get("data") or {}).items()})
+            projection.resource_version = cm["metadata"].get("resourceVersion")
+        return True
+
+    def _refresh(self, pod: dict[str, Any], run: _Running) -> None:
+        for projection in run.projections:
+            self._project(pod["metadata"]["namespace"], projection)
+
     def host_path(self, path: str, mounts: dict[str, Path]) -> str:
         for prefix, host in [*sorted(mounts.items(), key=lambda kv: -len(kv[0])), *self.path_map.items()]:
             if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
@@ -191,15 +238,17 @@ class PodServerFarm:
         root = self.workdir / f"{name}-{meta['uid'][:8]}"
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         mounts: dict[str, Path] = {}
+        projections: list[_Projection] = []
         for mount in container.get("volumeMounts") or []:
             host = root / "mounts" / mount["name"]
             host.mkdir(parents=True, exist_ok=True)
             mounts[mount["mountPath"]] = host
             cm_ref = volumes.get(mount["name"], {}).get("configMap")
             if cm_ref:
-                cm = self.api.get(f"/api/v1/namespaces/{meta['namespace']}/configmaps/{cm_ref['name']}")
-                for key, text in (cm.get("data") or {}).items():
-                    (host / key).write_text(self._map_text(text))
+                projection = _Projection(cm_ref["name"], host)
+                if not self._project(meta["namespace"], projection):
+                    return  # the kubelet, too, starts the container once its ConfigMap exists
+                projections.append(projection)
         env = {k: self.host_path(v, mounts) for k, v in resolve_env(pod, container).items()}
         gpus = int((container.get("resources") or {}).get("limits", {}).get(labels.GPU_RESOURCE, "1"))
         token = service_account_token(self.api, meta["namespace"], spec["serviceAccountName"], pod)
@@ -216,7 +265,7 @@ class PodServerFarm:
         log_dir = self.workdir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = procs.start(f"pod-{name}", argv, log_dir, {**base, **env})
-        self.running[name] = _Running(meta["uid"], ip, proc)
+        self.running[name] = _Running(meta["uid"], ip, proc, projections)
         self.started.append(f"{name}/{meta['uid']}")
 
     def _map_text(self, text: str) -> str:
@@ -291,3 +340,72 @@ def which(binary: str, bin_dir: Path | None) -> str:
 
 def elapsed(t0: float) -> str:
     return f"{time.monotonic() - t0:.1f}s"
+
+
+@dataclass
+class LocalControl:
+    """The chart installed as users install it (operator and router replicas 0: kwok runs no
+    containers), with ``gpufleet operator`` and ``gpufleet router`` running here as processes
+    with the env and ServiceAccount tokens of the chart's Deployments."""
+
+    operator: LocalComponent
+    router: LocalComponent
+    operator_deployment: dict[str, Any]
+    router_url: str
+    health_url: str
+    metrics_url: str
+
+
+def install_chart(kubectl: str, helm: str, kubeconfig: str, api: Api, release: str, system_ns: str,
+                  namespaces: list[str], *, existing: bool = False, extra_sets: list[str] | None = None) -> None:
+    """helm install the chart (release in ``system_ns``, routing ``namespaces``); CRDs kept from
+    an earlier release are brought up to date first (the chart keeps them on uninstall)."""
+    chart = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "gpufleet"
+    listed = ",".join(namespaces)
+    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{listed}}}", *(extra_sets or [])]
+    if existing:  # never manage other people's ModelGroups
+        sets.append(f"operator.watchNamespaces={{{listed}}}")
+    if try_get(api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelgroups.gpufleet.io"):
+        sets.append("crds.install=false")
+        for crd in sorted((chart.parents[2] / "crds").glob("*.yaml")):
+            _tool(kubectl, kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    if try_get(api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/kopfpeerings.kopf.dev"):
+        sets.append("operator.peering.installCRDs=false")  # kept from an earlier release
+    args = ["install", release, str(chart), "-n", system_ns, "--wait", "--timeout", "120s"]
+    for s in sets:
+        args += ["--set", s]
+    _tool(helm, kubeconfig, *args, timeout=180)
+
+
+def _tool(binary: str, kubeconfig: str, *args: str, timeout: float = 120) -> None:
+    import subprocess
+
+    result = subprocess.run([binary, "--kubeconfig", kubeconfig, *args], capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{binary} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def local_control(api: Api, release: str, system_ns: str, workdir: Path,
+                  operator_env: dict[str, str] | None = None, router_env: dict[str, str] | None = None) -> LocalControl:
+    """The operator and the router of an installed release, ready to start (``with``)."""
+    deployment = f"/apis/apps/v1/namespaces/{system_ns}/deployments/{release}-gpufleet"
+    operator_deployment, router_deployment = api.get(f"{deployment}-operator"), api.get(f"{deployment}-router")
+    health_port, router_port, metrics_port = procs.free_port(), procs.free_port(), procs.free_port()
+    operator = LocalComponent(api, operator_deployment, workdir / "operator", {
+        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
+        "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
+        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
+        "GPUFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
+        **(operator_env or {}),
+    })
+    router = LocalComponent(api, router_deployment, workdir / "router", {
+        "HOST": "127.0.0.1", "PORT": str(router_port),
+        # Pod servers here start, stop and come back within seconds, and the router ejects those that
+        # fail its polls while starting: poll idle pods every second (the default is 90 s) so the
+        # waits measure routing, not the idle-poll period.
+        "IDLE_POLL_S": "1",
+        **(router_env or {}),
+    })
+    return LocalControl(operator, router, operator_deployment, f"http://127.0.0.1:{router_port}",
+                        f"http://127.0.0.1:{health_port}/healthz", f"http://127.0.0.1:{metrics_port}/metrics")

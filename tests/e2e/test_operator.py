@@ -37,7 +37,15 @@ import yaml
 from cluster import procs
 from cluster.binaries import ensure_binaries
 from cluster.kube import Api, ApiError
-from operator_support import LocalComponent, PodServerFarm, service_account_token, try_get, which
+from operator_support import (
+    LocalComponent,
+    PodServerFarm,
+    install_chart,
+    local_control,
+    service_account_token,
+    try_get,
+    which,
+)
 
 from gpufleet.api import labels
 
@@ -140,6 +148,14 @@ def _free_port() -> int:
     return procs.free_port()
 
 
+def _image_sets() -> list[str]:
+    """Helm values for a pod-server image an existing cluster can pull, when one is given."""
+    if not os.environ.get("GPUFLEET_E2E_POD_SERVER_IMAGE"):
+        return []
+    repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
+    return ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
+
+
 @pytest.fixture(scope="module")
 def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     c = test_cluster
@@ -156,42 +172,11 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
             "pod-security.kubernetes.io/enforce": "restricted" if restricted else "baseline"}}}
         c.api.create("/api/v1/namespaces", body)
-    sets = ["operator.replicas=0", "router.replicas=0", f"router.namespaces={{{f.ns},{f.ns2}}}"]
-    if c.existing:  # never manage other people's ModelGroups
-        sets.append(f"operator.watchNamespaces={{{f.ns},{f.ns2}}}")
-    if os.environ.get("GPUFLEET_E2E_POD_SERVER_IMAGE"):
-        repo, _, tag = os.environ["GPUFLEET_E2E_POD_SERVER_IMAGE"].rpartition(":")
-        sets += ["image.registry=", f"podServer.image.repository={repo}", f"podServer.image.tag={tag}"]
-    if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelgroups.gpufleet.io"):
-        # Left by an earlier release (the chart keeps it on uninstall): bring it up to date.
-        sets.append("crds.install=false")
-        f.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modelgroup.yaml"))
-    if f.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/kopfpeerings.kopf.dev"):
-        sets.append("operator.peering.installCRDs=false")  # kept from an earlier release
-    args = ["install", f.release, str(CHART), "-n", f.system_ns, "--wait", "--timeout", "120s"]
-    for s in sets:
-        args += ["--set", s]
-    f.run("helm", *args, timeout=180)
-    deployment = f"/apis/apps/v1/namespaces/{f.system_ns}/deployments/{f.release}-gpufleet"
-    operator_deployment, router_deployment = f.api.get(f"{deployment}-operator"), f.api.get(f"{deployment}-router")
-    health_port, router_port, metrics_port = _free_port(), _free_port(), _free_port()
-    f.health_url = f"http://127.0.0.1:{health_port}/healthz"
-    f.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    f.router_url = f"http://127.0.0.1:{router_port}"
-    f.operator_deployment = operator_deployment
-    f.operator = LocalComponent(c.api, operator_deployment, f.workdir / "operator", {
-        "GPUFLEET_OPERATOR_RESYNC_SECONDS": "3",
-        "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
-        "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
-        "GPUFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
-    })
-    f.router = LocalComponent(c.api, router_deployment, f.workdir / "router", {
-        "HOST": "127.0.0.1", "PORT": str(router_port),
-        # Pod servers here start, stop and come back within seconds, and the router ejects those that
-        # fail its polls while starting: poll idle pods every second (the default is 90 s) so the
-        # waits below measure routing, not the idle-poll period.
-        "IDLE_POLL_S": "1",
-    })
+    install_chart(which("kubectl", bin_dir), which("helm", bin_dir), c.kubeconfig, c.api, f.release, f.system_ns,
+                  [f.ns, f.ns2], existing=c.existing, extra_sets=_image_sets())
+    control = local_control(c.api, f.release, f.system_ns, f.workdir)
+    f.health_url, f.metrics_url, f.router_url = control.health_url, control.metrics_url, control.router_url
+    f.operator_deployment, f.operator, f.router = control.operator_deployment, control.operator, control.router
     f.farm = PodServerFarm(c.api, f.ns, f.workdir / "pods", {IMAGE_MODELS: demo_models.parent})
     f.farm2 = PodServerFarm(c.api, f.ns2, f.workdir / "pods2", {IMAGE_MODELS: demo_models.parent})
     with f.operator, f.router, f.farm, f.farm2:
@@ -201,7 +186,8 @@ def fleet(test_cluster: Any, demo_models: Path, tmp_path_factory: pytest.TempPat
         finally:
             print(f"\n[e2e] pod-server processes started: {len(f.farm.started)}; errors: {f.farm.errors[-3:]}")
             for ns in (f.ns, f.ns2):
-                f.kubectl("delete", "mg", "--all", "-n", ns, "--wait=false", check=False)
+                for kind in ("mg", "gpupools"):
+                    f.kubectl("delete", kind, "--all", "-n", ns, "--wait=false", check=False)
     f.run("helm", "uninstall", f.release, "-n", f.system_ns, "--wait", "--timeout", "60s", check=False)
     for ns in (f.ns, f.ns2, f.system_ns):
         f.kubectl("delete", "namespace", ns, "--wait=false", check=False)

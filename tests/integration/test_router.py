@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.integration.test_router_proxy import start_router
+from tests.support.logs import lines_by_request
 from tests.support.processes import ServerProcess, start_pod_server, wait_until
 
 pytestmark = pytest.mark.integration
@@ -120,33 +121,49 @@ def test_fleet_api_shapes(fleet: Fleet) -> None:
 
 
 def test_two_groups_stay_put_under_mixed_traffic(fleet: Fleet) -> None:
-    # Warm-up: beta arrives; one device switches to it (from disk) and keeps it.
+    """A device leaves its group only when the router priced that switch below every device holding
+    the request's group: that is what the policy guarantees. How many switches it makes is not: a
+    switch is weighed against the service time the router learns from answers and the switch times
+    the pods measure, and both move with the machine's speed (a busy machine serves slower, so waiting
+    for the device holding a group can cost more than switching another)."""
+    # Warm-up: beta arrives; no device holds it, so one switches to it.
     r = fleet.chat("tiny-chat-b")
     assert r.status_code == 200 and r.headers["x-group-switch"] == "true"
-    beta_pod = r.headers["x-served-by-pod"]
     before = fleet.switches()
     models = ["tiny-chat", "tiny-chat-b", "tiny-complete-b"]
 
-    def one(i: int) -> tuple[str, str, str]:
-        model = models[i % 3]
+    def one(i: int) -> tuple[str, str, httpx.Response]:
+        model, rid = models[i % 3], f"mixed-{i}"
+        headers = {"x-request-id": rid}
         if model == "tiny-complete-b":
-            resp = fleet.http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
+            body = {"model": model, "prompt": "hi", "max_tokens": 4}
+            resp = fleet.http.post("/v1/completions", json=body, headers=headers)
         else:
-            resp = fleet.chat(model)
+            body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+            resp = fleet.http.post("/v1/chat/completions", json=body, headers=headers)
         assert resp.status_code == 200, resp.text
-        return model, resp.headers["x-served-by-pod"], resp.headers["x-group-switch"]
+        return rid, model, resp
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(one, range(24)))
     after = fleet.switches()
-    # At most one more switch (a tiny CPU switch is cheap, so a second device may take beta once);
-    # no device alternates between the groups.
-    assert after - before <= 1, (before, after, results)
-    beta_served = {pod for model, pod, _ in results if model != "tiny-chat"}
-    alpha_served = {pod for model, pod, _ in results if model == "tiny-chat"}
-    assert beta_pod in beta_served and beta_pod not in alpha_served
-    assert len(alpha_served & beta_served) <= after - before
-    assert fleet.current()[beta_pod] == "beta"
+    ids = {rid for rid, _, _ in results}
+    log = fleet.router.log_path
+    wait_until(lambda: ids <= lines_by_request(log, "route").keys(), 10, "the router's route lines")
+    decided = lines_by_request(log, "route")
+    for rid, _model, resp in results:
+        line = decided[rid]
+        chosen = f"{line['pod']}/{line['device']}"
+        assert (resp.headers["x-served-by-pod"], resp.headers["x-served-by-device"]) == (line["pod"], line["device"])
+        priced = {key: (note, float(cost)) for key, note, cost in (c.split(" ") for c in line["candidates"])}
+        note, cost = priced[chosen]
+        if note in ("cached", "switch"):  # this request made its device switch groups
+            holding = [c for n, c in priced.values() if n == "current"]
+            assert all(cost <= c for c in holding), (rid, line["candidates"])
+    # A device serves only its current group: one that served both groups in the window switched in it.
+    beta_served = {resp.headers["x-served-by-pod"] for _, model, resp in results if model != "tiny-chat"}
+    alpha_served = {resp.headers["x-served-by-pod"] for _, model, resp in results if model == "tiny-chat"}
+    assert len(alpha_served & beta_served) <= after - before, (before, after, decided)
 
 
 def test_exclusive_routing(fleet: Fleet) -> None:

@@ -4,7 +4,6 @@ the device the router decided, as its decision log says (``x-served-by-device`` 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.test_router_proxy import start_router
+from tests.support.logs import lines_by_request
 from tests.support.processes import ServerProcess, start_pod_server, wait_until
 
 pytestmark = pytest.mark.integration
@@ -42,19 +42,6 @@ def _device_count(router: ServerProcess) -> int:
     return sum(len(p.get("devices", {})) for p in fleet.get("pods", {}).values())
 
 
-def _lines(log: Path, msg: str) -> dict[str, dict[str, object]]:
-    """request id -> its structured log line ``msg`` (the last one)."""
-    out: dict[str, dict[str, object]] = {}
-    for line in log.read_text().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if doc.get("msg") == msg:
-            out[str(doc.get("request_id"))] = doc
-    return out
-
-
 def test_requests_land_where_the_router_decided(fleet: tuple[ServerProcess, Path]) -> None:
     router, logs = fleet
     bodies = [
@@ -73,10 +60,10 @@ def test_requests_land_where_the_router_decided(fleet: tuple[ServerProcess, Path
         results = list(pool.map(send, enumerate(bodies)))
     assert all(r.status_code == 200 for _, r in results), [r.text for _, r in results if r.status_code != 200][:2]
     ids = {rid for rid, _ in results}
-    wait_until(lambda: ids <= _lines(logs / "router.log", "route").keys(), 10, "the router's route lines")
-    wait_until(lambda: ids <= _lines(logs / "pod-two.log", "dispatch").keys(), 10, "the pod's dispatch lines")
-    decided = _lines(logs / "router.log", "route")
-    dispatched = _lines(logs / "pod-two.log", "dispatch")
+    wait_until(lambda: ids <= lines_by_request(logs / "router.log", "route").keys(), 10, "the router's route lines")
+    wait_until(lambda: ids <= lines_by_request(logs / "pod-two.log", "dispatch").keys(), 10, "the pod's dispatch lines")
+    decided = lines_by_request(logs / "router.log", "route")
+    dispatched = lines_by_request(logs / "pod-two.log", "dispatch")
     served: dict[str, set[str]] = {}
     for rid, r in results:
         line = decided[rid]

@@ -20,6 +20,8 @@ import json
 import time
 from collections.abc import Callable
 
+from gpufleet.api.device_report import device_queue, queue_document
+
 # echo-busy always answers 429; echo-abort streams two events, then drops the connection.
 MODELS = {"echo-chat": "echo", "echo-embed": "echo", "echo-busy": "echo", "echo-abort": "echo"}
 
@@ -39,12 +41,9 @@ def _status(name: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+# Nothing ever queues here (answers are instant): the document the pod server would write for that.
 _QUEUE = json.dumps(
-    {
-        "devices": {"cpu:0": {"queue_size": 0, "busy_workers": 0, "workers": 4096}},
-        "total_queued": 0,
-        "total_running": 0,
-    }
+    queue_document({"cpu:0": device_queue(running=0, max_sequences=4096, queue_limit=100000, current_group="echo")}, 0)
 ).encode()
 _MODELS = json.dumps(
     {

@@ -1,4 +1,4 @@
-"""The ModelGroup CRD: generated from the pydantic models, and in agreement with them."""
+"""The ModelGroup and GpuPool CRDs: generated from the pydantic models, and in agreement with them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from gpufleet.api import labels
-from gpufleet.api.modelgroup import ModelGroupSpec, ModelGroupStatus
-from gpufleet.operator.crd import build_crd, crd_yaml
+from gpufleet.api.gpupool import GpuPoolSpec, GpuPoolStatus
+from gpufleet.api.modelgroup import POD_FIELD_DEFAULTS, ModelGroupSpec, ModelGroupStatus
+from gpufleet.operator.crd import build_crd, build_pool_crd, crd_yaml
 
 pytestmark = pytest.mark.unit
 
@@ -22,10 +23,16 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "modelgroup.yaml"
 CHART_CRD_FILE = ROOT / "deploy" / "helm" / "gpufleet" / "files" / "modelgroup-crd.yaml"
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+KINDS = ("modelgroup", "gpupool")
 
 
-def _schema() -> dict[str, Any]:
-    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def _schema(crd: dict[str, Any] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = (crd or build_crd())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _pool_schema() -> dict[str, Any]:
+    return _schema(build_pool_crd())
 
 
 def _jsonschema(node: Any) -> Any:
@@ -38,35 +45,44 @@ def _jsonschema(node: Any) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
     if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
+        kinds = out["type"] if isinstance(out["type"], list) else [out["type"]]
+        out["type"] = [*kinds, "null"]
     if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False  # the API server prunes or (strict) rejects unknown fields
     return out
 
 
 def _validate_cr(obj: dict[str, Any]) -> None:
-    jsonschema.validate(obj, _jsonschema(_schema()))
+    schema = _pool_schema() if obj.get("kind") == "GpuPool" else _schema()
+    jsonschema.validate(obj, _jsonschema(schema))
 
 
-def _example_groups() -> list[dict[str, Any]]:
+def _examples(kind: str = labels.KIND) -> list[dict[str, Any]]:
     docs = []
     for path in EXAMPLES:
-        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == labels.KIND)
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == kind)
     return docs
 
 
-def test_crd_file_is_generated_output() -> None:
-    assert CRD_FILE.read_text() == crd_yaml(), "stale: run `gpufleet crd -o crds/modelgroup.yaml`"
+def _example_groups() -> list[dict[str, Any]]:
+    return _examples(labels.KIND)
 
 
-def test_chart_carries_the_same_crd() -> None:
-    assert CHART_CRD_FILE.read_text() == crd_yaml(), (
-        "deploy/helm/gpufleet/files/modelgroup-crd.yaml is stale: cp crds/modelgroup.yaml there"
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_file_is_generated_output(kind: str) -> None:
+    assert (ROOT / "crds" / f"{kind}.yaml").read_text() == crd_yaml(kind), "stale: run `gpufleet crd -d crds`"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chart_carries_the_same_crd(kind: str) -> None:
+    assert (ROOT / "deploy" / "helm" / "gpufleet" / "files" / f"{kind}-crd.yaml").read_text() == crd_yaml(kind), (
+        f"deploy/helm/gpufleet/files/{kind}-crd.yaml is stale: cp crds/{kind}.yaml there"
     )
 
 
-def test_crd_is_a_valid_kubernetes_object() -> None:
-    kubernetes_validate.validate(build_crd(), kubernetes_validate.latest_version(), strict=True)
+@pytest.mark.parametrize("build", [build_crd, build_pool_crd])
+def test_crd_is_a_valid_kubernetes_object(build: Any) -> None:
+    kubernetes_validate.validate(build(), kubernetes_validate.latest_version(), strict=True)
 
 
 def test_crd_names_and_subresources() -> None:
@@ -121,7 +137,12 @@ def test_spec_and_status_agree_with_pydantic() -> None:
     checked: list[str] = []
     _walk_models(ModelGroupSpec, schema["properties"]["spec"], "spec", checked)
     _walk_models(ModelGroupStatus, schema["properties"]["status"], "status", checked)
-    assert {"spec.replicas:maximum", "spec.models:minItems", "spec.models.id:pattern"} <= set(checked)
+    assert {"spec.replicas:maximum", "spec.models:minItems", "spec.models.id:pattern", "spec.pool:pattern",
+            "spec.minResident:maximum"} <= set(checked)
+    pool: list[str] = []
+    _walk_models(GpuPoolSpec, _pool_schema()["properties"]["spec"], "spec", pool)
+    _walk_models(GpuPoolStatus, _pool_schema()["properties"]["status"], "status", pool)
+    assert {"spec.replicas:maximum", "spec.hostCache.models:maximum", "spec.maxSequencesPerDevice:minimum"} <= set(pool)
 
 
 def test_kubernetes_only_rules_are_present() -> None:
@@ -137,6 +158,100 @@ def test_kubernetes_only_rules_are_present() -> None:
 def test_examples_are_valid_for_both(doc: dict[str, Any]) -> None:
     ModelGroupSpec.model_validate(doc["spec"])
     _validate_cr(doc)
+
+
+@pytest.mark.parametrize("doc", _examples("GpuPool"), ids=lambda d: d["metadata"]["name"])
+def test_pool_examples_are_valid_for_both(doc: dict[str, Any]) -> None:
+    GpuPoolSpec.model_validate(doc["spec"])
+    _validate_cr(doc)
+    bound = [g for g in _example_groups() if g["spec"].get("pool") == doc["metadata"]["name"]]
+    assert len(bound) == 3  # the example's groups share it
+
+
+def test_pool_crd_names_columns_and_subresources() -> None:
+    crd = build_pool_crd()
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "gpupools.gpufleet.io"
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        "gpufleet.io", "Namespaced", "GpuPool", "gpupools")
+    version = spec["versions"][0]
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert [n for n, c in columns.items() if not c.get("priority")] == [
+        "Ready", "Desired", "GPUs/Pod", "Groups", "Status", "Age"]
+    assert columns["Groups"]["jsonPath"] == ".status.groups"
+    props = _pool_schema()["properties"]["spec"]["properties"]
+    assert props["gpusPerPod"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert props["resources"]["x-kubernetes-validations"] == _schema()["properties"]["spec"]["properties"][
+        "resources"]["x-kubernetes-validations"]
+    assert props["env"]["x-kubernetes-validations"] == _schema()["properties"]["spec"]["properties"]["env"][
+        "x-kubernetes-validations"]
+    assert "self.metadata.name.size() <= 52" in _pool_schema()["x-kubernetes-validations"][0]["rule"]
+    conditions = _pool_schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def _pooled_rules() -> dict[str, dict[str, Any]]:
+    rules = _schema()["properties"]["spec"]["x-kubernetes-validations"]
+    return {r.get("fieldPath", r["rule"]): r for r in rules}
+
+
+def test_pooled_groups_refuse_every_pod_field_in_cel() -> None:
+    rules = _pooled_rules()
+    for field, default in POD_FIELD_DEFAULTS.items():
+        rule = rules[f".{field}"]
+        assert rule["rule"].startswith(f"!has(self.pool) || !has(self.{field})"), field
+        if default is not None:  # the API server fills defaults in first: the default is "unset"
+            assert rule["rule"].endswith(f"self.{field} == {json_literal(default)}"), field
+        assert rule["messageExpression"] == (
+            f'"spec.{field} is a pod setting: this ModelGroup runs on GpuPool " + self.pool + "\'s pods; set it there"'
+        )
+        assert rule["reason"] == "FieldValueForbidden"
+    assert rules[".image"]["rule"] == "!has(self.pool) || !has(self.image)"
+    assert rules[".env"]["rule"] == "!has(self.pool) || !has(self.env) || size(self.env) == 0"
+    assert rules[".replicas"]["rule"] == "!has(self.pool) || !has(self.replicas) || self.replicas == 1"
+    # One O(1) rule per field: the CRD stays far within the API server's CEL cost budget.
+    assert len(rules) == len(POD_FIELD_DEFAULTS) + 2
+
+
+def json_literal(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def test_pool_is_fixed_at_creation_and_only_pooled_groups_take_min_resident() -> None:
+    rules = _pooled_rules()
+    fixed = rules[".pool"]
+    assert "oldSelf.pool" in fixed["rule"] and "create a new ModelGroup" in fixed["message"]
+    only_pooled = next(r for r in rules.values() if "minResident" in r["rule"])
+    assert only_pooled["rule"].startswith("has(self.pool) ||")
+
+
+def test_a_pooled_spec_with_a_pod_field_is_refused_by_the_pydantic_model() -> None:
+    doc = _minimal()
+    doc["spec"].update(pool="shared", image="mine:1")
+    with pytest.raises(pydantic.ValidationError, match=r"spec.image is a pod setting.*GpuPool 'shared'"):
+        ModelGroupSpec.model_validate(doc["spec"])
+    doc["spec"].update(image=None, replicas=1, minResident=2, priority=5)  # defaults are not "set"
+    doc["spec"].pop("image")
+    assert ModelGroupSpec.model_validate(doc["spec"]).min_resident == 2
+    _validate_cr(doc)
+    with pytest.raises(pydantic.ValidationError, match="apply to pooled groups only"):
+        ModelGroupSpec.model_validate({**_minimal()["spec"], "minResident": 1})
+
+
+@pytest.mark.parametrize("pool", ["other/shared", "Shared", "x" * 53, ""])
+def test_a_pool_reference_is_a_local_name(pool: str) -> None:
+    """Cross-namespace references cannot be written: spec.pool is a DNS label of this namespace."""
+    doc = _minimal()
+    doc["spec"]["pool"] = pool
+    with pytest.raises(pydantic.ValidationError):
+        ModelGroupSpec.model_validate(doc["spec"])
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_cr(doc)
 
 
 def _minimal() -> dict[str, Any]:
@@ -199,3 +314,13 @@ def test_gpufleet_crd_command_prints_the_file(capsys: pytest.CaptureFixture[str]
 
     assert main(["crd"]) == 0
     assert capsys.readouterr().out == CRD_FILE.read_text()
+
+
+def test_gpufleet_crd_command_writes_both(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from gpufleet.cli import main
+
+    assert main(["crd", "--kind", "gpupool"]) == 0
+    assert capsys.readouterr().out == (ROOT / "crds" / "gpupool.yaml").read_text()
+    assert main(["crd", "--output-dir", str(tmp_path)]) == 0
+    for kind in KINDS:
+        assert (tmp_path / f"{kind}.yaml").read_text() == (ROOT / "crds" / f"{kind}.yaml").read_text()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from gpufleet.operator.builders import BuildOptions, ModelGroupRef, build_statefulset
-from gpufleet.operator.crd import build_crd
+from gpufleet.operator.crd import build_crd, build_pool_crd
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.router.metrics import RouterMetrics
 
@@ -162,10 +162,10 @@ def test_pod_servers_pass_the_restricted_standard() -> None:
 @needs_helm
 def test_chart_crd_is_the_generated_crd() -> None:
     docs = render()
-    crd = named(docs, "CustomResourceDefinition", "modelgroups.gpufleet.io")
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    expected = build_crd()
-    assert crd["spec"] == expected["spec"]
+    for name, build in (("modelgroups.gpufleet.io", build_crd), ("gpupools.gpufleet.io", build_pool_crd)):
+        crd = named(docs, "CustomResourceDefinition", name)
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert crd["spec"] == build()["spec"]
     assert of_kind(render(*VARIANTS["operator-elsewhere"]), "CustomResourceDefinition") == []
 
 
@@ -183,9 +183,11 @@ def _rules(role: dict[str, Any]) -> set[tuple[str, str, str, str]]:
 def test_operator_rbac_is_exactly_what_it_uses() -> None:
     docs = render()
     operator = _rules(named(docs, "ClusterRole", "rel-gpufleet-operator"))
-    expected = {("gpufleet.io", "modelgroups", v, "") for v in ("get", "list", "watch", "patch")}
-    expected |= {("gpufleet.io", "modelgroups/status", "patch", "")}
-    expected |= {("gpufleet.io", "modelgroups/finalizers", "update", "")}
+    expected: set[tuple[str, str, str, str]] = set()
+    for kind in ("modelgroups", "gpupools"):  # the same on both kinds, nothing more
+        expected |= {("gpufleet.io", kind, v, "") for v in ("get", "list", "watch", "patch")}
+        expected |= {("gpufleet.io", f"{kind}/status", "patch", "")}
+        expected |= {("gpufleet.io", f"{kind}/finalizers", "update", "")}
     expected |= {("apps", "statefulsets", v, "") for v in ("get", "list", "watch", "create", "patch")}
     owned = ("get", "list", "watch", "create", "patch")  # read from watches, written by server-side apply
     for resource in ("configmaps", "services", "serviceaccounts"):

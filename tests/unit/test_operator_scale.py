@@ -13,11 +13,11 @@ from kopf._cogs.structs.references import Resource
 
 from gpufleet.api import labels
 from gpufleet.operator import handlers, reconcile
-from gpufleet.operator.builders import BuildOptions, ModelGroupRef, build_children, build_statefulset
+from gpufleet.operator.builders import BuildOptions, ModelGroupRef, PoolRef, build_children, build_statefulset
 from gpufleet.operator.cache import IndexedReads, RecentWrites, slim
 from gpufleet.operator.handlers import CHILDREN, Indexes, kopf_settings, register, resync_forever
 from gpufleet.operator.kube import manifest_path
-from gpufleet.operator.reconcile import Reconciler, group_path, parse_spec
+from gpufleet.operator.reconcile import Reconciler, group_path, parse_pool_spec, parse_spec
 from gpufleet.operator.resync import phase, schedule
 from gpufleet.operator.settings import load_settings
 from tests.unit.test_operator_reconcile import STS, FakeKube, group
@@ -28,6 +28,7 @@ RESOURCES = {  # what the operator watches, as kopf resolves them against the AP
     "pods": Resource("", "v1", "pods", kind="Pod", namespaced=True),
     "leases": Resource("coordination.k8s.io", "v1", "leases", kind="Lease", namespaced=True),
     "modelgroups": Resource("gpufleet.io", "v1alpha1", "modelgroups", kind="ModelGroup", namespaced=True),
+    "gpupools": Resource("gpufleet.io", "v1alpha1", "gpupools", kind="GpuPool", namespaced=True),
 }
 for (_api_version, _kind), _res in CHILDREN.items():
     _group, _version, _plural = _res if len(_res) == 3 else ("", *_res)
@@ -93,11 +94,12 @@ def test_every_watch_but_the_modelgroups_carries_a_server_side_label_selector() 
         for name, resource in RESOURCES.items()
         if handler.selector is not None and handler.selector.check(resource)
     }
-    assert watched == set(RESOURCES)  # pods, leases, ModelGroups and every kind of child
+    assert watched == set(RESOURCES)  # pods, leases, ModelGroups, GpuPools and every kind of child
     selectors = kopf_settings(load_settings()).watching.label_selectors
-    for name in watched - {"modelgroups"}:
+    for name in watched - {"modelgroups", "gpupools"}:
         assert selectors.collect(RESOURCES[name]), f"the {name} watch would carry every {name} of the cluster"
     assert selectors.collect(RESOURCES["modelgroups"]) == []  # users' objects: all of them are ours
+    assert selectors.collect(RESOURCES["gpupools"]) == []
 
 
 def _pairs(selector: str) -> dict[str, str]:
@@ -118,6 +120,13 @@ def test_the_selectors_match_what_the_builders_label() -> None:
     pod_labels = build_statefulset(ref, BuildOptions())["spec"]["template"]["metadata"]["labels"]
     (pod_selector,) = selectors.collect(RESOURCES["pods"])
     assert _pairs(pod_selector).items() <= pod_labels.items()
+    pool = PoolRef("shared", "ml", "uid-2", parse_pool_spec({"spec": {"modelCache": {"size": "1Gi", "shared": True}}}))
+    for child in build_children(pool, BuildOptions()):
+        plural = CHILDREN[(child["apiVersion"], child["kind"])][-1]
+        (selector,) = selectors.collect(RESOURCES[plural])
+        assert _pairs(selector).items() <= child["metadata"]["labels"].items(), child["kind"]
+    pool_pod_labels = build_statefulset(pool, BuildOptions())["spec"]["template"]["metadata"]["labels"]
+    assert _pairs(pod_selector).items() <= pool_pod_labels.items()
 
 
 # ---- no API call, no write, when nothing changed ---------------------------------------------------

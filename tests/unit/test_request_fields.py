@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpufleet.api.fields import DECLARED_REFUSED, FIELDS, rules
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from gpufleet.api.openapi import OPENAI_ROUTES, complete_document
+from gpufleet.api.openapi import LEASE_PRECEDENCE, OPENAI_ROUTES, complete_document
 from gpufleet.router.app import create_app as create_router
 from gpufleet.router.settings import load_router_settings
 from gpufleet.web.errors import validation_error
@@ -163,6 +163,8 @@ def test_both_documents_describe_the_openai_routes_alike() -> None:
         assert {"200", "400", "404", "409", "413", "429", "503"} <= statuses and "422" not in statuses
         for status in ("429", "503"):
             assert p["responses"][status]["headers"]["Retry-After"]["required"]
+        header = next(param for param in r["parameters"] if param["name"] == "x-gpufleet-lease")
+        assert LEASE_PRECEDENCE in header["description"]  # the router serves a request carrying two (proxy)
         assert any(param["name"] == "x-gpufleet-lease" for param in p["parameters"])
     schemas = pod["components"]["schemas"]
     assert schemas == {k: v for k, v in router["components"]["schemas"].items() if k in schemas}

@@ -203,3 +203,27 @@ def test_second_device_takes_the_cached_group_without_a_second_host_copy(groups:
     d0.make_current("g2", groups.groups["g2"])
     assert d1.make_current("g2", groups.groups["g2"]).source == "cache"
     assert ledger.host_copies_made == 2
+
+
+def test_a_changed_spec_is_never_served_from_the_old_cached_copy(groups: ModelGroupsFile) -> None:
+    # model_groups.json changed g1 under the same id: its old host copy must not come back as the new spec.
+    old = groups.groups["g1"]
+    new = GroupSpec(models=(old.models[0].model_copy(update={"context_length": 128}),))
+    r = DeviceResidency("cpu:0", cache_limit_models=4, loader=load_model)
+    r.make_current("g1", old)
+    r.make_current("g2", groups.groups["g2"])  # g1 parked in the cache, from the old spec
+    assert r.host_cache.holds("g1", old) and not r.host_cache.holds("g1", new)
+    assert r.make_current("g1", new).source == "disk"
+    assert r.current_spec == new and r.host_cache.holds("g1", new) and not r.host_cache.holds("g1", old)
+    r.make_current("g2", groups.groups["g2"])
+    assert r.host_cache.discard_stale({"g2": groups.groups["g2"]}) == ["g1"]  # g1 left the file: dropped
+    assert r.cached_groups() == [] and r.host_cache.groups() == ["g2"]
+
+
+def test_drop_current_leaves_no_group_on_the_device(groups: ModelGroupsFile) -> None:
+    ledger = MemoryLedger(["cpu:0"])
+    r = DeviceResidency("cpu:0", 4, load_model, ledger=ledger)
+    r.make_current("g1", groups.groups["g1"])
+    assert r.drop_current() == "g1"
+    assert r.current_group is None and r.current == {} and ledger.resident("cpu:0") == {}
+    assert r.drop_current() is None

@@ -6,46 +6,23 @@ integration test's (tests/integration/test_leases_up.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.router.app import create_app
 from gpufleet.router.lease_store import MemoryLeaseStore
+from gpufleet.router.mock_upstream import MockUpstream
 from gpufleet.router.settings import load_router_settings
-from gpufleet.router.state import FleetState
-from gpufleet.router.upstream import UpstreamPool
+from tests.support.inprocess_router import FixedFleet, FixedPod, Pods, lifespan
 
 pytestmark = pytest.mark.unit
 
-UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens; these tests never forward
-
-
-class FixedFleet:
-    """Discovery that knows two pods by their status documents (no polls)."""
-
-    kind = "fixed"
-
-    async def run(self, state: FleetState, pool: UpstreamPool) -> None:
-        for pod, devices in (("pod-a", ["cuda:0", "cuda:1"]), ("pod-b", ["cuda:0"])):
-            state.upsert(pod, f"{UNREACHABLE}/{pod}", name=pod, node="node-1")
-            doc = PodStatus(
-                pod=pod,
-                node="node-1",
-                ready=True,
-                devices=[DeviceStatus(device=d, current_group="alpha", uuid=f"GPU-{pod}-{d[-1]}") for d in devices],
-                groups=["alpha"],
-                models={"tiny-chat": "alpha"},
-                timestamp=time.time(),
-            )
-            state.observe_status(pod, doc, contact=False)
-        await asyncio.Event().wait()
+PODS = (FixedPod("pod-a", ("cuda:0", "cuda:1"), {"tiny-chat": "alpha"}), FixedPod("pod-b", ("cuda:0",),
+                                                                                   {"tiny-chat": "alpha"}))
 
 
 class Clock:
@@ -56,36 +33,21 @@ class Clock:
         return self.now
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: Any) -> AsyncIterator[None]:
-    """Drive the ASGI lifespan protocol (the transport does not)."""
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await outbox.get())["type"] == "lifespan.startup.complete"
-    try:
-        yield
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        await outbox.get()
-        await task
-
-
 @pytest.fixture
 async def router() -> AsyncIterator[tuple[httpx.AsyncClient, Clock]]:
     clock = Clock()
     settings = load_router_settings(
-        discovery="static", pod_urls=[UNREACHABLE], lease_max_ttl_s=3600, queue_interval_s=60, status_interval_s=60
+        discovery="static", pod_urls=["http://pod-a"], lease_max_ttl_s=3600, queue_interval_s=60,
+        status_interval_s=60,
     )
-    app = create_app(settings, discovery=FixedFleet(), leases=MemoryLeaseStore(clock))
+    app = create_app(settings, discovery=FixedFleet(PODS), leases=MemoryLeaseStore(clock),
+                     upstream=MockUpstream(Pods(PODS)))
     transport = httpx.ASGITransport(app=app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://router") as client:
         for _ in range(200):  # the discovery task runs at the first await of the lifespan
             if (await client.get("/api/fleet")).json()["pods"]:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
         yield client, clock
 
 

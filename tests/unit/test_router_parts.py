@@ -18,7 +18,7 @@ from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.proxy import parse_routing, pod_body, request_lease
 from gpufleet.router.settings import load_router_settings
 from gpufleet.router.state import FleetState
-from gpufleet.routing.policy import DeviceState, names_one_device
+from gpufleet.routing.policy import DeviceState, Snapshot, names_one_device
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +54,49 @@ def test_kubernetes_discovery_needs_no_urls(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("POD_URLS", raising=False)
     s = load_router_settings(discovery="kubernetes", pod_namespaces="team-a, team-b")
     assert s.pod_namespaces == ["team-a", "team-b"]
+
+
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({"POD_URLS": "http://a:1,http://b:2"}, True),  # a short static list: per-pod series by default
+        ({"POD_URLS": ",".join(f"http://p{i}:1" for i in range(65))}, False),
+        ({"DISCOVERY": "kubernetes"}, False),  # a fleet that grows: fleet-wide series by default
+        ({"DISCOVERY": "kubernetes", "METRICS_POD_LABELS": "true"}, True),
+        ({"POD_URLS": "http://a:1", "METRICS_POD_LABELS": "false"}, False),
+    ],
+)
+def test_per_pod_metric_series_are_off_by_default_where_the_fleet_can_grow(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], on: bool
+) -> None:
+    monkeypatch.delenv("POD_URLS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert load_router_settings().pod_labels_on is on
+
+
+@pytest.mark.parametrize("per_pod", [True, False])
+def test_metrics_name_pods_and_devices_only_when_asked(per_pod: bool) -> None:
+    metrics = RouterMetrics(per_pod=per_pod)
+    for i in range(50):
+        metrics.decision("affinity", "routed", "any:affinity_current", f"pod-{i}", "cuda:0")
+        metrics.upstream_failure(f"pod-{i}", "connect")
+        metrics.retry(f"pod-{i}")
+        metrics.ejection(f"pod-{i}")
+    devices = tuple(DeviceState(pod=f"pod-{i}", device="cuda:0", leased_by="lease-1" if i < 3 else None)
+                    for i in range(50))
+    metrics.leases_now(Snapshot(devices, leases=frozenset({"lease-1"})))
+    samples = [s for family in metrics.registry.collect() for s in family.samples]
+    labelled = [s for s in samples if "pod" in s.labels or "gpu" in s.labels]
+    counted = {s.name: s.value for s in samples if not s.labels}
+    assert counted["gpufleet_router_leased_devices"] == 3 and counted["gpufleet_router_leases_active"] == 1
+    if per_pod:
+        assert len([s for s in labelled if s.name == "gpufleet_router_decisions_total"]) == 50
+        assert len([s for s in labelled if s.name == "gpufleet_router_device_leased"]) == 50
+    else:
+        assert labelled == []
+        assert counted["gpufleet_router_retries_total"] == 50 and counted["gpufleet_router_ejections_total"] == 50
+        assert sum(s.value for s in samples if s.name == "gpufleet_router_decisions_total") == 50
 
 
 # --- request bodies -------------------------------------------------------------------------------
@@ -113,6 +156,8 @@ def test_the_lease_never_reaches_the_pod() -> None:
         (b'{"model": "m", "lease": "lease-1"}', [], "lease-1"),
         (b'{"model": "m"}', [(b"x-gpufleet-lease", b"lease-2")], "lease-2"),
         (b'{"model": "m", "lease": "lease-1"}', [(b"x-gpufleet-lease", b"lease-1")], "lease-1"),
+        # Two different leases: valid by the OpenAPI document, so served, under the header's (it says so).
+        (b'{"model": "m", "lease": "lease-1"}', [(b"x-gpufleet-lease", b" lease-2 ")], "lease-2"),
     ],
 )
 def test_a_lease_comes_from_the_body_or_the_header(body: bytes, headers: list[tuple[bytes, bytes]],
@@ -126,7 +171,6 @@ def test_a_lease_comes_from_the_body_or_the_header(body: bytes, headers: list[tu
     [
         (b'{"model": "m", "lease": 7}', []),
         (b'{"model": "m", "lease": ""}', []),
-        (b'{"model": "m", "lease": "lease-1"}', [(b"x-gpufleet-lease", b"lease-2")]),  # two different leases
         (b'{"model": "m"}', [(b"x-gpufleet-lease", b" ")]),
     ],
 )
@@ -303,6 +347,21 @@ def test_only_operator_managed_pods_are_routed_to() -> None:
     mislabelled["metadata"]["ownerReferences"][0]["name"] = "other-group"  # not its group's StatefulSet
     apply_event(state, "MODIFIED", "ml", mislabelled, 8000, view=view)
     assert state.by_name == {}
+
+
+def test_a_pools_pods_are_trusted_by_their_pool_label_and_statefulset() -> None:
+    def pool_pod(name: str, owner: str) -> dict[str, Any]:
+        pod = k8s_pod(name)
+        del pod["metadata"]["labels"][labels.LABEL_MODEL_GROUP]  # a pool's pods serve many groups
+        pod["metadata"]["labels"][labels.LABEL_POOL] = "shared"
+        pod["metadata"]["ownerReferences"][0]["name"] = owner
+        return pod
+
+    state = FleetState(clock=lambda: 0.0)
+    view = ClusterView()
+    apply_event(state, "RESET", "ml", [pool_pod("shared-0", "shared"), pool_pod("shared-1", "other")], 8000,
+                view=view)
+    assert sorted(state.by_name) == ["shared-0"]  # shared-1's StatefulSet is not its pool's
 
 
 def test_a_lease_counts_only_when_its_owner_is_the_live_pod() -> None:

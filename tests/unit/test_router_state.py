@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpufleet.api.device_report import QueueDocument
 from gpufleet.api.pod_status import DeviceStatus, PodStatus
 from gpufleet.router.ejection import Outlier
 from gpufleet.router.state import EjectionPolicy, FleetState
@@ -45,6 +46,10 @@ def fleet(clock: Clock, *pods: str, **kw: object) -> FleetState:
     return state
 
 
+def queue(doc: dict[str, object]) -> QueueDocument:
+    return QueueDocument.model_validate(doc)
+
+
 def devices(state: FleetState) -> dict[str, object]:
     return {d.key: d for d in state.snapshot().devices}
 
@@ -76,9 +81,7 @@ def test_load_is_own_inflight_plus_what_others_sent() -> None:
     state.begin("pod-a", "cpu:0", "alpha")
     assert devices(state)["pod-a/cpu:0"].load == 2  # type: ignore[attr-defined]
     # The pod reports 5 queued or running: 3 of them came from elsewhere.
-    state.observe_queue(
-        "http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 4, "busy_workers": 1}}}
-    )
+    state.observe_queue("http://pod-a:8000", queue({"devices": {"cpu:0": {"queue_size": 4, "busy_workers": 1}}}))
     assert devices(state)["pod-a/cpu:0"].load == 5  # type: ignore[attr-defined]
     state.finish(t1)
     state.finish(t1)  # finishing twice counts once
@@ -97,7 +100,7 @@ def test_stale_pod_is_unknown_not_dropped() -> None:
     d = devices(state)["pod-a/cpu:0"]
     assert not d.fresh and d.healthy  # type: ignore[attr-defined]
     assert state.pod_state(state.by_name["pod-a"]) == "stale"
-    state.observe_queue("http://pod-a:8000", {"devices": {}})  # any contact refreshes it
+    state.observe_queue("http://pod-a:8000", queue({"devices": {}}))  # any contact refreshes it
     assert devices(state)["pod-a/cpu:0"].fresh  # type: ignore[attr-defined]
 
 
@@ -114,7 +117,7 @@ def test_a_group_sent_to_a_device_waits_there_until_the_documents_catch_up() -> 
     assert devices(state)["pod-a/cpu:0"].waiting_groups == {"beta"}  # type: ignore[attr-defined]
     # ...one showing beta confirms it, and the document is the truth again.
     state.observe_status("http://pod-a:8000", status("pod-a", DeviceStatus(device="cpu:0", current_group="beta")))
-    assert "pod-a/cpu:0" not in state.expected
+    assert "pod-a/cpu:0" not in state.tickets.expected
     d = devices(state)["pod-a/cpu:0"]
     assert d.resident_group() == "beta" and not d.waiting_groups  # type: ignore[attr-defined]
 
@@ -123,13 +126,13 @@ def test_a_queue_document_taken_after_the_send_settles_what_waits() -> None:
     clock = Clock()
     state = fleet(clock, "pod-a")
     state.expect("pod-a", "cpu:0", "beta")
-    queue = {"devices": {"cpu:0": {"queue_size": 1, "busy_workers": 0, "waiting_groups": ["beta"]}}}
+    doc = queue({"devices": {"cpu:0": {"queue_size": 1, "busy_workers": 0, "waiting_groups": ["beta"]}}})
     clock.advance(2)
-    state.observe_queue("http://pod-a:8000", queue)
+    state.observe_queue("http://pod-a:8000", doc)
     d = devices(state)["pod-a/cpu:0"]
     assert d.waiting_groups == {"beta"} and d.waiting == 1  # type: ignore[attr-defined]
     # Served (or left) and gone from the queue: nothing waits any more.
-    state.observe_queue("http://pod-a:8000", {"devices": {"cpu:0": {"queue_size": 0, "waiting_groups": []}}})
+    state.observe_queue("http://pod-a:8000", queue({"devices": {"cpu:0": {"queue_size": 0, "waiting_groups": []}}}))
     assert not devices(state)["pod-a/cpu:0"].waiting_groups  # type: ignore[attr-defined]
 
 
@@ -138,7 +141,7 @@ def test_expectation_expires() -> None:
     state = fleet(clock, "pod-a", expectation_ttl_s=30.0)
     state.expect("pod-a", "cpu:0", "beta")
     clock.advance(31)
-    state.observe_queue("http://pod-a:8000", {"devices": {}})
+    state.observe_queue("http://pod-a:8000", queue({"devices": {}}))
     d = devices(state)["pod-a/cpu:0"]
     assert d.resident_group() == "alpha" and not d.waiting_groups  # type: ignore[attr-defined]
 
@@ -193,10 +196,10 @@ def test_poll_failures_eject_and_a_success_after_cool_down_readmits() -> None:
     assert not devices(state)["pod-a/cpu:0"].healthy  # type: ignore[attr-defined]
     assert state.pod_state(state.by_name["pod-a"]) == "ejected"
     clock.advance(4)
-    state.observe_queue("http://pod-a:8000", {"devices": {}})  # answers, but the cool-down is not over
+    state.observe_queue("http://pod-a:8000", queue({"devices": {}}))  # answers, but the cool-down is not over
     assert not state.routable(state.by_name["pod-a"])
     clock.advance(2)
-    state.observe_queue("http://pod-a:8000", {"devices": {}})
+    state.observe_queue("http://pod-a:8000", queue({"devices": {}}))
     assert state.by_name["pod-a"].outlier.admitted and events[-1] == ("pod-a", False)
     # Back in rotation only once a fresh status document says it is ready (it may have restarted).
     assert not state.routable(state.by_name["pod-a"])
@@ -336,3 +339,69 @@ def test_the_kept_index_is_the_snapshot_after_any_sequence_of_events() -> None:
             full = choose_device(request, snap)
             fast = state.decide(request)
             assert (fast.outcome, fast.choice and fast.choice.key) == (full.outcome, full.choice and full.choice.key)
+
+
+def test_waiting_groups_age_with_the_queue_document_not_with_load_reports() -> None:
+    """Only the queue document says which groups wait on a device; answers' load reports carry
+    counts. A busy pod answers all the time and is never queue-polled, so its reports must not keep
+    an old document's waiting groups alive: the policy prices switches from them."""
+    from gpufleet.api.load_report import DeviceLoad, LoadReport
+    from gpufleet.routing.policy import RouteRequest
+
+    clock = Clock()
+    state = fleet(clock, "pod-a")  # stale after 10 s
+    doc = queue({"devices": {"cpu:0": {"queue_size": 1, "busy_workers": 1, "waiting_groups": ["beta"]}}})
+    state.observe_queue("http://pod-a:8000", doc)
+    assert devices(state)["pod-a/cpu:0"].waiting_groups == {"beta"}  # type: ignore[attr-defined]
+    for _ in range(30):  # busy for 30 s: an answer every second, still one request queued
+        clock.advance(1)
+        state.observe_load("pod-a", LoadReport({"cpu:0": DeviceLoad(running=1, waiting=1)}, None))
+    d = devices(state)["pod-a/cpu:0"]
+    assert d.fresh and d.load == 2 and d.waiting == 1  # type: ignore[attr-defined]  # counts: from the reports
+    assert d.waiting_groups == frozenset()  # type: ignore[attr-defined]  # which groups: a 30 s old document
+    state.resync(budget=len(state.pods))
+    kept = {k.key: k for k in state.index.devices}["pod-a/cpu:0"]
+    assert kept.waiting_groups == frozenset()
+    assert state.decide(RouteRequest("beta")).reason != "any:affinity_waiting"
+
+
+def test_a_report_of_an_empty_queue_clears_the_waiting_groups_at_once() -> None:
+    from gpufleet.api.load_report import DeviceLoad, LoadReport
+
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    doc = queue({"devices": {"cpu:0": {"queue_size": 1, "waiting_groups": ["beta"]}}})
+    state.observe_queue("http://pod-a:8000", doc)
+    clock.advance(1)
+    state.observe_load("pod-a", LoadReport({"cpu:0": DeviceLoad(running=1, waiting=0)}, None))
+    # Nothing queued there now, so no group waits there, whatever the older document said.
+    assert devices(state)["pod-a/cpu:0"].waiting_groups == frozenset()  # type: ignore[attr-defined]
+
+
+def test_one_entry_point_owns_when_the_kept_index_answers() -> None:
+    from gpufleet.routing.alternatives import round_robin
+    from gpufleet.routing.policy import RouteRequest, choose_device
+
+    clock = Clock()
+    state = fleet(clock, *[f"pod-{i:02}" for i in range(40)])  # above the index's small-fleet cut-off
+    request = RouteRequest("alpha")
+    full = choose_device(request, state.snapshot())
+    assert full.choice is not None and state.decide(request).choice == full.choice  # the kept index
+    # A retry's exclusions and another policy take a full snapshot: the index knows neither.
+    retry = state.decide(request, exclude=frozenset({full.choice.pod}))
+    assert retry.choice is not None and retry.choice.pod != full.choice.pod
+    assert state.decide(request, round_robin).reason.endswith("round_robin")
+
+
+def test_a_renamed_pod_leaves_the_index_at_once_and_comes_back_under_its_new_name() -> None:
+    clock = Clock()
+    state = fleet(clock, "pod-a")
+    assert [d.key for d in state.index.devices] == ["pod-a/cpu:0"]
+    state.upsert("http://other:8000", "http://other:8000")
+    state.observe_status("http://other:8000", status("pod-a"))  # a second pod of the same name
+    state.resync(budget=len(state.pods))
+    assert sorted(d.key for d in state.index.devices) == sorted(d.key for d in state.snapshot().devices) == [
+        "pod-a@other:8000/cpu:0", "pod-a@pod-a:8000/cpu:0"]
+    state.remove("http://other:8000")
+    state.resync()
+    assert [d.key for d in state.index.devices] == ["pod-a/cpu:0"]

@@ -1,0 +1,242 @@
+"""GPU pools on a real control plane: one GpuPool's pods serve many ModelGroups.
+
+The same installation as test_operator.py (its ``fleet`` fixture: helm install, the operator
+and the router as local processes, a real ``gpufleet serve`` per pod kwok runs), in a module
+of its own so the dedicated-group tests there run unchanged. The pod-server farm projects
+each pod's ConfigMap as the kubelet does and rewrites it when the ConfigMap changes, which
+is how a pool's pods learn of groups joining and leaving (no pod restarts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from test_operator import IMAGE_MODELS, READY_TIMEOUT, ROOT, Fleet, fleet, served_by
+
+from gpufleet.api import labels
+
+pytestmark = pytest.mark.e2e
+__all__ = ["fleet"]  # the fixture, shared with test_operator (one installation per module)
+
+EXAMPLE = ROOT / "deploy" / "examples" / "gpupool.yaml"
+JOIN_TIMEOUT = 60.0  # the issue's bound: a group added to a pool is served within a minute
+
+
+def _example() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+    pool = next(d for d in docs if d["kind"] == "GpuPool")
+    groups = [d for d in docs if d["kind"] == "ModelGroup"]
+    return pool, groups
+
+
+POOL, GROUPS = _example()
+POOL_NAME = POOL["metadata"]["name"]
+
+
+def pool_obj(fleet: Fleet) -> dict[str, Any]:
+    obj = fleet.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{fleet.ns}/gpupools/{POOL_NAME}")
+    assert obj is not None, "the GpuPool is gone"
+    return obj
+
+
+def pool_pods(fleet: Fleet) -> list[dict[str, Any]]:
+    path = f"/api/v1/namespaces/{fleet.ns}/pods?labelSelector={labels.LABEL_POOL}={POOL_NAME}"
+    items: list[dict[str, Any]] = fleet.api.get(path)["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def pod_documents(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    """Each pool pod's own status document (its Lease), by pod name."""
+    out = {}
+    for pod in pool_pods(fleet):
+        name = pod["metadata"]["name"]
+        lease = fleet.get(f"/apis/coordination.k8s.io/v1/namespaces/{fleet.ns}/leases/{name}")
+        raw = ((lease or {}).get("metadata", {}).get("annotations") or {}).get(labels.STATUS_ANNOTATION)
+        if raw:
+            out[name] = json.loads(raw)
+    return out
+
+
+def pool_ready(fleet: Fleet) -> bool:
+    obj = pool_obj(fleet)
+    status = obj.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    return ready.get("status") == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]
+
+
+def ask(client: httpx.Client, model: str, task: str) -> httpx.Response:
+    if task == "completion":
+        return client.post("/v1/completions", json={"model": model, "prompt": "The quick", "max_tokens": 4})
+    return client.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "hello"}]})
+
+
+def model_group(name: str, models: list[dict[str, Any]], **spec: Any) -> str:
+    return yaml.safe_dump({"apiVersion": "gpufleet.io/v1alpha1", "kind": "ModelGroup", "metadata": {"name": name},
+                           "spec": {"pool": POOL_NAME, "models": models, **spec}})
+
+
+def routable(client: httpx.Client, fleet: Fleet, model_ids: list[str]) -> bool:
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    if not {f"{fleet.ns}/{m}" for m in model_ids} <= ids:
+        return False
+    pods = client.get("/api/fleet").json()["pods"]
+    names = [p["metadata"]["name"] for p in pool_pods(fleet)]
+    return bool(names) and all(pods.get(n, {}).get("state") == "ready" and not pods[n]["ejected"] for n in names)
+
+
+@pytest.fixture(scope="module")
+def client(fleet: Fleet) -> Any:
+    pods = pool_pods(fleet)
+    if pods and not all(p["status"].get("podIP", "").startswith("127.") for p in pods):
+        pytest.skip("pod IPs are not loopback: the local router cannot reach them (a kubelet runs the pods)")
+    with httpx.Client(base_url=fleet.router_url, timeout=120) as c:
+        yield c
+
+
+def test_pod_settings_on_a_pooled_group_are_refused_by_the_api_server(fleet: Fleet) -> None:
+    doc = model_group("pooled-with-image", [{"id": "m", "source": "/m"}], image="example.com/other:1")
+    result = fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=doc, check=False)
+    assert result.returncode != 0, result.stdout
+    assert "spec.image" in result.stderr and POOL_NAME in result.stderr, result.stderr
+
+
+def test_a_pool_of_two_pods_serves_three_groups(fleet: Fleet, client: httpx.Client) -> None:
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", str(EXAMPLE))
+    names = [g["metadata"]["name"] for g in GROUPS]
+    fleet.wait(lambda: pool_ready(fleet) and all(fleet.ready(n) for n in names),
+               f"GpuPool {POOL_NAME} and its groups Ready", READY_TIMEOUT)
+    pods = pool_pods(fleet)
+    assert len(pods) == POOL["spec"]["replicas"] == 2
+    # No group has pods of its own: every pod-server pod of the namespace is the pool's.
+    selector = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_POD_SERVER}"
+    all_pods = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/pods?labelSelector={selector}")["items"]
+    assert {p["metadata"]["name"] for p in all_pods} == {p["metadata"]["name"] for p in pods}
+
+    models = [(m["id"], m.get("task", "chat")) for g in GROUPS for m in g["spec"]["models"]]
+    fleet.wait(lambda: routable(client, fleet, [m for m, _ in models]), "the router routes to the pool", 90)
+    pod_names = {p["metadata"]["name"] for p in pods}
+    for model, task in models:
+        r = ask(client, model, task)
+        assert r.status_code == 200, r.text
+        assert served_by(r) in pod_names
+
+    def shown() -> bool:
+        """Both statuses say which device holds which group (a group just served is held somewhere)."""
+        devices = (pool_obj(fleet).get("status") or {}).get("devices") or []
+        held = {d.get("current") for d in devices} | {g for d in devices for g in d.get("cached") or []}
+        placements = {n: (fleet.group(n).get("status") or {}).get("placements") or [] for n in names}
+        return len(devices) == 2 and set(names) <= held and all(placements.values())
+
+    fleet.wait(shown, "GpuPool and ModelGroup statuses show each group's devices", 60)
+    for name in names:
+        status = fleet.group(name)["status"]
+        assert status["pool"] == POOL_NAME
+        assert {p["pod"] for p in status["placements"]} <= pod_names
+        assert {p["state"] for p in status["placements"]} <= {"current", "cached"}
+
+
+def test_a_group_joins_the_pool_without_restarting_a_pod(fleet: Fleet, client: httpx.Client) -> None:
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pool_pods(fleet)}
+    started = list(fleet.farm.started) if fleet.farm else []
+    source = f"{IMAGE_MODELS}/tiny-chat"  # another id for the same weights: a group of its own
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-",
+                  stdin=model_group("fourth", [{"id": "tiny-chat-4", "source": source, "dtype": "float32"}]))
+    fleet.wait(lambda: routable(client, fleet, ["tiny-chat-4"]), "the fourth group listed by the router",
+               JOIN_TIMEOUT)
+    r = ask(client, "tiny-chat-4", "chat")
+    assert r.status_code == 200, r.text
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in pool_pods(fleet)} == before
+    if fleet.farm:
+        assert fleet.farm.started == started  # the same pod-server processes: none restarted
+    fleet.wait(lambda: fleet.ready("fourth"), "the fourth group Ready", 60)
+
+
+def test_a_deleted_group_is_drained_and_freed(fleet: Fleet, client: httpx.Client) -> None:
+    fleet.kubectl("delete", "mg", "fourth", "-n", fleet.ns)
+
+    def freed() -> bool:
+        docs = pod_documents(fleet)
+        for doc in docs.values():
+            if "fourth" in doc.get("groups", []):
+                return False
+            for d in doc.get("devices", []):
+                if d.get("current_group") == "fourth" or "fourth" in d.get("cached_groups", []):
+                    return False
+        return bool(docs)
+
+    fleet.wait(freed, "every pool pod dropped the deleted group from its devices and host cache", JOIN_TIMEOUT)
+    fleet.wait(lambda: f"{fleet.ns}/tiny-chat-4" not in {m["id"] for m in client.get("/v1/models").json()["data"]},
+               "the router stopped listing the deleted group's model", 30)
+    assert ask(client, "tiny-chat-4", "chat").status_code == 404
+    first = GROUPS[0]["spec"]["models"][0]
+    assert ask(client, first["id"], first.get("task", "chat")).status_code == 200  # the others keep serving
+
+
+def _huge_model(demo_root: Path) -> str:
+    """A model whose checkpoint header claims 400 GB of weights: the fit check reads headers only,
+    so a sparse file is enough, and nothing ever loads it."""
+    folder = demo_root / "huge-chat"
+    folder.mkdir(exist_ok=True)
+    config = json.loads((demo_root / "tiny-chat" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    numel = 100_000_000_000  # float32: 400 GB
+    header = json.dumps({"w": {"dtype": "F32", "shape": [numel], "data_offsets": [0, numel * 4]}}).encode()
+    with (folder / "model.safetensors").open("wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header)
+        fh.truncate(8 + len(header) + numel * 4)
+    return f"{IMAGE_MODELS}/huge-chat"
+
+
+def test_a_group_too_big_for_the_pools_devices_is_degraded(fleet: Fleet, client: httpx.Client,
+                                                           demo_models: Path) -> None:
+    source = _huge_model(demo_models.parent)
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-",
+                  stdin=model_group("huge", [{"id": "huge-chat", "source": source, "dtype": "float32"}]))
+
+    def degraded() -> dict[str, Any]:
+        return fleet.condition("huge", "Degraded") if fleet.condition("huge", "Degraded").get("status") == "True" \
+            else {}
+
+    fleet.wait(lambda: bool(degraded()), "the too-big group Degraded", 90)
+    cond = degraded()
+    assert "needs" in cond["message"] and "bytes" in cond["message"] and "available" in cond["message"], cond
+    assert fleet.condition("huge", "Ready").get("status") == "False"
+    for group in GROUPS:  # the others keep serving, and stay Ready
+        model = group["spec"]["models"][0]
+        assert ask(client, model["id"], model.get("task", "chat")).status_code == 200
+        assert fleet.ready(group["metadata"]["name"])
+    fleet.kubectl("delete", "mg", "huge", "-n", fleet.ns)
+
+
+def test_the_new_kind_grows_each_identity_by_exactly_its_job(fleet: Fleet) -> None:
+    """The operator may read GpuPools and write their status; nobody else may write them, and a
+    pool's pod servers may write only Leases, like a dedicated group's."""
+    from test_operator import _can
+
+    ns, sys_ns, release = fleet.ns, fleet.system_ns, fleet.release
+    operator = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-operator"
+    router = f"system:serviceaccount:{sys_ns}:{release}-gpufleet-router"
+    pool_sa = f"system:serviceaccount:{ns}:{POOL_NAME}-pod-server"
+    expect = [
+        (operator, "watch gpupools.gpufleet.io", True),
+        (operator, "patch gpupools.gpufleet.io:status", True),
+        (operator, "create gpupools.gpufleet.io", False),
+        (operator, "delete gpupools.gpufleet.io", False),
+        (operator, "update gpupools.gpufleet.io", False),
+        (router, "patch gpupools.gpufleet.io", False),
+        (router, "patch gpupools.gpufleet.io:status", False),
+        (pool_sa, "patch leases.coordination.k8s.io", True),
+        (pool_sa, "list pods", False),
+        (pool_sa, "patch gpupools.gpufleet.io", False),
+        (pool_sa, "patch modelgroups.gpufleet.io", False),
+        (pool_sa, "patch configmaps", False),
+    ]
+    wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule}"
+             for who, rule, want in expect if _can(fleet, who, *rule.split(), ns) != want]
+    assert not wrong, wrong
