@@ -80,6 +80,11 @@ class PodStatus(BaseModel):
     placement_generation: int | None = Field(
         default=None, description="The generation of the placement.json honoured now; None without one."
     )
+    routing_headers: int = Field(
+        default=0,
+        description="Version of the router's decision headers (gpufleet.api.headers) this pod reads; 0: none"
+        " (the router then rewrites the body where the client's would not do).",
+    )
 
     def state_key(self) -> tuple[object, ...]:
         """What counts as a change worth an API write (everything but the timestamp)."""

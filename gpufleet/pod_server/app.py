@@ -7,14 +7,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.api.errors import ModelNotFound
-from gpufleet.api.headers import ROUTED_DEVICE_HEADER
+from gpufleet.api.headers import EXCLUSIVE_DEVICE_HEADER, MODEL_HEADER, ROUTED_DEVICE_HEADER
 from gpufleet.api.model_groups import ModelGroupsFile
 from gpufleet.api.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gpufleet.pod_server.gpu_stats import GpuStats, open_stats_source
@@ -124,23 +124,26 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await handlers(request).chat(body, request.receive, _request_id(request), _routed_device(request))
+        h, rid, device = handlers(request), _request_id(request), _routed_device(request)
+        return await h.chat(_as_routed(body, request), request.receive, rid, device)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await handlers(request).completion(body, request.receive, _request_id(request), _routed_device(request))
+        h, rid, device = handlers(request), _request_id(request), _routed_device(request)
+        return await h.completion(_as_routed(body, request), request.receive, rid, device)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-        return await handlers(request).embeddings(body, request.receive, _request_id(request), _routed_device(request))
+        h, rid, device = handlers(request), _request_id(request), _routed_device(request)
+        return await h.embeddings(_as_routed(body, request), request.receive, rid, device)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": _model_cards(svc(request).groups)}
+        return {"object": "list", "data": _model_cards(svc(request))}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        for card in _model_cards(svc(request).groups):
+        for card in _model_cards(svc(request)):
             if card["id"] == model_id:
                 return card
         raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
@@ -194,9 +197,33 @@ def _routed_device(request: Request) -> str | None:
     return request.headers.get(ROUTED_DEVICE_HEADER)
 
 
-def _model_cards(groups: ModelGroupsFile) -> list[dict[str, Any]]:
+Routable = TypeVar("Routable", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+
+
+def _as_routed(body: Routable, request: Request) -> Routable:
+    """A request the router decided on carries the client's own bytes, and the router's decisions
+    in headers (gpufleet.api.headers): the pod-local exclusive device (the client's target or lease,
+    resolved) and the pod's own model id. Its body's ``exclusive_gpu`` and ``lease`` were for the
+    router: they are replaced by what the router resolved, not read again here."""
+    headers = request.headers
+    if ROUTED_DEVICE_HEADER not in headers:
+        return body
+    return body.model_copy(
+        update={
+            "exclusive_gpu": headers.get(EXCLUSIVE_DEVICE_HEADER),
+            "lease": None,
+            "model": headers.get(MODEL_HEADER) or body.model,
+        }
+    )
+
+
+def _model_cards(service: PodService) -> list[dict[str, Any]]:
+    """The models a request may name here: those of groups that some device of this pod could load
+    (a group too big for every device is listed in the status document, not here)."""
+    unservable = service.unservable_groups()
     return [
         {"id": m.id, "object": "model", "created": 0, "owned_by": "gpufleet", "group": g, "task": m.task}
-        for g, spec in groups.groups.items()
+        for g, spec in service.groups.groups.items()
+        if g not in unservable
         for m in spec.models
     ]

@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from gpufleet.api.device_report import device_queue, queue_document
 from gpufleet.api.errors import ModelNotFound, Overloaded
+from gpufleet.api.headers import ROUTING_HEADERS_VERSION
 from gpufleet.api.load_report import DeviceLoad, format_load
 from gpufleet.api.model_groups import GroupSpec, ModelGroupsFile, ModelSpec
 from gpufleet.api.placement import PoolPlacement
@@ -493,6 +495,10 @@ class PodService:
 
     # --- documents --------------------------------------------------------------------------
 
+    def unservable_groups(self) -> set[str]:
+        """Groups that no device of this pod can ever hold (too big for each), by the fit checks so far."""
+        return set.intersection(*(set(s.unfit) for s in self.schedulers.values())) if self.schedulers else set()
+
     def status(self) -> PodStatus:
         devices = []
         for device, s in self.schedulers.items():
@@ -540,6 +546,7 @@ class PodService:
             config_error=self.config_error,
             groups_hash=self.groups_hash,
             placement_generation=self.placement.generation if self.placement is not None else None,
+            routing_headers=ROUTING_HEADERS_VERSION,
         )
 
     def models_document(self) -> dict[str, Any]:
@@ -606,32 +613,21 @@ class PodService:
         }
 
     def queue_document(self) -> dict[str, Any]:
-        devices: dict[str, Any] = {}
-        for device, s in self.schedulers.items():
-            used, total = s.runtime.kv_usage() if s.runtime else (0, 0)
-            current = s.residency.current_group
-            devices[device] = {
-                "queue_size": s.queued,
-                "waiting_for_switch": sum(1 for j in s.jobs() if j.group != current),
-                "queue_limit": s.queue_limit,
+        """``GET /api/queue``, through the one writer of that document (gpufleet.api.device_report)."""
+        devices = {
+            device: device_queue(
+                running=s.running,
                 # A device runs up to max_sequences sequences of its current group at once, batched.
-                "running_sequences": s.running,
-                "max_sequences": s.max_sequences,
-                "busy_workers": s.running,
-                "idle_workers": max(0, s.max_sequences - s.running),
-                "workers": s.max_sequences,
-                "kv_blocks_used": used,
-                "kv_blocks_total": total,
-                "current_group": current,
-                "switching_to": s.switching_to,
-                "waiting_groups": sorted({j.group for j in s.jobs()}),
-            }
-        return {
-            "devices": devices,
-            "total_queued": sum(s.queued for s in self.schedulers.values()),
-            "total_running": sum(s.running for s in self.schedulers.values()),
-            "status_version": self.status_version,
+                max_sequences=s.max_sequences,
+                queue_limit=s.queue_limit,
+                queued_groups=[j.group for j in s.jobs()],
+                current_group=s.residency.current_group,
+                switching_to=s.switching_to,
+                kv_blocks=s.runtime.kv_usage() if s.runtime else (0, 0),
+            )
+            for device, s in self.schedulers.items()
         }
+        return queue_document(devices, self.status_version)
 
 
 def _host_spec(spec: ModelSpec, device: str) -> ModelSpec:

@@ -29,7 +29,8 @@ from gpufleet.router.decision_log import flush_periodically, install_batching
 from gpufleet.router.discovery import Discovery, make_discovery, pod_headers
 from gpufleet.router.lease_store import LeaseStore, MemoryLeaseStore
 from gpufleet.router.metrics import RouterMetrics
-from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once
+from gpufleet.router.model_refresh import ModelRefresh
+from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once, poll_status_once
 from gpufleet.router.proxy import PROXY_PATHS, Proxy, ProxyConfig, send_error
 from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import Clock, EjectionPolicy, FleetState
@@ -84,16 +85,18 @@ def build_runtime(
     store = leases if leases is not None else make_lease_store(settings)
     state.leases = store
     headers = pod_headers(settings)
-    config = ProxyConfig(
-        retries=settings.retries,
-        pod_headers=((b"content-type", b"application/json"), *headers),
-    )
     decider = Decider(state, metrics, settings.routing_policy)
     pool = upstream or UpstreamPool(
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_s=settings.first_byte_timeout_s,
         idle_s=settings.idle_timeout_s,
         keepalive_s=settings.upstream_keepalive_s,
+    )
+    refresh = ModelRefresh(lambda: poll_status_once(state, pool, settings.poll_timeout_s, headers), clock)
+    config = ProxyConfig(
+        retries=settings.retries,
+        pod_headers=((b"content-type", b"application/json"), *headers),
+        refresh_models=refresh,
     )
     proxy = Proxy(state, decider, metrics, pool, config)
     return Runtime(settings, state, metrics, pool, proxy, headers, store)

@@ -22,12 +22,13 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, UpstreamError
+from gpufleet.api.errors import GpufleetError, InternalError, InvalidRequest, ModelNotFound, UpstreamError
 from gpufleet.api.headers import (
     EXCLUSIVE_DEVICE_HEADER,
     MODEL_HEADER,
@@ -76,6 +77,8 @@ _MODEL = MODEL_HEADER.encode()
 class ProxyConfig:
     retries: int
     pod_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # Fetch the pods' statuses once before a 404 for an unknown model (gpufleet.router.model_refresh).
+    refresh_models: Callable[[], Awaitable[None]] | None = None
 
 
 class _Retryable(Exception):
@@ -186,10 +189,9 @@ def pod_body(doc: dict[str, Any], device: str | None, model: str | None = None) 
 
 def reads_routing_headers(status: PodStatus | None) -> bool:
     """Does the pod take the router's decisions from headers (``gpufleet.api.headers``)?"""
-    # getattr: the status document's field ``routing_headers`` is the pod server's to add; until it
-    # does, every pod gets the rewritten body where the client's would not do.
-    version = getattr(status, "routing_headers", 0)
-    return isinstance(version, int) and version >= ROUTING_HEADERS_VERSION
+    # A pod of an earlier version reports 0 (the field's default): it gets the rewritten body where
+    # the client's would not do, so a rolling upgrade of the pods never breaks routing.
+    return status is not None and status.routing_headers >= ROUTING_HEADERS_VERSION
 
 
 def _sse_error(exc: GpufleetError) -> bytes:
@@ -234,13 +236,22 @@ class Proxy:
             self.running -= 1
             self.metrics.request_done(endpoint, status[0], time.perf_counter() - started)
 
+    async def _group_of(self, model: str) -> str:
+        try:
+            return self.decider.group_of(model)
+        except ModelNotFound:
+            if self.config.refresh_models is None:
+                raise
+        await self.config.refresh_models()  # a group just added: its pods may know it before we do
+        return self.decider.group_of(model)
+
     async def _handle(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         request_id: str = scope["state"]["request_id"]
         body = await read_body(receive)
         try:
             doc, fields = parse_routing(body)
             lease = request_lease(fields, scope["headers"])
-            group = self.decider.group_of(fields.model)
+            group = await self._group_of(fields.model)
         except GpufleetError as exc:
             await send_error(send, exc)
             return

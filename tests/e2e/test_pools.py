@@ -207,6 +207,9 @@ def test_a_group_too_big_for_the_pools_devices_is_degraded(fleet: Fleet, client:
     cond = degraded()
     assert "needs" in cond["message"] and "bytes" in cond["message"] and "available" in cond["message"], cond
     assert fleet.condition("huge", "Ready").get("status") == "False"
+    assert "huge" in (pool_obj(fleet).get("status") or {}).get("refusedGroups", {})
+    # Offered by no pod, so not by the router either: a client is not shown a model it cannot use.
+    assert f"{fleet.ns}/huge-chat" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
     for group in GROUPS:  # the others keep serving, and stay Ready
         model = group["spec"]["models"][0]
         assert ask(client, model["id"], model.get("task", "chat")).status_code == 200

@@ -28,7 +28,7 @@ class FixedPod:
     groups: dict[str, str] = field(default_factory=lambda: {"chat": "alpha"})  # model -> group, all current
     node: str = "node-1"
     tenant: str | None = None  # its namespace, as Kubernetes discovery gives it
-    status_type: type[PodStatus] = PodStatus
+    routing_headers: int = 0  # the version of the router's decision headers it reads (0: the body's fields)
 
     @property
     def url(self) -> str:
@@ -36,7 +36,7 @@ class FixedPod:
 
     def status(self) -> PodStatus:
         current = next(iter(self.groups.values()))
-        return self.status_type(
+        return PodStatus(
             pod=self.name,
             node=self.node,
             ready=True,
@@ -46,6 +46,7 @@ class FixedPod:
             groups=sorted(set(self.groups.values())),
             models=dict(self.groups),
             timestamp=time.time(),
+            routing_headers=self.routing_headers,
         )
 
 

@@ -115,3 +115,38 @@ async def test_the_app_keeps_its_startup_heap_out_of_collections_while_it_runs(d
         del garbage
         assert gc.collect() >= 1
     assert gc.get_freeze_count() == 0
+
+
+async def test_a_routed_request_takes_the_routers_decisions_from_headers(client: httpx.AsyncClient) -> None:
+    """The router forwards the client's bytes: a namespace-qualified model, the client's target and
+    lease. The pod reads the router's resolution of them from headers instead."""
+    status = (await client.get("/api/status")).json()
+    assert status["routing_headers"] >= 1  # what lets the router send the client's bytes
+    body = {"model": "ml/tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "exclusive_gpu": "some-pod/cuda:7", "lease": "lease-123"}
+    headers = {"x-gpufleet-device": "cpu:0", "x-gpufleet-exclusive": "cpu:0", "x-gpufleet-model": "tiny-chat"}
+    r = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-served-by-device"] == "cpu:0"
+    # The same body sent straight to the pod (no router) is judged by its own fields, as before.
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code in (400, 404), r.text
+
+
+async def test_a_group_no_device_can_hold_is_not_offered_in_v1_models(demo_models: Path) -> None:
+    from gpufleet.pod_server.memory import Fit
+
+    settings = load_settings(devices=["cpu:0", "cpu:1"], lazy_load_model=True, model_groups=demo_models)
+    app = create_app(settings, load_model_groups(demo_models))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pod") as c:
+            schedulers = app.state.service.schedulers
+            schedulers["cpu:0"].unfit["beta"] = Fit(False, 10**12, 10**9)
+            ids = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
+            assert {"tiny-chat-b", "tiny-complete-b"} <= ids  # cpu:1 could still hold beta
+            schedulers["cpu:1"].unfit["beta"] = Fit(False, 10**12, 10**9)
+            ids = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
+            assert "tiny-chat" in ids and not {"tiny-chat-b", "tiny-complete-b"} & ids
+            status = (await c.get("/api/status")).json()  # the status document still says why
+            assert all("beta" in d["insufficient_memory_groups"] for d in status["devices"])

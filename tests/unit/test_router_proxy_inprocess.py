@@ -16,7 +16,6 @@ from starlette.types import ASGIApp
 
 from gpufleet.api.headers import ROUTING_HEADERS_VERSION
 from gpufleet.api.load_report import LOAD_HEADER, DeviceLoad, format_load
-from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.app import create_app
 from gpufleet.router.lease_store import MemoryLeaseStore
 from gpufleet.router.mock_upstream import Chunk, MockRequest, MockResponse, MockUpstream
@@ -121,18 +120,11 @@ async def test_the_pods_answer_is_relayed_as_it_was_sent(router: Router) -> None
     assert fleet["pods"]["pod-a"]["devices"]["cpu:0"]["load"] == 4  # type: ignore[index]
 
 
-class ReadsRoutingHeaders(PodStatus):
-    """A status document announcing that its pod takes the router's decisions from headers (the field is
-    the pod server's to add to PodStatus)."""
-
-    routing_headers: int = ROUTING_HEADERS_VERSION
-
-
 ROUTED = {"model": "team-a/chat", "messages": [], "exclusive_gpu": "pod-a/cuda:1", "lease": None, "n": 2}
 
 
 async def test_decisions_travel_in_headers_and_the_body_stays_the_clients() -> None:
-    pod = FixedPod("pod-a", ("cuda:0", "cuda:1"), tenant="team-a", status_type=ReadsRoutingHeaders)
+    pod = FixedPod("pod-a", ("cuda:0", "cuda:1"), tenant="team-a", routing_headers=ROUTING_HEADERS_VERSION)
     async with running(pod) as router:
         raw = json.dumps(ROUTED, indent=1).encode()
         assert (await call(router.app, CHAT, raw)).status == 200
@@ -302,3 +294,22 @@ async def test_the_lease_header_wins_over_the_body_field(router: Router) -> None
     lease = taken.json()["id"]
     answer = await call(router.app, CHAT, {**BODY, "lease": "lease-not-this-one"}, [("x-gpufleet-lease", lease)])
     assert answer.status == 200 and answer.header("x-served-by-pod") == "pod-b"
+
+
+async def test_a_model_its_pods_gained_since_their_last_report_is_served_not_refused() -> None:
+    """A group just added to a pool: its pods list it before their status reaches the router."""
+    pod = FixedPod("pod-a")
+    async with running(pod) as router:
+        router.pods.pods["pod-a"] = FixedPod("pod-a", groups={"chat": "alpha", "fresh": "beta"})
+        answer = await call(router.app, CHAT, {**BODY, "model": "fresh"})
+        assert answer.status == 200, answer.body
+        assert [r.path for r in router.upstream.requests].count("/api/status") == 1  # it asked the pods once
+
+
+async def test_unknown_models_fetch_the_pods_status_at_most_once_a_second() -> None:
+    async with running(FixedPod("pod-a")) as router:
+        answers = await asyncio.gather(*(call(router.app, CHAT, {**BODY, "model": "nope"}) for _ in range(5)))
+        assert {a.status for a in answers} == {404}
+        assert answers[0].json()["error"]["code"] == "model_not_found"
+        # Five requests, one fetch: a client repeating a wrong name does not make the router poll in a loop.
+        assert len([r for r in router.upstream.requests if r.path == "/api/status"]) == 1
