@@ -35,6 +35,7 @@ def run_operator(args: argparse.Namespace) -> int:
     from gpufleet.operator.peering import ensure_peering_objects
     from gpufleet.operator.reconcile import Reconciler
     from gpufleet.operator.settings import load_settings
+    from gpufleet.operator.startup import wait_until_served
 
     settings = load_settings(
         namespaces=args.namespaces,
@@ -59,6 +60,7 @@ def run_operator(args: argparse.Namespace) -> int:
     identity = f"{socket.gethostname()}@{os.getpid()}-{secrets.token_hex(3)}"
     if settings.peering:
         ensure_peering_objects(reconciler.kube, settings.peering, settings.namespaces)
+    wait_until_served(reconciler.kube, settings.namespaces)
     liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     kopf.run(
         registry=registry,
