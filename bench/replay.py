@@ -51,7 +51,9 @@ def calibrate(url: str, model: str = "m00") -> dict[str, float]:
     return {"fixed_s": max(0.0, my - b * mx), "per_token_s": max(0.0, b)}
 
 
-def predict(trace: Any, policy: str, cal: dict[str, float], disk_s: float, cache_s: float) -> dict[str, Any]:
+def predict(
+    trace: Any, policy: str, cal: dict[str, float], disk_s: float, cache_s: float, queue_policy: Any = None
+) -> dict[str, Any]:
     """The simulator on the same trace: batched devices whose speed alone is the calibration and
     whose speed-up with the batch is the measured throughput curve (bench/results/throughput.json)."""
     from bench.routing_quality import measured_steps
@@ -72,6 +74,7 @@ def predict(trace: Any, policy: str, cal: dict[str, float], disk_s: float, cache
         costs=SwitchCosts(disk_fixed_s=disk_s, disk_s_per_gb=0.0, cache_fixed_s=max(cache_s, 1e-4), cache_s_per_gb=0.0),
         steps=steps,
         initial_group="g00",
+        **({"queue_policy": queue_policy} if queue_policy is not None else {}),
     )
     fn = ROUTER_POLICIES[policy]
     r = simulate(trace, cfg, SnapshotPolicy(policy, fn), slo_s=SLO_S)

@@ -14,11 +14,11 @@ MODELS = [Model(f"g{i:02d}", f"m{i:02d}", f"/models/m{i:02d}") for i in range(N_
 
 
 def test_the_pool_layout_binds_every_group_to_one_pool_of_two_pods() -> None:
-    docs = manifests("pool", MODELS)
+    docs = manifests("pool-no-linger", MODELS)
     pools = [d for d in docs if d["kind"] == "GpuPool"]
     assert len(pools) == 1
     pool = GpuPoolSpec.model_validate(pools[0]["spec"])
-    assert (pool.replicas, pool.host_cache.models) == (POOL_PODS, HOST_CACHE_MODELS)
+    assert (pool.replicas, pool.host_cache.models, pool.switch.linger_seconds) == (POOL_PODS, HOST_CACHE_MODELS, 0)
     groups = [ModelGroupSpec.model_validate(d["spec"]) for d in docs if d["kind"] == "ModelGroup"]
     assert len(groups) == N_GROUPS and {g.pool for g in groups} == {pools[0]["metadata"]["name"]}
 
