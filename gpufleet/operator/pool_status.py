@@ -24,6 +24,7 @@ from gpufleet.operator.status import (
     pod_problems,
     pod_view,
     pods_progress,
+    set_ready_by_replicas,
 )
 
 
@@ -129,12 +130,7 @@ def compute_pool_status(
     else:
         conds.set("Progressing", False, "Complete", f"{desired} pod server(s) up to date, {len(served)} group(s)")
 
-    if desired == 0:
-        conds.set("Ready", True, "ScaledToZero", "replicas is 0")
-    elif len(ready) >= desired:
-        conds.set("Ready", True, "AllReplicasReady", f"{len(ready)}/{desired} pod servers ready")
-    else:
-        conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
+    set_ready_by_replicas(conds, len(ready), desired)
 
     refusals = dict(refused or {})
     for group in served:

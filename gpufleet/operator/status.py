@@ -219,6 +219,16 @@ def _statefulset_caught_up(sts: dict[str, Any] | None) -> bool:
     )
 
 
+def set_ready_by_replicas(conds: Conds, ready: int, desired: int) -> None:
+    """Ready when every desired pod server is (a dedicated group's, or a pool's); zero replicas is ready."""
+    if desired == 0:
+        conds.set("Ready", True, "ScaledToZero", "replicas is 0")
+    elif ready >= desired:
+        conds.set("Ready", True, "AllReplicasReady", f"{ready}/{desired} pod servers ready")
+    else:
+        conds.set("Ready", False, "ReplicasNotReady", f"{ready}/{desired} pod servers ready")
+
+
 def compute_status(
     name: str,
     generation: int | None,
@@ -259,12 +269,7 @@ def compute_status(
     else:
         conds.set("Progressing", False, "Complete", f"{desired} pod server(s) up to date")
 
-    if desired == 0:
-        conds.set("Ready", True, "ScaledToZero", "replicas is 0")
-    elif len(ready) >= desired:
-        conds.set("Ready", True, "AllReplicasReady", f"{len(ready)}/{desired} pod servers ready")
-    else:
-        conds.set("Ready", False, "ReplicasNotReady", f"{len(ready)}/{desired} pod servers ready")
+    set_ready_by_replicas(conds, len(ready), desired)
 
     observed = observed_generation(generation, statefulset, previous.observed_generation if previous else None)
     conditions = conds.conditions(previous.conditions if previous else [], now, observed)
