@@ -593,6 +593,10 @@ def test_deleted_pod_comes_back(fleet: Fleet) -> None:
     fleet.wait(replaced, "alpha-0 recreated and alpha Ready again", READY_TIMEOUT)
 
 
+HOLD = "gpufleet.io/e2e-hold"
+MERGE_PATCH = "application/merge-patch+json"
+
+
 def _evict(fleet: Fleet, name: str) -> int:
     """What `kubectl drain` does for each pod: the Eviction API, which honours PodDisruptionBudgets."""
     body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": fleet.ns}}
@@ -612,9 +616,17 @@ def test_evictions_never_take_a_groups_last_ready_pod(fleet: Fleet) -> None:
     fleet.wait(lambda: fleet.ready("alpha") and allowed("alpha") == 1 and allowed("beta") == 0,
                "the disruption controller counted alpha (1 allowed) and beta (0 allowed)", 60)
     assert _evict(fleet, "beta-0") == 429  # its only pod: a drain waits instead of taking the group down
-    assert _evict(fleet, "alpha-0") == 201  # one of two may go
-    assert _evict(fleet, "alpha-1") == 429  # not the last ready one
-    assert any(p["metadata"]["name"] == "alpha-1" for p in fleet.pods("alpha"))
+    # kwok readies a replacement pod at once, which the disruption controller may count before the
+    # second eviction below; a finalizer holds the evicted pod (terminating, so not healthy) until the
+    # test lets it go, as a slow kubelet's graceful shutdown would.
+    pod_path = f"/api/v1/namespaces/{fleet.ns}/pods/alpha-0"
+    fleet.api.request("PATCH", pod_path, {"metadata": {"finalizers": [HOLD]}}, content_type=MERGE_PATCH)
+    try:
+        assert _evict(fleet, "alpha-0") == 201  # one of two may go
+        assert _evict(fleet, "alpha-1") == 429  # not the last ready one
+        assert any(p["metadata"]["name"] == "alpha-1" for p in fleet.pods("alpha"))
+    finally:
+        fleet.api.request("PATCH", pod_path, {"metadata": {"finalizers": None}}, content_type=MERGE_PATCH)
     fleet.wait(lambda: fleet.ready("alpha") and fleet.group("alpha")["status"]["readyReplicas"] == 2,
                "alpha back to 2 ready pods", READY_TIMEOUT)
 
