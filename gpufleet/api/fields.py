@@ -107,6 +107,19 @@ FIELDS: tuple[FieldRule, ...] = (
     # --- gpufleet's own ---
     FieldRule("exclusive_gpu", ALL, "extension", "serve only on this device, pod or node"),
     FieldRule("lease", ALL, "extension", "serve on the devices this lease holds (consumed by the router)"),
+    # vLLM's extensions, under vLLM's names, so its benchmark clients (``vllm bench serve``) drive us
+    FieldRule(
+        "ignore_eos",
+        GENERATION,
+        "extension",
+        "vLLM's name: never stop at an end token; exactly `max_tokens` tokens unless a stop string ends it",
+    ),
+    FieldRule(
+        "min_tokens",
+        GENERATION,
+        "extension",
+        "vLLM's name: no end token and no stop string before this many tokens; at most `max_tokens`",
+    ),
 )
 
 # dimensions is refused per model (its native value is fine), so the body models declare it.

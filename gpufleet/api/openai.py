@@ -88,6 +88,17 @@ class _Generation(_Body):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Seed | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = Field(default=1, description="Choices for the prompt.")
+    # vLLM's extensions (its SamplingParams names), so vLLM's benchmark clients drive us unchanged.
+    ignore_eos: bool = Field(
+        default=False,
+        description="gpufleet extension (vLLM's name): never stop at an end token, so generation runs to "
+        "max_tokens (a stop string still ends it).",
+    )
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT), _WHOLE] = Field(
+        default=0,
+        description="gpufleet extension (vLLM's name): no end token, and no stop string, before this many "
+        "tokens; at most max_tokens.",
+    )
 
     @field_validator("stop")
     @classmethod

@@ -26,7 +26,6 @@ from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.pod_server.service import PodService
 from gpufleet.pod_server.settings import PodServerSettings
 from gpufleet.pod_server.status_publisher import run_status_publisher
-from gpufleet.pod_server.tokenizers import TokenizerCache
 from gpufleet.pod_server.validate import Validator
 from gpufleet.web.errors import install_error_handlers
 from gpufleet.web.health import OPEN_PATHS, install_health_routes
@@ -57,13 +56,12 @@ def create_app(
         app.state.service = service
         app.state.metrics = metrics
         app.state.stats = stats
-        tokenizers = TokenizerCache()
+        tokenizers = service.tokenizers  # the pod's one tokenizer per model, shared with the loaders
         validator = Validator(groups, tokenizers, settings.max_tokens_default)
         app.state.handlers = OpenAIHandlers(service, validator, metrics)
 
         def serve(new: ModelGroupsFile) -> None:  # a reloaded model_groups.json: what requests may name
-            validator.groups = new
-            tokenizers.retain(m for g in new.groups.values() for m in g.models)
+            validator.groups = new  # (the service forgets the tokenizers of the models that left)
 
         service.groups_listeners.append(serve)
         watcher = ConfigWatcher(

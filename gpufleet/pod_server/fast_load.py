@@ -23,17 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from gpufleet.api.model_groups import ModelSpec
 from gpufleet.pod_server.devices import is_cuda, torch_device
-from gpufleet.pod_server.inference import LoadedModel, load_model, resolve_dtype
+from gpufleet.pod_server.inference import LoadedModel, load_model, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _load_pinned(files: list[Path], device: str, chunk_bytes: int = 64 << 20) ->
     return state
 
 
-def _fast(spec: ModelSpec, device: str, staging: Staging) -> LoadedModel:
+def _fast(spec: ModelSpec, device: str, staging: Staging, tokenizer: Any = None) -> LoadedModel:
     dtype = resolve_dtype(spec, device)
     files = safetensors_files(spec.source)
     model = _skeleton(spec, dtype)
@@ -164,7 +165,7 @@ def _fast(spec: ModelSpec, device: str, staging: Staging) -> LoadedModel:
     for module, _ in owners:
         if any(p is not None for p in module._parameters.values()):
             raise FastLoadUnsupported(f"{type(module).__name__} owns parameters and non-persistent buffers")
-    tokenizer = AutoTokenizer.from_pretrained(spec.source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dev = torch_device(device)
     raw = _load_pinned(files, dev) if staging == "pinned" and is_cuda(device) else _load_direct(files, dev)
     meta_state = model.state_dict()
@@ -188,19 +189,19 @@ def _fast(spec: ModelSpec, device: str, staging: Staging) -> LoadedModel:
     if leftovers:
         raise FastLoadUnsupported(f"{len(leftovers)} tensors left on meta, e.g. {leftovers[0]!r}")
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(spec, model, tokenizer, device)
 
 
-def fast_load_model(spec: ModelSpec, device: str, *, staging: Staging = "direct") -> LoadedModel:
+def fast_load_model(
+    spec: ModelSpec, device: str, *, staging: Staging = "direct", tokenizer: Any = None
+) -> LoadedModel:
     """Same contract as ``inference.load_model``: one model of ``spec`` resident on ``device``."""
     started = time.perf_counter()
     try:
-        loaded = _fast(spec, device, staging)
+        loaded = _fast(spec, device, staging, tokenizer)
     except FastLoadUnsupported as exc:
         log.info("fast load not applicable, using from_pretrained", extra={"model": spec.id, "reason": str(exc)})
-        return load_model(spec, device)
+        return load_model(spec, device, tokenizer=tokenizer)
     log.info(
         "model loaded",
         extra={
@@ -217,16 +218,18 @@ def fast_load_model(spec: ModelSpec, device: str, *, staging: Staging = "direct"
 LoadMethod = Literal["auto", "fast", "from_pretrained"]
 
 
-def select_loader(method: LoadMethod) -> Any:
-    """The loader for the LOAD_METHOD setting.
+def select_loader(method: LoadMethod, tokenizers: Callable[[ModelSpec], Any] | None = None) -> Any:
+    """The loader for the LOAD_METHOD setting; ``tokenizers`` gives a model's one tokenizer (the
+    pod's ``TokenizerCache.tokenizer``), else each load reads its own.
 
     ``auto`` uses the fast path on CUDA devices, where it saves a full host-side copy of the
     weights, and ``from_pretrained`` on CPU devices, where reading cold files was measured
     faster that way (bench/results/switch_cost.json)."""
 
     def load(spec: ModelSpec, device: str) -> LoadedModel:
+        tokenizer = tokenizers(spec) if tokenizers is not None else None
         if method == "fast" or (method == "auto" and is_cuda(device)):
-            return fast_load_model(spec, device)
-        return load_model(spec, device)
+            return fast_load_model(spec, device, tokenizer=tokenizer)
+        return load_model(spec, device, tokenizer=tokenizer)
 
     return load

@@ -166,8 +166,10 @@ class _Run:
 
     async def _choice(self, engine: BatchEngine, index: int) -> AsyncIterator[Event]:
         plan = self.plan
-        text = TextAssembler(plan.info.tokenizer, plan.stop, plan.info.eos_ids)
-        steps = engine.generate(plan.prompt_ids, plan.choice_params(index))
+        params = plan.choice_params(index)
+        eos_ids = () if params.ignore_eos else plan.info.eos_ids  # then an end token ends nothing (nor shows)
+        text = TextAssembler(plan.info.tokenizer, plan.stop, eos_ids, min_tokens=params.min_tokens)
+        steps = engine.generate(plan.prompt_ids, params)
         try:
             async for step in steps:
                 if self._first_token_at is None:

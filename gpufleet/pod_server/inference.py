@@ -135,7 +135,7 @@ class LoadedModel:
             fresh = t.detach()
             memo[id(t)] = torch.nn.Parameter(fresh, requires_grad=False) if isinstance(t, torch.nn.Parameter) else fresh
         model = copy.deepcopy(self.model, memo)
-        clone = LoadedModel(self.spec, model, copy.deepcopy(self.tokenizer), self.device)
+        clone = LoadedModel(self.spec, model, self.tokenizer, self.device)  # one tokenizer per model
         if self._host is not None:
             clone._host = self._host
         clone.host_bytes = 0  # the copy is counted once, on the original
@@ -147,15 +147,11 @@ class LoadedModel:
 
         An input may be token ids (as a client's tokenizer made them, without special tokens):
         they go to the model as they are, framed by the special tokens the tokenizer adds to text,
-        so the ids of a text embed exactly as the text does.
+        so the ids of a text embed exactly as the text does. Texts take the same path (tokenised
+        without special tokens, framed, truncated and padded here): the tokenizer, shared by the whole
+        pod, is only read, never switched to padding or truncation.
         """
-        if all(isinstance(i, str) for i in inputs):
-            enc = self.tokenizer(
-                list(inputs), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
-            )
-        else:
-            enc = self._id_batch(inputs)
-        enc = enc.to(torch_device(self.device))
+        enc = self._id_batch(inputs).to(torch_device(self.device))
         hidden = self.model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -166,9 +162,9 @@ class LoadedModel:
         tok = self.tokenizer
         head, tail = special_frame(tok)
         room = max(1, self.context_length - len(head) - len(tail))
-        rows = [
-            list(tok(i, add_special_tokens=False)["input_ids"]) if isinstance(i, str) else list(i) for i in inputs
-        ]
+        texts = [i for i in inputs if isinstance(i, str)]
+        encoded = iter(tok(texts, add_special_tokens=False)["input_ids"] if texts else ())
+        rows = [list(next(encoded)) if isinstance(i, str) else list(i) for i in inputs]
         rows = [[*head, *r[:room], *tail] for r in rows]
         width = max(len(r) for r in rows)
         pad = self._pad_id if self._pad_id is not None else 0
@@ -195,17 +191,30 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def load_model(spec: ModelSpec, device: str) -> LoadedModel:
-    """Load one model from its source straight onto ``device`` with the real transformers code."""
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The model's tokenizer, ready to be shared by threads: a pad token (the end token where it has
+    none), and its backend's padding and truncation off, so that no call of ours ever switches them
+    (the backend is mutated by such a switch, which races with other threads' calls)."""
+    tokenizer = AutoTokenizer.from_pretrained(spec.source)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, device: str, *, tokenizer: Any = None) -> LoadedModel:
+    """Load one model from its source straight onto ``device`` with the real transformers code;
+    ``tokenizer`` is the pod's one tokenizer of the model (read here when not given)."""
     dtype = resolve_dtype(spec, device)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(spec.source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     cls = AutoModel if spec.task == "embedding" else AutoModelForCausalLM
     model: Any = cls.from_pretrained(spec.source, dtype=dtype)
     model.to(torch_device(device))
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(spec, model, tokenizer, device)
     log.info(
         "model loaded",

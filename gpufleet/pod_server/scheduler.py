@@ -116,6 +116,7 @@ class DeviceScheduler:
         self._queue: list[Job] = []
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._closing_runtimes: set[asyncio.Future[None]] = set()  # engine stops under way (see _close_runtime)
         self.runtime: GroupRuntime | None = None
         self.running = 0  # slots held by admitted jobs
         self.switching_to: str | None = None
@@ -142,6 +143,9 @@ class DeviceScheduler:
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
+        # An engine stop the pump began (a switch, a stale group's drop) ends whole: cut short, its step
+        # thread would run on and keep the process from exiting.
+        await asyncio.gather(*self._closing_runtimes, return_exceptions=True)
         if self.runtime is not None:
             runtime, self.runtime = self.runtime, None
             await runtime.close()
@@ -348,7 +352,7 @@ class DeviceScheduler:
         try:
             if self.runtime is not None:
                 runtime, self.runtime = self.runtime, None
-                await runtime.close()  # frees the KV caches before the weights move
+                await self._close_runtime(runtime)  # frees the KV caches before the weights move
                 self.residency.ledger.clear_kv(self.device)
             switch = loop.run_in_executor(self.executor, self.residency.make_current, group, spec, abort)
             self._switch_thread = switch
@@ -421,7 +425,7 @@ class DeviceScheduler:
         try:
             if self.runtime is not None:
                 runtime, self.runtime = self.runtime, None
-                await runtime.close()
+                await self._close_runtime(runtime)
             self.residency.ledger.clear_kv(self.device)
             # A failed engine stop is not retried (the runtime is gone), and the residency lets go of
             # the group before it parks the models: the pump never loops on a stale group.
@@ -432,6 +436,14 @@ class DeviceScheduler:
         log.info("stale group dropped", extra={"device": self.device, "group": group})
         self.hooks.on_drop(self.device, group)
         self.hooks.on_change()
+
+    async def _close_runtime(self, runtime: GroupRuntime) -> None:
+        """Stop a group's engines; a cancelled caller (the pump, at shutdown) does not cut the stop
+        short: drain_and_stop waits for it."""
+        closing = asyncio.ensure_future(runtime.close())
+        self._closing_runtimes.add(closing)
+        closing.add_done_callback(self._closing_runtimes.discard)
+        await asyncio.shield(closing)
 
     def _record_kv(self) -> None:
         if self.runtime is None:

@@ -43,6 +43,7 @@ from gpufleet.pod_server.queue_order import QueuePolicy
 from gpufleet.pod_server.residency import DeviceResidency, SwitchResult
 from gpufleet.pod_server.scheduler import DeviceScheduler, InsufficientDeviceMemory, Job, SchedulerHooks
 from gpufleet.pod_server.settings import PodServerSettings
+from gpufleet.pod_server.tokenizers import TokenizerCache
 from gpufleet.routing.policy import Costs, Decision, Outcome, RouteRequest, Snapshot, honour_choice
 from gpufleet.routing.refusal import RefusalContext, refusal_error, retry_after_s
 
@@ -79,7 +80,11 @@ class PodService:
         self.ready = False
         self.preload_task: asyncio.Task[None] | None = None  # the default group's preload, when there is one
         self.schedulers: dict[str, DeviceScheduler] = {}
-        loader = loader or select_loader(settings.load_method)
+        # One tokenizer per model for the whole pod: validation, the loaders and the engines share it,
+        # and it goes when the model's group leaves the pod (``_publish_specs``).
+        self.tokenizers = TokenizerCache()
+        self.tokenizers.retain(m for g in self._served.values() for m in g.models)
+        loader = loader or select_loader(settings.load_method, self.tokenizers.tokenizer)
         self._loader = loader
         self.ledger = MemoryLedger(settings.devices, settings.device_memory_caps())
         cache_bytes = settings.max_cpu_cache_gb
@@ -288,6 +293,7 @@ class PodService:
     def _publish_specs(self) -> None:
         # Replaced whole, never mutated: device and prefetch threads read it without a lock.
         self._served = {**self._retiring, **self.groups.groups}
+        self.tokenizers.retain(m for g in self._served.values() for m in g.models)
         for s in self.schedulers.values():
             s.specs = self._served
             s.wake()  # a stale current group is dropped once idle

@@ -7,6 +7,7 @@ the event loop), the token budget, fields we do not serve. The model's group is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,8 +38,7 @@ class GenerationPlan:
         """Choice ``index`` of n: its own seed, so n seeded choices differ from each other yet reproduce."""
         if index == 0 or self.params.seed is None:
             return self.params
-        p = self.params
-        return SamplingParams(p.max_new_tokens, p.temperature, p.top_p, p.seed + index)  # type: ignore[operator]
+        return dataclasses.replace(self.params, seed=self.params.seed + index)
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,27 @@ class Validator:
                 f"{context} tokens of model {spec.id!r}",
                 param="max_tokens",
             )
+        if budget is not None and req.min_tokens > budget:
+            chat_budget = isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
+            name = "max_completion_tokens" if chat_budget else "max_tokens"
+            raise InvalidRequest(
+                f"min_tokens ({req.min_tokens}) must not exceed {name} ({budget})", param="min_tokens"
+            )
+        if budget is None and req.min_tokens > room:
+            raise ContextLengthExceeded(
+                f"prompt ({len(prompt_ids)} tokens) plus min_tokens ({req.min_tokens}) exceeds the context of "
+                f"{context} tokens of model {spec.id!r}",
+                param="min_tokens",
+            )
+        # Without max_tokens the default budget applies, raised to min_tokens where that asks for more.
+        default = max(min(self.max_tokens_default, room), req.min_tokens)
         params = SamplingParams(
-            max_new_tokens=budget if budget is not None else min(self.max_tokens_default, room),
+            max_new_tokens=budget if budget is not None else default,
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
         )
         return GenerationPlan(
             kind=kind,

@@ -72,6 +72,36 @@ def test_completion(client: openai.OpenAI) -> None:
     assert again.choices[0].text == result.choices[0].text
 
 
+def test_vllms_ignore_eos_and_min_tokens_through_extra_body(client: openai.OpenAI) -> None:
+    # As vLLM's benchmark clients send them: every choice runs to max_tokens, streamed or not.
+    result = client.completions.create(
+        model="tiny-chat", prompt="Hello", max_tokens=24, n=8, seed=1, extra_body={"ignore_eos": True}
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 8 * 24
+    assert {c.finish_reason for c in result.choices} == {"length"}
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+    chat = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=16,
+        n=4,
+        extra_body={"min_tokens": 12},
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens >= 4 * 12
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=2, extra_body={"min_tokens": 3})
+    assert info.value.param == "min_tokens"
+
+
 def test_embeddings_as_floats_and_from_token_ids(client: openai.OpenAI) -> None:
     text = client.embeddings.create(model="minilm", input="a cat", encoding_format="float").data[0].embedding
     assert len(text) == 384

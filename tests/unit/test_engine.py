@@ -30,10 +30,14 @@ def test_kv_cache_is_sized_from_the_budget_and_capped_by_need() -> None:
         model_id="m", bytes_per_token=1024, budget_bytes=600_000, max_sequences=8, context_length=256, on_gpu=False
     )
     assert small.tokens >= 256 and small.bytes <= 600_000
-    with pytest.raises(ConfigError, match="KV_CACHE_GB"):
+    with pytest.raises(ConfigError, match="KV_CACHE_GB") as info:
         size_kv_cache(
             model_id="m", bytes_per_token=1024, budget_bytes=100_000, max_sequences=8, context_length=256, on_gpu=False
         )
+    # The refusal says how to fix it from the model's side too: its context length, by both spellings.
+    message = str(info.value)
+    assert "`context_length` in model_groups.json" in message and "`contextLength` in a ModelGroup" in message
+    assert "256 tokens used here" in message
 
 
 def test_sampling_keys_depend_on_seed_and_position_only() -> None:
@@ -42,13 +46,16 @@ def test_sampling_keys_depend_on_seed_and_position_only() -> None:
     assert all(0 <= draw_key(s, p) < 2**31 for s in (0, 1, 2**40) for p in (0, 5))
 
 
-@pytest.fixture
-async def engine(demo_models: Path) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
+def _tiny_chat(demo_models: Path) -> tuple[Any, Any]:
     doc = json.loads(demo_models.read_text())
     source = next(m["source"] for m in doc["groups"]["alpha"]["models"] if m["id"] == "tiny-chat")
     path = Path(source) if Path(source).is_absolute() else demo_models.parent / source
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return tok, model
+
+
+def _engine(model: Any, eos_ids: list[int]) -> BatchEngine:
     sizing = size_kv_cache(
         model_id="tiny-chat",
         bytes_per_token=kv_bytes_per_token(model.config, 4),
@@ -57,10 +64,55 @@ async def engine(demo_models: Path) -> AsyncIterator[tuple[BatchEngine, list[int
         context_length=256,
         on_gpu=False,
     )
-    e = BatchEngine("tiny-chat", model, "cpu:0", sizing, max_sequences=16, eos_ids=[tok.eos_token_id])
+    e = BatchEngine("tiny-chat", model, "cpu:0", sizing, max_sequences=16, eos_ids=eos_ids)
     e.start()
+    return e
+
+
+@pytest.fixture
+async def engine(demo_models: Path) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
+    tok, model = _tiny_chat(demo_models)
+    e = _engine(model, [tok.eos_token_id])
     try:
         yield e, list(tok("Hello there", add_special_tokens=False)["input_ids"])
+    finally:
+        e.stop()
+
+
+async def _steps(e: BatchEngine, prompt: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
+    out: list[int] = []
+    finished = None
+    async for step in e.generate(prompt, params):
+        out += step.token_ids
+        finished = step.finished
+    return out, finished
+
+
+async def test_ignore_eos_and_min_tokens_act_on_the_end_tokens(demo_models: Path) -> None:
+    # vLLM's extensions, made certain: the end token is one greedy decoding is known to reach early.
+    tok, model = _tiny_chat(demo_models)
+    prompt = list(tok("Hello there", add_special_tokens=False)["input_ids"])
+    free = _engine(model, [])
+    try:
+        greedy, _ = await _steps(free, prompt, SamplingParams(24, temperature=0.0))
+    finally:
+        free.stop()
+    end = greedy[3]
+    first = greedy.index(end)  # where that token first comes
+    e = _engine(model, [end])
+    try:
+        plain, why = await _steps(e, prompt, SamplingParams(24, temperature=0.0))
+        assert plain == greedy[: first + 1] and why == "stop"  # stops early, on the end token
+        ignored, why = await _steps(e, prompt, SamplingParams(24, temperature=0.0, ignore_eos=True))
+        assert ignored == greedy and why == "length"  # exactly max_tokens, the end token included
+        floor = first + 4
+        held, why = await _steps(e, prompt, SamplingParams(24, temperature=0.0, min_tokens=floor))
+        assert len(held) >= floor and end not in held[:floor]  # masked until min_tokens exist
+        assert held[:first] == greedy[:first]  # and nothing else changed before it
+        full, why = await _steps(e, prompt, SamplingParams(24, temperature=0.0, min_tokens=24))
+        assert len(full) == 24 and end not in full and why == "length"
+        sampled, why = await _steps(e, prompt, SamplingParams(24, temperature=1.0, seed=5, min_tokens=24))
+        assert len(sampled) == 24 and end not in sampled  # sampled rows are masked too
     finally:
         e.stop()
 

@@ -150,3 +150,77 @@ async def test_a_group_no_device_can_hold_is_not_offered_in_v1_models(demo_model
             assert "tiny-chat" in ids and not {"tiny-chat-b", "tiny-complete-b"} & ids
             status = (await c.get("/api/status")).json()  # the status document still says why
             assert all("beta" in d["insufficient_memory_groups"] for d in status["devices"])
+
+
+async def _usage(client: httpx.AsyncClient, path: str, body: dict[str, object]) -> tuple[int, list[str]]:
+    """Completion tokens and finish reasons, streamed (with the usage chunk) or not."""
+    if not body.get("stream"):
+        r = await client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        return doc["usage"]["completion_tokens"], [c["finish_reason"] for c in doc["choices"]]
+    async with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
+    reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+    return chunks[-1]["usage"]["completion_tokens"], reasons
+
+
+async def test_vllms_ignore_eos_and_min_tokens_set_the_length(client: httpx.AsyncClient) -> None:
+    # vLLM's extensions, as its benchmark clients send them. First a seed whose text ends early on the
+    # end token (the tiny model samples it now and then; choice i of n is seeded seed + i).
+    budget = 40
+    base = {"model": "tiny-chat", "prompt": "Once upon a time", "max_tokens": budget, "temperature": 1.0}
+    early = None
+    for first in range(0, 64, 16):
+        r = await client.post("/v1/completions", json={**base, "n": 16, "seed": first})
+        stops = [c["index"] for c in r.json()["choices"] if c["finish_reason"] == "stop"]
+        if stops:
+            early = first + stops[0]
+            break
+    assert early is not None, "no seed found whose text ends on the end token"
+    plain, _ = await _usage(client, "/v1/completions", {**base, "seed": early})
+    assert plain < budget
+    for stream in (False, True):
+        one = {**base, "seed": early, "stream": stream}
+        assert await _usage(client, "/v1/completions", {**one, "ignore_eos": True}) == (budget, ["length"])
+        assert await _usage(client, "/v1/completions", {**one, "min_tokens": budget}) == (budget, ["length"])
+        tokens, _ = await _usage(client, "/v1/completions", {**one, "min_tokens": plain + 1})
+        assert tokens >= plain + 1
+        chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        many = {**chat, "max_tokens": 24, "n": 8, "seed": 3, "ignore_eos": True}
+        assert await _usage(client, "/v1/chat/completions", many) == (8 * 24, ["length"] * 8)
+        at_least = {**chat, "max_completion_tokens": 24, "n": 8, "seed": 3, "min_tokens": 20}
+        tokens, reasons = await _usage(client, "/v1/chat/completions", at_least)
+        assert tokens >= 8 * 20 and len(reasons) == 8
+
+
+async def test_min_tokens_over_max_tokens_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny-chat", "prompt": "x", "max_tokens": 4, "min_tokens": 5}
+    r = await client.post("/v1/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "min_tokens" and "max_tokens (4)" in err["message"]
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]}
+    r = await client.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 2, "min_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    r = await client.post("/v1/chat/completions", json={**chat, "min_tokens": 1000})  # past the context
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    for field, value in (("ignore_eos", "yes"), ("min_tokens", -1), ("min_tokens", "3")):
+        r = await client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "x", field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value)
+    r = await client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "x", "min_tokens": 6})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 6  # the default budget rises to it
+
+
+async def test_a_kv_budget_below_one_context_says_how_to_lower_the_context(demo_models: Path) -> None:
+    settings = load_settings(devices=["cpu:0"], lazy_load_model=True, model_groups=demo_models, kv_cache_gb=0.0001)
+    app = create_app(settings, load_model_groups(demo_models))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pod") as c:
+            body = {"model": "tiny-chat", "prompt": "x", "max_tokens": 2}
+            r = await c.post("/v1/completions", json=body)
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    message = r.json()["error"]["message"]
+    assert "KV_CACHE_GB" in message and "`context_length` in model_groups.json" in message
+    assert "`contextLength` in a ModelGroup" in message

@@ -171,6 +171,10 @@ def test_both_documents_describe_the_openai_routes_alike() -> None:
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert {"exclusive_gpu", "lease", "user"} <= set(chat) and chat["logit_bias"]["enum"] == [None, {}]
     assert schemas["ChatCompletionRequest"]["additionalProperties"] is False
+    for request in ("ChatCompletionRequest", "CompletionRequest"):  # vLLM's extensions, for SDK users too
+        props = schemas[request]["properties"]
+        assert props["ignore_eos"]["type"] == "boolean" and "vLLM" in props["ignore_eos"]["description"]
+        assert (props["min_tokens"]["type"], props["min_tokens"]["minimum"]) == ("integer", 0)
 
 
 @pytest.mark.parametrize("document", [_pod_document, _router_document])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -223,7 +225,31 @@ async def test_tokenizer_info_follows_the_served_specs(models: dict[str, ModelSp
         changed = spec.model_copy(update={"context_length": 128})
         assert (await cache.info(spec)).context_length == 256
         assert (await cache.info(changed)).context_length == 128  # a changed spec is read anew, not served stale
-        cache.retain([changed])  # what the app does with the models a reload serves
-        assert list(cache._entries) == [changed]
+        cache.retain([changed])  # what the service does with the models a reload serves
+        assert [(k.id, k.context_length) for k in cache.cached()] == [("tiny-chat", 128)]
     finally:
         cache.close()
+
+
+async def test_one_tokenizer_per_model_shared_by_every_copy_and_dropped_with_its_group(
+    make: Any, models: dict[str, ModelSpec]
+) -> None:
+    groups = _file(models, g1=("tiny-chat", "minilm"), g2=("tiny-chat-b",))
+    svc: PodService = await make(groups, devices=["cpu:0", "cpu:1"])
+    await asyncio.gather(*(s.ensure_group("g1") for s in svc.schedulers.values()))
+    info = await svc.tokenizers.info(models["tiny-chat"])  # what validation and detokenising use
+    for s in svc.schedulers.values():  # the loaded copy on each device holds that very tokenizer
+        assert s.residency.current["tiny-chat"].tokenizer is info.tokenizer
+    embed = svc.schedulers["cpu:1"].residency.current["minilm"]
+    assert embed.tokenizer is (await svc.tokenizers.info(models["minilm"])).tokenizer
+    assert {k.id for k in svc.tokenizers.cached()} == {"tiny-chat", "minilm"}
+
+    svc.apply_groups(_file(models, g2=("tiny-chat-b",)), {}, None)  # g1 leaves the pod (idle: at once)
+    assert not {k.id for k in svc.tokenizers.cached()} & {"tiny-chat", "minilm"}
+    assert all(e.tokenizer is not info.tokenizer for e in svc.tokenizers._entries.values())
+    # Once the devices let the group go, nothing of the pod holds that tokenizer any more.
+    await _until(lambda: all(s.residency.current_group is None for s in svc.schedulers.values()))
+    gone = weakref.ref(info.tokenizer)
+    del info, embed
+    gc.collect()
+    assert gone() is None

@@ -118,6 +118,19 @@ def test_any_listed_eos_id_stops_even_a_non_special_one(tokenizer: Any) -> None:
     assert piece == Piece(tokenizer.decode(ids[:1]), "stop", 2)
 
 
+def test_with_min_tokens_stop_strings_count_only_from_the_min_tokens_th_token(tokenizer: Any) -> None:
+    # vLLM's min_tokens: the text of the tokens before it is released as it comes, stops and all.
+    ids = ids_of(tokenizer, "a STOP b STOP c")
+    early = TextAssembler(tokenizer, ["STOP"], [], min_tokens=len(ids_of(tokenizer, "a STOP b")))
+    pieces = one_by_one(early, ids)
+    assert "".join(p.text for p in pieces) == "a STOP b " and pieces[-1].finished == "stop"
+    late = TextAssembler(tokenizer, ["STOP"], [], min_tokens=len(ids) + 5)
+    assert "".join(p.text for p in one_by_one(late, ids)) + late.flush() == "a STOP b STOP c"
+    assert late.finished is None
+    plain = TextAssembler(tokenizer, ["STOP"], [])
+    assert "".join(p.text for p in one_by_one(plain, ids)) == "a "
+
+
 def test_flush_releases_the_held_text_at_the_length_limit(tokenizer: Any) -> None:
     assembler = TextAssembler(tokenizer, ["###", "dog!"], [])
     piece = assembler.push(ids_of(tokenizer, "lazy dog ##"))

@@ -2,9 +2,10 @@
 
 ``ContinuousBatchingManager`` (paged KV cache, per-request temperature/top-p, cancellation) runs
 its step loop on a background thread; this wrapper sizes its cache explicitly, adds what the
-library lacks around it (per-request seeds and greedy rows: ``sampling``; the end of a cancelled
-request, which the library never reports), and turns each request into an async iterator of
-token steps whose closing cancels the sequence and frees its KV blocks at once.
+library lacks around it (per-request seeds, greedy rows and ``min_tokens``: ``sampling``;
+``ignore_eos`` is the library's own per-request end-token set, left empty; the end of a cancelled
+request, which the library never reports), and turns each request into an async iterator of token
+steps whose closing cancels the sequence and frees its KV blocks at once.
 
 If the library's step thread dies (a fatal error in a step), its requests fail with the error,
 requests that were waiting on it fail within ``LIVENESS_CHECK_S``, and the next request starts a
@@ -49,6 +50,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # vLLM's extensions: never stop at an end token; no end token before ``min_tokens`` tokens.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class BatchEngine:
             manager = self._model.init_continuous_batching(
                 generation_config=self._generation, continuous_batching_config=self._config
             )
-        sampling.install(manager.logit_processor)
+        sampling.install(manager.logit_processor, self.eos_ids)
         return manager
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -188,16 +192,22 @@ class BatchEngine:
         greedy = params.temperature <= 1e-5
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         key = sampling.GREEDY if greedy else seed & 0x7FFFFFFF  # the library carries an int32
+        # ignore_eos: the library stops on no end token (an empty set) and only max_new_tokens ends it.
+        # min_tokens: the end tokens are masked out of the logits until that many tokens exist (as
+        # vLLM does, and only where they would end the sequence).
+        eos_ids = [] if params.ignore_eos else self.eos_ids
+        min_tokens = 0 if params.ignore_eos or not eos_ids else params.min_tokens
         manager.register_result_handler(request_id, on_output)
         manager.add_request(
             list(prompt_ids),
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
             streaming=True,
-            eos_token_id=self.eos_ids or -1,
+            eos_token_id=eos_ids or -1,
             temperature=1.0 if greedy else float(params.temperature),
             top_p=float(params.top_p),
             **{sampling.KEY_KWARG: key},
+            **({sampling.MIN_TOKENS_KWARG: int(min_tokens)} if min_tokens else {}),
         )
         self.running += 1
         finished = False
@@ -216,7 +226,7 @@ class BatchEngine:
                     raise EngineError(f"generation failed on {self.device}: {output.error}")
                 if output.is_finished():
                     finished = True
-                    ended_on_eos = bool(output.generated_tokens) and output.generated_tokens[-1] in self.eos_ids
+                    ended_on_eos = bool(output.generated_tokens) and output.generated_tokens[-1] in eos_ids
                     yield Step(new, "stop" if ended_on_eos else "length")
                     return
                 if new:

@@ -60,7 +60,9 @@ def size_kv_cache(
     if affordable < per_context:
         raise ConfigError(
             f"KV_CACHE_GB: model {model_id!r} needs at least {per_context * block_bytes / 1e9:.4f} GB of KV cache "
-            f"for one {context_length}-token context; its share of the budget is {budget_bytes / 1e9:.4f} GB"
+            f"for one {context_length}-token context; its share of the budget is {budget_bytes / 1e9:.4f} GB. "
+            f"Raise KV_CACHE_GB, or lower the context: the model's `context_length` in model_groups.json "
+            f"(`contextLength` in a ModelGroup) caps it below the {context_length} tokens used here"
         )
     num_blocks = int(min(wanted, affordable))
     step_cap = 8192 if on_gpu else 512

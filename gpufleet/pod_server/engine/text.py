@@ -37,14 +37,20 @@ class TextAssembler:
     Stop strings are held back until they can no longer match: while the text so far ends with a
     proper prefix of a stop string (``"##"`` with the stop ``"###"``), that suffix is not released.
     When a stop string appears, the text ends right before it and everything after is dropped.
+    With ``min_tokens`` (vLLM's extension, as vLLM does it), stop strings are looked for only from the
+    token that makes ``min_tokens`` tokens: the text of the tokens before it is released as it comes.
 
     Token accounting follows OpenAI's usage: every generated token counts, including the EOS token
     and the token that completes a stop string. Tokens pushed after the one that finished the
     sequence (in the same push or a later one) are not consumed and not counted.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], eos_ids: Collection[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: Sequence[str], eos_ids: Collection[int], *, min_tokens: int = 0
+    ) -> None:
         self._backend = _backend_of(tokenizer)
+        self._min_tokens = min_tokens
+        self._seen = 0  # tokens consumed so far
         self._stream = DecodeStream(skip_special_tokens=True)
         self._stops = tuple(dict.fromkeys(s for s in stop if s))  # "" would match everywhere
         self._eos = frozenset(eos_ids)
@@ -66,6 +72,7 @@ class TextAssembler:
         consumed = 0
         for token_id in token_ids:
             consumed += 1
+            self._seen += 1
             if token_id in self._eos:
                 released.append(self._release_all())
                 self._finished = "stop"
@@ -75,6 +82,10 @@ class TextAssembler:
                 self._undecoded.append(token_id)
                 continue
             self._undecoded.clear()
+            if self._seen < self._min_tokens:  # too early for a stop string: release as it comes
+                released.append(self._held + chunk)
+                self._held = ""
+                continue
             out, stopped = self._add(chunk)
             released.append(out)
             if stopped:
