@@ -7,7 +7,8 @@ length: an env entry added or removed by hand counts as drift.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal, DecimalException
 from typing import Any
 
 _SUFFIXES: dict[str, Decimal | int] = {
@@ -15,6 +16,12 @@ _SUFFIXES: dict[str, Decimal | int] = {
     "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
 }
+
+
+# A quantity's number (Kubernetes' grammar: digits, a point, an optional decimal exponent). Any other
+# string is no quantity, also one Decimal would read: a hash such as "1234e56789012345" is a number
+# with an exponent no arithmetic survives, and it must compare as the text it is.
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
 
 
 def quantity(value: str) -> Decimal | None:
@@ -25,9 +32,11 @@ def quantity(value: str) -> Decimal | None:
             break
     else:
         number, factor = value, Decimal(1)
+    if not _NUMBER.fullmatch(number):
+        return None
     try:
         return Decimal(number) * factor
-    except InvalidOperation:
+    except DecimalException:
         return None
 
 

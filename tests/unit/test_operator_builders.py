@@ -303,6 +303,16 @@ def test_drift_ignores_server_additions_and_canonical_quantities() -> None:
     assert drift(want, have) == []
 
 
+def test_a_hash_that_reads_as_a_huge_number_is_compared_as_text() -> None:
+    """Found by the pool e2e test: a spec hash such as "1234e56789012345" is a valid Decimal whose
+    exponent overflows any arithmetic; every reconcile of that object failed until the hash changed."""
+    want = {"metadata": {"annotations": {"gpufleet.io/spec-hash": "1234e56789012345"}}}
+    have = {"metadata": {"annotations": {"gpufleet.io/spec-hash": "1234e56789012346"}}}
+    assert drift(want, have) == [".metadata.annotations.gpufleet.io/spec-hash"]
+    assert drift(want, want) == []
+    assert drift({"q": "1e3"}, {"q": "1k"}) == []  # a quantity's decimal exponent still reads as a number
+
+
 def test_drift_reports_changed_missing_and_resized() -> None:
     want = {"spec": {"replicas": 2, "env": [{"name": "A"}], "data": {"k": "v"}}}
     have = {"spec": {"replicas": 5, "env": [{"name": "A"}, {"name": "B"}]}}
