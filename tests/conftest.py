@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A batching engine a test left running keeps its (non-daemon) step thread alive, and the test
+    process would never exit after its last test: stop any, and say so, so the leak is seen and fixed."""
+    import sys
+
+    batching = sys.modules.get("gpufleet.pod_server.engine.batching")
+    if batching is None:
+        return
+    left = batching.stop_every_manager()
+    if left:
+        print(f"\n[tests] stopped {left} batching engine(s) that tests left running", file=sys.stderr)

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import secrets
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,19 @@ class EngineError(Unavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="generation_failed", retry_after_s=1)
+
+
+# Every manager this process started and has not seen stopped: its step thread is not a daemon, so one
+# left running (an engine whose stop was never reached) would keep the process from exiting.
+_MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def stop_every_manager(timeout_s: float = 5.0) -> int:
+    """Stop the step loop of every manager still running (at process end); returns how many were."""
+    running = [m for m in list(_MANAGERS) if m.is_running()]
+    for manager in running:
+        manager.stop(block=True, timeout=timeout_s, hard_stop=True)
+    return len(running)
 
 
 class BatchEngine:
@@ -121,6 +135,7 @@ class BatchEngine:
                 generation_config=self._generation, continuous_batching_config=self._config
             )
         sampling.install(manager.logit_processor, self.eos_ids)
+        _MANAGERS.add(manager)
         return manager
 
     # --- lifecycle -------------------------------------------------------------------------
