@@ -43,6 +43,19 @@ class SwitchSettings(_Camel):
     min_residency_seconds: float = Field(
         default=2.0, ge=0, le=3600, description="A group just switched in stays at least this long under demand."
     )
+    swaps_per_device_per_minute: float = Field(
+        default=6.0,
+        ge=0,
+        le=600,
+        description="Residency from demand: devices it may give to another group, per device per minute.",
+    )
+    release_delay_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Residency from demand: a group gives a device back only when demand asked for fewer all this"
+        " time (and at least two switches' time).",
+    )
 
 
 class GpuPoolSpec(PodServerFields):
@@ -67,6 +80,13 @@ class DeviceResidency(_Camel):
     cached: list[str] = Field(default_factory=list)
 
 
+class GroupResidency(_Camel):
+    group: str
+    current: int = Field(default=0, description="Devices holding it current now.")
+    desired: int = Field(default=0, description="Devices demand (and minResident) ask to hold it current.")
+    demand: float = Field(default=0, description="Sequences in flight and waiting at the routers, last round.")
+
+
 class GpuPoolStatus(_Camel):
     observed_generation: int | None = None
     replicas: int = Field(default=0, description="Pod servers that exist.")
@@ -78,6 +98,13 @@ class GpuPoolStatus(_Camel):
     refused_groups: dict[str, str] = Field(
         default_factory=dict, description="Bound ModelGroups the pool does not serve -> why."
     )
+    desired_replicas: int | None = Field(
+        default=None, description="With spec.autoscaling: the pod count demand asks for (the StatefulSet's)."
+    )
+    residency: list[GroupResidency] = Field(
+        default_factory=list, description="Per bound group: devices holding it current now, and desired by demand."
+    )
+    last_scale_time: str | None = Field(default=None, description="When the operator last changed the pod count.")
     placement_generation: int | None = None
 
 

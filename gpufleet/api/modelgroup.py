@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
+from gpufleet.api.autoscaling import AutoscalingSpec
 from gpufleet.api.labels import GPU_RESOURCE
 from gpufleet.api.model_groups import NAME_PATTERN, DType, Task
 
@@ -229,6 +230,11 @@ class PodServerFields(PodTemplateFields):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     disruption: DisruptionSettings = Field(default_factory=DisruptionSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None,
+        description="Pods follow demand between minReplicas and maxReplicas (the operator then owns the pod"
+        " count; replicas is only where it starts). Unset: replicas decides (kubectl scale, an HPA, KEDA).",
+    )
 
     @model_validator(mode="after")
     def _check_pods(self) -> PodServerFields:
@@ -268,6 +274,13 @@ class ModelGroupSpec(PodServerFields):
         description="Pooled groups: devices of the pool that keep this group current or cached at all times"
         " (0: loaded only on demand).",
     )
+    max_resident: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Pooled groups: most devices of the pool that demand may make hold this group current"
+        " (unset: any).",
+    )
     priority: int = Field(
         default=0, ge=-1000, le=1000, description="Pooled groups: higher is placed first when devices are scarce."
     )
@@ -278,8 +291,10 @@ class ModelGroupSpec(PodServerFields):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate model ids: {', '.join(dupes)}")
-        if self.pool is None and (self.min_resident or self.priority):
-            raise ValueError("minResident and priority apply to pooled groups only: set spec.pool")
+        if self.pool is None and (self.min_resident or self.priority or self.max_resident is not None):
+            raise ValueError("minResident, maxResident and priority apply to pooled groups only: set spec.pool")
+        if self.max_resident is not None and self.max_resident < self.min_resident:
+            raise ValueError(f"maxResident ({self.max_resident}) is below minResident ({self.min_resident})")
         if self.pool is not None:
             given = {name for name in self.model_fields_set if to_camel(name) in POD_FIELD_DEFAULTS}
             pod_fields = sorted(
@@ -324,3 +339,10 @@ class ModelGroupStatus(_Camel):
     placements: list[Placement] = Field(default_factory=list)
     service: str | None = None
     pool: str | None = Field(default=None, description="The GpuPool whose pods serve this group, when pooled.")
+    residency: int | None = Field(default=None, description="Pooled: devices of the pool holding it current now.")
+    desired_residency: int | None = Field(
+        default=None, description="Pooled: devices demand asks to hold it current (gpufleet.autoscale.residency)."
+    )
+    desired_replicas: int | None = Field(
+        default=None, description="Dedicated, with spec.autoscaling: the pod count demand asks for."
+    )

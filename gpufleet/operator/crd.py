@@ -127,6 +127,12 @@ def _pod_rules(props: Schema, kind: str) -> None:
             "message": f"*{VISIBLE_DEVICES_SUFFIX} is set by the GPU runtime from gpusPerPod; remove it from spec.env",
         }
     ]
+    props["autoscaling"]["x-kubernetes-validations"] = [
+        {
+            "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "message": "spec.autoscaling.minReplicas must not be above maxReplicas",
+        }
+    ]
 
 
 def _cel_literal(value: Any) -> str:
@@ -160,8 +166,16 @@ def _pooled_rules(props: Schema) -> list[Schema]:
     rules.append(
         {
             "rule": "has(self.pool) || ((!has(self.minResident) || self.minResident == 0)"
-            " && (!has(self.priority) || self.priority == 0))",
-            "message": "spec.minResident and spec.priority apply to pooled ModelGroups only: set spec.pool",
+            " && (!has(self.priority) || self.priority == 0) && !has(self.maxResident))",
+            "message": "spec.minResident, spec.maxResident and spec.priority apply to pooled ModelGroups only:"
+            " set spec.pool",
+        }
+    )
+    rules.append(
+        {
+            "rule": "!has(self.maxResident) || !has(self.minResident) || self.maxResident >= self.minResident",
+            "message": "spec.maxResident must not be below spec.minResident",
+            "fieldPath": ".maxResident",
         }
     )
     # Dedicated <-> pooled, or one pool for another, is a new set of pods and a new router

@@ -213,7 +213,7 @@ def test_pooled_groups_refuse_every_pod_field_in_cel() -> None:
     assert rules[".env"]["rule"] == "!has(self.pool) || !has(self.env) || size(self.env) == 0"
     assert rules[".replicas"]["rule"] == "!has(self.pool) || !has(self.replicas) || self.replicas == 1"
     # One O(1) rule per field: the CRD stays far within the API server's CEL cost budget.
-    assert len(rules) == len(POD_FIELD_DEFAULTS) + 2
+    assert len(rules) == len(POD_FIELD_DEFAULTS) + 3  # + pool-only fields; pool fixed; maxResident >= minResident
 
 
 def json_literal(value: Any) -> str:
