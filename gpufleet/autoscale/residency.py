@@ -16,7 +16,9 @@ The rule, per group, each round:
 * **Add** at once when the need is above the current desire (a switch costs less than the wait
   it saves), highest priority and longest wait first, within the pool's swap budget
   (``swaps_per_device_per_minute`` switches per device per minute, counted over the last 60 s;
-  the ``minResident`` floor is never held back by it) and the devices left.
+  the ``minResident`` floor is never held back by it) and the devices left. When none is
+  left, a group holding more than its own need (kept by its release delay) lends one, at the
+  same or a lower priority, if its minimum residency and the flap rule allow a release.
 * **Release** only when every need seen for the release delay (longer than two switches:
   ``max(release_delay_s, 2 * switch_s)``) was lower, and the group has been at its level for at
   least ``min_residency_s``; down to the highest of those needs, not lower. A restarted scaler
@@ -137,6 +139,17 @@ def _record(history: GroupHistory, now: float, direction: int, desired: int, win
     return replace(history, desired=desired, since_s=now, changes=tuple(before + inside))
 
 
+def _release_blocked(h: GroupHistory, now: float, settings: ResidencySettings) -> str | None:
+    """Why the group may not give a device back now (minimum residency, flapping), if so."""
+    if now - h.since_s < settings.min_residency_s:
+        return "release: minimum residency"
+    reverses = bool(h.changes) and h.changes[-1][1] > 0
+    count = reversals(h.changes, now - settings.flap_window_s) + (1 if reverses else 0)
+    if reverses and count > settings.max_reversals - 1:
+        return f"release: held against flapping ({count - 1} reversals in {settings.flap_window_s:g}s)"
+    return None
+
+
 def plan_residency(
     groups: Sequence[GroupLoad],
     devices: int,
@@ -177,17 +190,12 @@ def plan_residency(
             assert low_since is not None
             if now - low_since < release_delay:
                 reason = f"release: demand has asked for fewer only {now - low_since:g}s of {release_delay:g}s"
-            elif now - h.since_s < settings.min_residency_s:
-                reason = "release: minimum residency"
+            elif (blocked := _release_blocked(h, now, settings)) is not None:
+                reason = blocked
             else:
-                reverses = bool(h.changes) and h.changes[-1][1] > 0
-                count = reversals(h.changes, now - settings.flap_window_s) + (1 if reverses else 0)
-                if reverses and count > settings.max_reversals - 1:
-                    reason = f"release: held against flapping ({count - 1} reversals in {settings.flap_window_s:g}s)"
-                else:
-                    current = max(held, floor)
-                    h = replace(_record(h, now, -1, current, settings.flap_window_s), low_since_s=None, low_max=0)
-                    reason = "release"
+                current = max(held, floor)
+                h = replace(_record(h, now, -1, current, settings.flap_window_s), low_since_s=None, low_max=0)
+                reason = "release"
         histories[g.name], desired[g.name], reasons[g.name] = h, current, reason
 
     # Additions: floors first, then by priority and by how long the group's requests would wait.
@@ -205,6 +213,27 @@ def plan_residency(
     for name in wanting:
         want = needs[name] - desired[name]
         to_floor = max(0, floors[name] - desired[name])
+        # No device free: take from groups holding more than their own need, at this priority or
+        # lower (their release delay guards them against their own demand's dips, not against
+        # another group whose wait pays for the switch).
+        while free < min(want, max(to_floor, budget)):
+            donors = [
+                d
+                for d in desired
+                if d != name
+                and desired[d] > max(needs[d], floors[d])
+                and by_name[d].priority <= by_name[name].priority
+                and _release_blocked(histories[d], now, settings) is None
+            ]
+            if not donors:
+                break
+            donor = min(donors, key=lambda d: (by_name[d].priority, needs[d] - desired[d], d))
+            desired[donor] -= 1
+            histories[donor] = replace(
+                _record(histories[donor], now, -1, desired[donor], settings.flap_window_s), low_since_s=None, low_max=0
+            )
+            reasons[donor] = f"release: lent to {name}"
+            free += 1
         # The floor is owed regardless of the budget, not of the devices.
         grant = min(want, max(0, free), max(to_floor, max(0, budget)))
         if grant <= 0:

@@ -48,6 +48,8 @@ from gpufleet.operator.kube import Kube
 from gpufleet.operator.peering import is_active, peering_paths
 from gpufleet.operator.reconcile import InvalidSpec, PoolResult, Reconciler, Result, pool_of
 from gpufleet.operator.resync import schedule
+from gpufleet.operator.scale_round import ScaleRound
+from gpufleet.operator.scaler import scale_forever
 from gpufleet.operator.settings import OperatorSettings
 from gpufleet.operator.status import with_leases
 
@@ -446,13 +448,36 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             await resync_forever(reconciler, operator_settings, indexes, identity, priority)
 
         memo.resync = asyncio.create_task(after_indexing(), name="resync")
+        if operator_settings.demand_urls:
+            memo.scaler = asyncio.create_task(start_scaler(identity, priority, indexes), name="scaler")
+        else:
+            log.info("no GPUFLEET_OPERATOR_DEMAND_URLS: residency and spec.autoscaling do not follow demand")
+
+    async def start_scaler(identity: str, priority: int, indexes: Indexes) -> None:
+        while not indexed.is_set():
+            await asyncio.sleep(0.5)
+
+        async def reconcile_pool(namespace: str, name: str) -> None:
+            await asyncio.to_thread(pool_round, reconciler, indexes, namespace, name)
+
+        async def reconcile_group(namespace: str, name: str) -> None:
+            await _resync_one(reconciler, indexes, namespace, name)
+
+        async def post(body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+            await asyncio.to_thread(_post, reconciler.kube, body, events)
+
+        async def is_acting() -> bool:
+            return await asyncio.to_thread(acting, reconciler, operator_settings, identity, priority)
+
+        one_round = ScaleRound(reconciler, indexes.reads, indexes.pods_of_pool, reconcile_pool, reconcile_group, post)
+        await scale_forever(operator_settings.autoscale_seconds, operator_settings.demand_urls, one_round, is_acting)
 
     @kopf.on.cleanup(id="stop-resync", registry=registry)
     async def stop_resync(memo: Any, **_: Any) -> None:
-        task = getattr(memo, "resync", None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for task in (getattr(memo, "resync", None), getattr(memo, "scaler", None)):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def owner(body: Any, kind: str) -> str | None:
         for ref in body.get("metadata", {}).get("ownerReferences") or []:

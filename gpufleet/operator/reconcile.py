@@ -18,6 +18,7 @@ API call at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpufleet.api import gpupool, labels
-from gpufleet.api.gpupool import GpuPoolSpec, GpuPoolStatus
+from gpufleet.api.gpupool import GpuPoolSpec, GpuPoolStatus, GroupResidency
 from gpufleet.api.model_groups import groups_digest
 from gpufleet.api.modelgroup import Condition, ConditionType, ModelGroupSpec, ModelGroupStatus
 from gpufleet.api.placement import PLACEMENT_FILE, PoolPlacement
@@ -54,6 +55,8 @@ from gpufleet.operator.kube import Kube, manifest_path, object_path
 from gpufleet.operator.metrics import OperatorMetrics
 from gpufleet.operator.placement import GroupDemand, place
 from gpufleet.operator.pool_status import compute_pool_status, compute_pooled_status, observed_placement
+from gpufleet.operator.scale_book import ScaleBook
+from gpufleet.operator.scaling import current_residency
 from gpufleet.operator.status import compute_status, condition_events, pod_view, status_body, with_leases
 
 log = logging.getLogger(__name__)
@@ -252,6 +255,9 @@ def _blocked(
     )
 
 
+_Spec = TypeVar("_Spec", ModelGroupSpec, GpuPoolSpec)
+
+
 class Reconciler:
     def __init__(self, kube: Kube, options: BuildOptions, metrics: OperatorMetrics | None = None) -> None:
         self.kube = kube
@@ -260,6 +266,7 @@ class Reconciler:
         self.recent = RecentWrites()  # our writes, until the watch caches show them
         self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self.book = ScaleBook()  # what the scaler decided (gpufleet.operator.scaler)
 
     def _lock(self, namespace: str, name: str, kind: str = labels.KIND) -> threading.Lock:
         with self._locks_guard:
@@ -285,6 +292,8 @@ class Reconciler:
                 if ref.spec.pool is not None:
                     self._update_pooled_status(body, ref.spec, pods, result, reads, conflicts)
                     return result
+                scaled = self.scaled_spec(ref.spec, labels.KIND, ref.namespace, ref.name, reads)
+                ref = dataclasses.replace(ref, spec=scaled)
                 statefulset = self.ensure_children(ref, result.events, reads)
             except Blocked as exc:
                 result.blocked = exc
@@ -386,6 +395,20 @@ class Reconciler:
             generation=meta.get("generation"),
         )
 
+    def scaled_spec(self, spec: _Spec, kind: str, namespace: str, name: str, reads: Observed | None) -> _Spec:
+        """With ``spec.autoscaling``, the spec with the scaler's replicas; before its first
+        round, with the replicas the StatefulSet has now (a restart scales nothing back)."""
+        if spec.autoscaling is None:
+            return spec
+        replicas = self.book.replicas((kind, namespace, name))
+        if replicas is None:
+            key = ("apps/v1", "StatefulSet", namespace, child_names(name).statefulset)
+            sts = self.read(object_path(*key), reads, key)
+            replicas = (sts or {}).get("spec", {}).get("replicas")
+        if replicas is None:
+            replicas = min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
+        return spec.model_copy(update={"replicas": int(replicas)})
+
     def ensure_children(
         self, ref: PodServerOwner, events: list[Event], reads: Observed | None = None
     ) -> dict[str, Any] | None:
@@ -467,6 +490,8 @@ class Reconciler:
             now_rfc3339(),
             conflict=conflict_message(conflicts) if conflicts else None,
         )
+        if spec.autoscaling is not None:
+            status = status.model_copy(update={"desired_replicas": spec.replicas})
         result.events.extend(condition_events(before, status))
         self._write_status(body, status, result)
 
@@ -504,6 +529,12 @@ class Reconciler:
             now_rfc3339(),
             pool_found=pool_body is not None,
             conflict=conflict_message(conflicts) if conflicts else None,
+        )
+        figures = self.book.figures(meta["namespace"], pool)
+        current, desired, _ = figures.groups.get(meta["name"], (0, 0, 0.0)) if figures else (0, 0, 0.0)
+        current = current_residency([pod_view(p) for p in pods or []]).get(meta["name"], current)
+        status = status.model_copy(
+            update={"residency": current, "desired_residency": max(desired, spec.min_resident) if pool_spec else None}
         )
         result.events.extend(condition_events(before, status))
         self._write_status(body, status, result)
@@ -563,7 +594,9 @@ class Reconciler:
             served, refused, _ = bound_groups(name, groups)
             result.groups = sorted([g.name for g in served] + list(refused))
             try:
-                spec = parse_pool_spec(body, self.options.defaults)
+                spec = self.scaled_spec(
+                    parse_pool_spec(body, self.options.defaults), gpupool.KIND, namespace, name, reads
+                )
                 if pods is None:
                     pods = self._pool_pods(namespace, name)
                 cm_key = ("v1", "ConfigMap", namespace, names.configmap)
@@ -571,7 +604,7 @@ class Reconciler:
                 placement, groups_hash = configmap_state(configmap)
                 sts_key = ("apps/v1", "StatefulSet", namespace, names.statefulset)
                 if write_children:
-                    placement = self._placement(name, spec, served, pods, placement)
+                    placement = self._placement(namespace, name, spec, served, pods, placement)
                     ref = PoolRef(name, namespace, meta["uid"], spec, tuple(served), placement, meta.get("generation"))
                     stored = self._ensure_all(ref, result.events, reads)
                     statefulset: dict[str, Any] | None = stored.get("StatefulSet")
@@ -605,12 +638,32 @@ class Reconciler:
                 placement_generation=placement.generation,
                 groups_hash=groups_hash,
             )
+            status = self._with_scaling(status, namespace, name, spec, served)
             result.events.extend(condition_events(before, status))
             self._write_pool_status(body, status, result)
             return result
 
+    def _with_scaling(
+        self, status: GpuPoolStatus, namespace: str, name: str, spec: GpuPoolSpec, served: list[BoundGroup]
+    ) -> GpuPoolStatus:
+        """The scaler's figures in the pool's status: desired pods, residency per group."""
+        figures = self.book.figures(namespace, name)
+        rows = []
+        for g in served:
+            current, desired, demand = figures.groups.get(g.name, (0, 0, 0.0)) if figures else (0, 0, 0.0)
+            desired = max(desired, min(g.spec.min_resident, spec.replicas * spec.gpus_per_pod))
+            rows.append(GroupResidency(group=g.name, current=current, desired=desired, demand=demand))
+        return status.model_copy(
+            update={
+                "desired_replicas": spec.replicas if spec.autoscaling is not None else None,
+                "residency": rows,
+                "last_scale_time": self.book.last_scale((gpupool.KIND, namespace, name)),
+            }
+        )
+
     def _placement(
         self,
+        namespace: str,
         pool: str,
         spec: GpuPoolSpec,
         served: list[BoundGroup],
@@ -620,7 +673,11 @@ class Reconciler:
         """The placement for the pool's devices (pods by their StatefulSet names); a new
         generation only when it differs from the one in force."""
         devices = [(f"{pool}-{i}", spec.gpus_per_pod) for i in range(spec.replicas)]
-        demands = [GroupDemand(g.name, g.spec.min_resident, g.spec.priority) for g in served]
+        # The floor (minResident) raised to what demand asks (gpufleet.autoscale.residency).
+        wanted = self.book.residency(namespace, pool)
+        demands = [
+            GroupDemand(g.name, max(g.spec.min_resident, wanted.get(g.name, 0)), g.spec.priority) for g in served
+        ]
         observed = observed_placement([pod_view(p) for p in pods])
         placement = place(devices, demands, observed, previous.generation, previous)
         if placement.pods != previous.pods:

@@ -48,7 +48,16 @@ class OperatorSettings(BaseSettings):
         description="kopf peering name: replicas sharing it elect one that acts; empty: standalone (one replica).",
     )
 
-    _split = field_validator("namespaces", mode="before")(split_csv)
+    demand_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated base URLs of the routers whose demand documents (GET /api/demand) drive"
+        " residency and spec.autoscaling; empty: nothing scales from demand.",
+    )
+    autoscale_seconds: float = Field(
+        default=5.0, ge=0.5, le=600.0, description="How often demand is fetched and the scaling rules run."
+    )
+
+    _split = field_validator("namespaces", "demand_urls", mode="before")(split_csv)
 
     @field_validator("pod_server_run_as_user", mode="before")
     @classmethod

@@ -114,6 +114,12 @@ def plan(
         ("maxResident caps the hot group", [GroupLoad("a", 400, 1, max_resident=2)], settled(("a", 1)), 4, {"a": 2}),
         ("minResident holds an idle group", [GroupLoad("a", 0, 0, min_resident=2)], settled(), 4, {"a": 2}),
         ("minResident is capped by the pool's devices", [GroupLoad("a", 0, 0, min_resident=9)], settled(), 4, {"a": 4}),
+        ("a hot group borrows a device held above its owner's need",
+         [GroupLoad("a", 1, 2), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 1, "b": 2}),
+        ("but not from a group of higher priority",
+         [GroupLoad("a", 1, 2, priority=1), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 2, "b": 1}),
+        ("nor below the lender's own need",
+         [GroupLoad("a", 9, 2), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 2, "b": 1}),
         ("a cold group holds nothing", [GroupLoad("a", 0, 0)], settled(), 4, {"a": 0}),
         (
             "first sight: what the devices hold is the intent, not released at once",
