@@ -119,7 +119,7 @@ def plan(
         ("but not from a group of higher priority",
          [GroupLoad("a", 1, 2, priority=1), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 2, "b": 1}),
         ("nor below the lender's own need",
-         [GroupLoad("a", 9, 2), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 2, "b": 1}),
+         [GroupLoad("a", 13, 2), GroupLoad("b", 40, 1)], settled(("a", 2), ("b", 1)), 3, {"a": 2, "b": 1}),
         ("a cold group holds nothing", [GroupLoad("a", 0, 0)], settled(), 4, {"a": 0}),
         (
             "first sight: what the devices hold is the intent, not released at once",
