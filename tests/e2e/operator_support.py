@@ -397,6 +397,9 @@ def local_control(api: Api, release: str, system_ns: str, workdir: Path,
         "GPUFLEET_OPERATOR_HEALTH_HOST": "127.0.0.1",
         "GPUFLEET_OPERATOR_HEALTH_PORT": str(health_port),
         "GPUFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
+        # The chart points the operator at the routers' headless Service; here the router is local.
+        "GPUFLEET_OPERATOR_DEMAND_URLS": f"http://127.0.0.1:{router_port}",
+        "GPUFLEET_OPERATOR_AUTOSCALE_SECONDS": "1",
         **(operator_env or {}),
     })
     router = LocalComponent(api, router_deployment, workdir / "router", {

@@ -10,6 +10,7 @@ is how a pool's pods learn of groups joining and leaving (no pod restarts).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,104 @@ def test_the_new_kind_grows_each_identity_by_exactly_its_job(fleet: Fleet) -> No
     wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule}"
              for who, rule, want in expect if _can(fleet, who, *rule.split(), ns) != want]
     assert not wrong, wrong
+
+
+# ---- demand: scale from zero, a hot group, back to zero (issue 20) ------------------------------
+
+ELASTIC_EXAMPLE = ROOT / "deploy" / "examples" / "gpupool-autoscaling.yaml"
+
+
+def _elastic() -> list[dict[str, Any]]:
+    """The example, with delays short enough for a test (the rules are the same)."""
+    docs = [d for d in yaml.safe_load_all(ELASTIC_EXAMPLE.read_text()) if d]
+    for d in docs:
+        if d["kind"] == "GpuPool":
+            d["spec"]["autoscaling"].update(maxReplicas=2, targetSequencesPerDevice=2, scaleDownDelaySeconds=8)
+            d["spec"]["switch"].update(releaseDelaySeconds=3, minResidencySeconds=0)
+            d["spec"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    return docs
+
+
+def elastic(fleet: Fleet) -> dict[str, Any]:
+    obj = fleet.get(f"/apis/gpufleet.io/v1alpha1/namespaces/{fleet.ns}/gpupools/elastic")
+    assert obj is not None
+    return obj
+
+
+def elastic_pods(fleet: Fleet) -> list[dict[str, Any]]:
+    path = f"/api/v1/namespaces/{fleet.ns}/pods?labelSelector={labels.LABEL_POOL}=elastic"
+    return [p for p in fleet.api.get(path)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def sts_replicas(fleet: Fleet) -> int:
+    sts = fleet.get(f"/apis/apps/v1/namespaces/{fleet.ns}/statefulsets/elastic")
+    return int((sts or {}).get("spec", {}).get("replicas", -1))
+
+
+def events_of(fleet: Fleet, name: str) -> list[str]:
+    items = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/events?fieldSelector=involvedObject.name={name}")["items"]
+    return [f"{e['reason']}: {e['message']}" for e in items]
+
+
+def test_a_pool_at_zero_answers_its_first_request_then_follows_demand_back_to_zero(
+    fleet: Fleet, client: httpx.Client
+) -> None:
+    docs = _elastic()
+    fleet.kubectl("apply", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump_all(docs))
+    model = f"{fleet.ns}/tiny-chat-burst"
+    fleet.wait(lambda: model in {m["id"] for m in client.get("/v1/models").json()["data"]},
+               "the router lists the pool's group at zero pods (from the ModelGroup, read-only)", 60)
+    assert sts_replicas(fleet) == 0 and elastic_pods(fleet) == []
+
+    # The first request: the client sees the wait (SSE comments), then the pod's answer.
+    body = {"model": "tiny-chat-burst", "stream": True, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hello"}]}
+    with client.stream("POST", "/v1/chat/completions", json=body, timeout=240) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == ": loading", lines[:3]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and any('"content"' in line for line in data), lines[-5:]
+    assert not any('"error"' in line for line in data), data
+    assert sts_replicas(fleet) >= 1
+    assert any(e.startswith("ScaledUp: pods 0 -> 1") for e in events_of(fleet, "elastic"))
+
+    # Hot: closed-loop clients keep 8 sequences in flight until the pool holds the group on 2 devices.
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=fleet.router_url, timeout=240) as c:
+            while not stop.is_set():
+                r = c.post("/v1/chat/completions", json={
+                    "model": "tiny-chat-burst", "max_tokens": 48, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "go on"}]})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+
+    def residency() -> dict[str, tuple[int, int]]:
+        rows = (elastic(fleet).get("status") or {}).get("residency") or []
+        return {r["group"]: (r["current"], r["desired"]) for r in rows}
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for w in workers:
+        w.start()
+    try:
+        fleet.wait(lambda: residency().get("burst", (0, 0))[1] == 2 and len(elastic_pods(fleet)) == 2,
+                   "the hot group is desired on 2 devices, on 2 pods", 180)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=240)
+    assert failures == []
+    assert (elastic(fleet)["status"].get("desiredReplicas")) == 2
+
+    # Cool: the devices are given back, then the pods, down to zero.
+    fleet.wait(lambda: sts_replicas(fleet) == 0 and elastic_pods(fleet) == [],
+               "the idle pool scaled back to zero pods", 120)
+    events = events_of(fleet, "elastic")
+    assert any("group burst: 2 -> " in e for e in events if e.startswith("ResidencyChanged")), events
+    assert any(e.startswith("ScaledDown") and e.endswith("down to zero: idle)") for e in events), events
+    # Listed at zero again, and never a 404 meanwhile.
+    assert model in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    fleet.kubectl("delete", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump_all(docs))

@@ -165,7 +165,7 @@ def test_pool_examples_are_valid_for_both(doc: dict[str, Any]) -> None:
     GpuPoolSpec.model_validate(doc["spec"])
     _validate_cr(doc)
     bound = [g for g in _example_groups() if g["spec"].get("pool") == doc["metadata"]["name"]]
-    assert len(bound) == 3  # the example's groups share it
+    assert bound  # an example pool comes with the groups that share it
 
 
 def test_pool_crd_names_columns_and_subresources() -> None:
