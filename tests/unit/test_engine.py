@@ -169,3 +169,16 @@ async def test_a_dead_step_thread_fails_its_requests_and_the_next_one_gets_a_fre
         await asyncio.sleep(0.01)
     again = await asyncio.wait_for(_tokens(e, prompt, SamplingParams(4, temperature=0.0)), 30)
     assert len(again) == 4 and e.restarts == 1
+
+
+async def test_each_requests_temperature_and_top_p_apply_to_its_own_draw(engine: Any) -> None:
+    # The demo model's random weights give nearly flat logits, so an ordinary temperature barely moves
+    # a seeded draw; the limits are unmistakable: both collapse sampling onto the greedy text.
+    e, prompt = engine
+    greedy = await _tokens(e, prompt, SamplingParams(16, temperature=0.0))
+    sharp = [_tokens(e, prompt, SamplingParams(16, temperature=1e-4, seed=s)) for s in range(4)]
+    narrow = [_tokens(e, prompt, SamplingParams(16, temperature=1.0, top_p=1e-6, seed=s)) for s in range(4)]
+    free = [_tokens(e, prompt, SamplingParams(16, temperature=1.0, seed=s)) for s in range(4)]
+    results = await asyncio.gather(*sharp, *narrow, *free)  # in one batch: each row keeps its own settings
+    assert all(r == greedy for r in results[:8])
+    assert len({tuple(r) for r in results[8:]}) == 4 and greedy not in results[8:]
