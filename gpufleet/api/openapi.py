@@ -44,8 +44,8 @@ ERRORS: dict[int, str] = {
     429: "Every eligible device queue is full: retry after `Retry-After` seconds.",
     500: "A bug: reported, never a dropped connection.",
     502: "The pod server chosen failed before answering (router only).",
-    503: "The model's group failed to load, the target device is down, or the server is starting or "
-    "stopping: retry after `Retry-After` seconds.",
+    503: "The model's group failed to load, the target device is down, no device came to serve the group within "
+    "the router's scale-from-zero wait, or the server is starting or stopping: retry after `Retry-After` seconds.",
 }
 POST_STATUSES = (400, 401, 404, 409, 413, 429, 500, 503)
 RETRY_AFTER = {

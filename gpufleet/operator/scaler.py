@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import socket
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence

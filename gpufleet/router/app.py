@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,16 +23,19 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpufleet.api.demand import DEMAND_PATH, DemandReport
 from gpufleet.api.errors import MethodNotAllowed, ModelNotFound, Unavailable
 from gpufleet.router import fleet_api, lease_api
 from gpufleet.router.decide import Decider
 from gpufleet.router.decision_log import flush_periodically, install_batching
+from gpufleet.router.demand import demand_report
 from gpufleet.router.discovery import Discovery, make_discovery, pod_headers
 from gpufleet.router.lease_store import LeaseStore, MemoryLeaseStore
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.model_refresh import ModelRefresh
 from gpufleet.router.polling import POLL_ERRORS, every, poll_queues_once, poll_status_once
 from gpufleet.router.proxy import PROXY_PATHS, Proxy, ProxyConfig, send_error
+from gpufleet.router.scale_wait import ScaleWait
 from gpufleet.router.settings import RouterSettings
 from gpufleet.router.state import Clock, EjectionPolicy, FleetState
 from gpufleet.router.upstream import Upstream, UpstreamPool, get_json
@@ -42,6 +46,10 @@ from gpufleet.web.middleware import GuardMiddleware
 from gpufleet.web.openapi import install_openapi
 
 log = logging.getLogger(__name__)
+# The demand document is for the operator's scaler, as /metrics is for Prometheus: read without the
+# clients' API key (it says which groups are asked for and how much, nothing of the requests).
+ROUTER_OPEN_PATHS = (*OPEN_PATHS, DEMAND_PATH)
+
 
 @dataclass
 class Runtime:
@@ -52,6 +60,8 @@ class Runtime:
     proxy: Proxy
     pod_headers: list[tuple[bytes, bytes]]
     leases: LeaseStore
+    waits: ScaleWait
+    name: str  # in the demand document: the host name (a Kubernetes pod's is its name)
 
 
 def make_lease_store(settings: RouterSettings) -> LeaseStore:
@@ -98,8 +108,15 @@ def build_runtime(
         pod_headers=((b"content-type", b"application/json"), *headers),
         refresh_models=refresh,
     )
-    proxy = Proxy(state, decider, metrics, pool, config)
-    return Runtime(settings, state, metrics, pool, proxy, headers, store)
+    waits = ScaleWait(
+        seconds=settings.scale_wait_seconds,
+        capacity=settings.scale_wait_queue,
+        comment_after_s=settings.scale_wait_comment_seconds,
+        metrics=metrics,
+    )
+    state.on_change = waits.wake
+    proxy = Proxy(state, decider, metrics, pool, config, waits)
+    return Runtime(settings, state, metrics, pool, proxy, headers, store, waits, socket.gethostname())
 
 
 class RouterApp:
@@ -170,10 +187,10 @@ def create_app(
 
     api = FastAPI(title="gpufleet router", lifespan=lifespan)
     install_error_handlers(api)
-    install_openapi(api, router=True)  # documents the proxied routes too
+    install_openapi(api, router=True, open_paths=ROUTER_OPEN_PATHS)  # documents the proxied routes too
     _routes(api)
     return GuardMiddleware(
-        RouterApp(api), max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=OPEN_PATHS
+        RouterApp(api), max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, open_paths=ROUTER_OPEN_PATHS
     )
 
 
@@ -199,13 +216,17 @@ def _routes(app: FastAPI) -> None:
     def rt(request: Request) -> Runtime:
         return request.app.state.runtime  # type: ignore[no-any-return]
 
+    async def model_cards(runtime: Runtime) -> list[dict[str, Any]]:
+        known = list(runtime.state.catalog.groups.values())  # before the await: the watch may change it
+        return fleet_api.model_cards(await fan_out(runtime, "/v1/models"), known)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": fleet_api.model_cards(await fan_out(rt(request), "/v1/models"))}
+        return {"object": "list", "data": await model_cards(rt(request))}
 
     @app.get("/v1/models/{model_id:path}")  # namespace-qualified ids contain a slash
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        for card in fleet_api.model_cards(await fan_out(rt(request), "/v1/models")):
+        for card in await model_cards(rt(request)):
             if card["id"] == model_id:
                 return card
         raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
@@ -223,7 +244,24 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/api/models")
     async def api_models(request: Request) -> dict[str, Any]:
-        return fleet_api.models(await fan_out(rt(request), "/api/models"))
+        runtime = rt(request)
+        known = list(runtime.state.catalog.groups.values())
+        return fleet_api.models(await fan_out(runtime, "/api/models"), known)
+
+    @app.get(DEMAND_PATH, response_model=DemandReport, summary="Demand per group (the operator's scaler reads it)")
+    async def api_demand(request: Request) -> DemandReport:  # async: on the loop that changes the state
+        """What each group asks of the fleet, as this router sees it (gpufleet.api.demand)."""
+        runtime = rt(request)
+        state = runtime.state
+        return demand_report(
+            runtime.name,
+            time.time(),
+            groups=state.models.values(),
+            in_flight=state.group_inflight,
+            held=runtime.waits.demand(),
+            service_s={g: t.seconds for g, t in state.tickets.group_service.items() if t.seconds is not None},
+            fleet_service_s=state.service_s,
+        )
 
     @app.get("/api/queue")
     async def api_queue(request: Request) -> dict[str, Any]:
@@ -238,8 +276,12 @@ def _routes(app: FastAPI) -> None:
         return {**runtime.state.describe(), "policy": runtime.settings.routing_policy}
 
     def readiness(request: Request) -> dict[str, Any]:
-        state = rt(request).state
-        return {"ready": state.ready, "pods": {r.name: state.pod_state(r) for r in state.pods.values()}}
+        runtime = rt(request)
+        state = runtime.state
+        # A router that can hold requests for groups the resources declare is ready with no pod at all:
+        # taken out of its Service, it would never see the requests that scale those groups up.
+        holds = runtime.waits.enabled and bool(state.catalog.groups)
+        return {"ready": state.ready or holds, "pods": {r.name: state.pod_state(r) for r in state.pods.values()}}
 
     install_health_routes(app, readiness)
 
@@ -262,12 +304,13 @@ def _routes(app: FastAPI) -> None:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def server_config(settings: RouterSettings) -> Any:
-    """The uvicorn configuration of the router, shared by `gpufleet router` and `gpufleet up`."""
+def server_config(settings: RouterSettings, discovery: Discovery | None = None) -> Any:
+    """The uvicorn configuration of the router, shared by `gpufleet router` and `gpufleet up`
+    (``discovery``: tests' own, as for ``create_app``)."""
     import uvicorn
 
     return uvicorn.Config(
-        create_app(settings),
+        create_app(settings, discovery=discovery),
         host=settings.host,
         port=settings.port,
         log_config=None,

@@ -54,6 +54,11 @@ class Decider:
         )
         return decision
 
+    def peek(self, group: str) -> Decision:
+        """The decision a plain request of ``group`` would get now, neither logged nor counted: what a
+        held request looks at when the fleet changes (gpufleet.router.scale_wait)."""
+        return self.state.decide(RouteRequest(group=group, sequence=self.state.sequence), self.policy)
+
     def _log(
         self, request_id: str, model: str, group: str, exclusive: str | None, attempt: int, decision: Decision,
         lease: str | None = None,

@@ -2,12 +2,20 @@
 
 Each takes ``PodDoc`` entries (a pod's name, node and the document it returned, or the
 error it gave) and returns the fleet-wide document. Devices are named ``pod/device``.
+Models and groups the ModelGroup resources declare (``gpufleet.router.catalog``) are listed
+too when no pod serves them (a group at zero pods), with the operator's status figures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from gpufleet.router import tenancy
+from gpufleet.router.catalog import KnownGroup
+
+OWNED_BY = "gpufleet"  # as the pod servers' cards say
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ def gpu_stats(docs: list[PodDoc], leases: dict[str, dict[str, Any]] | None = Non
     return out
 
 
-def models(docs: list[PodDoc]) -> dict[str, Any]:
+def models(docs: list[PodDoc], known: Iterable[KnownGroup] = ()) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
     for p in docs:
         for g in (p.doc or {}).get("model_groups") or []:
@@ -72,6 +80,17 @@ def models(docs: list[PodDoc]) -> dict[str, Any]:
                 entry["loaded_on_devices"] += [f"{p.pod}/{d}" for d in m.get("loaded_on_devices") or []]
                 entry["cached_on_devices"] += [f"{p.pod}/{d}" for d in m.get("cached_on_devices") or []]
                 entry["statuses"].append(m.get("status"))
+    for k in known:
+        merged = groups.setdefault(k.key, {"group_id": k.key, "is_default": False, "device_info": [], "models": {}})
+        merged.update(k.figures())
+        if k.pool is not None:
+            merged["pool"] = k.pool
+        for km in k.models:
+            qualified = tenancy.qualify(k.namespace, km.id)
+            merged["models"].setdefault(
+                qualified,
+                {"id": qualified, "task": km.task, "loaded_on_devices": [], "cached_on_devices": [], "statuses": []},
+            )
     out = []
     for g in groups.values():
         model_list = []
@@ -111,10 +130,19 @@ def queue(
     }
 
 
-def model_cards(docs: list[PodDoc]) -> list[dict[str, Any]]:
-    """The union of every pod's /v1/models, first seen wins."""
+def model_cards(docs: list[PodDoc], known: Iterable[KnownGroup] = ()) -> list[dict[str, Any]]:
+    """The union of every pod's /v1/models, first seen wins; then the resources' models no pod lists."""
     cards: dict[str, dict[str, Any]] = {}
     for p in docs:
         for card in (p.doc or {}).get("data") or []:
             cards.setdefault(_q(p, card["id"]), {**card, "id": _q(p, card["id"])})
+    for k in known:
+        for km in k.models:
+            qualified = tenancy.qualify(k.namespace, km.id)
+            # As a pod's card, qualified by the router: the id qualified, the group the pod's own name.
+            cards.setdefault(
+                qualified,
+                {"id": qualified, "object": "model", "created": 0, "owned_by": OWNED_BY, "group": k.name,
+                 "task": km.task},
+            )
     return list(cards.values())

@@ -1,4 +1,6 @@
-"""Kubernetes discovery: watch pod-server Pods and their status Leases in one or more namespaces.
+"""Kubernetes discovery: watch pod-server Pods and their status Leases in one or more namespaces,
+and the ModelGroups there (read-only: which models each group has, served by a pod or not, for
+groups at zero pods; ``gpufleet.router.catalog``).
 
 Each Pod gives its IP, readiness and node; each pod server publishes its status document
 in the ``gpufleet.io/status`` annotation of a Lease named like its Pod (written on change
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 from gpufleet.api import labels
 from gpufleet.api.labels import STATUS_ANNOTATION
 from gpufleet.api.pod_status import PodStatus
+from gpufleet.router.catalog import API_GROUP, API_VERSION, PLURAL
 from gpufleet.router.polling import every, poll_status_once
 from gpufleet.router.state import FleetState
 from gpufleet.router.upstream import Upstream
@@ -33,7 +36,10 @@ from gpufleet.router.upstream import Upstream
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 300
 RETRY_S = 2.0
-PODS, LEASES = "pods", "leases"
+# ModelGroups forbidden (a chart without the router's rule for them) or unknown (no CRD): looked for
+# again now and then, not every RETRY_S; the pods alone still say what they serve.
+CATALOG_RETRY_S = 60.0
+PODS, LEASES, MODELGROUPS = "pods", "leases", PLURAL
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,9 @@ def apply_event(
 ) -> ClusterView:
     """One watch event into the view and on to the fleet state; returns the view."""
     view = view if view is not None else ClusterView()
+    if resource == MODELGROUPS:
+        state.observe_model_groups(kind, namespace, payload)
+        return view
     sync(state, view, view.apply(resource, kind, namespace, payload, default_port))
     return view
 
@@ -240,34 +249,45 @@ def import_kubernetes() -> None:
     from kubernetes import client, config, watch  # noqa: F401
     from kubernetes.client import exceptions  # noqa: F401
 
-    for name in ("ApiClient", "Configuration", "CoreV1Api", "CoordinationV1Api"):
+    for name in ("ApiClient", "Configuration", "CoreV1Api", "CoordinationV1Api", "CustomObjectsApi"):
         getattr(client, name)
+
+
+def _lister(resource: str) -> tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...]]:  # pragma: no cover
+    """The list call of ``resource``, and the arguments before and after the namespace."""
+    from kubernetes import client
+
+    if resource == PODS:
+        return client.CoreV1Api().list_namespaced_pod, (), ()
+    if resource == LEASES:
+        return client.CoordinationV1Api().list_namespaced_lease, (), ()
+    return client.CustomObjectsApi().list_namespaced_custom_object, (API_GROUP, API_VERSION), (PLURAL,)
 
 
 def _watch(resource: str, namespace: str, selector: str, emit: Emit, stop: threading.Event) -> None:  # pragma: no cover
     import_kubernetes()  # a no-op when the caller did it first, as it should
-    from kubernetes import client, config, watch
+    from kubernetes import config, watch
     from kubernetes.client.exceptions import ApiException
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    lister = (
-        client.CoreV1Api().list_namespaced_pod if resource == PODS else client.CoordinationV1Api().list_namespaced_lease
-    )
+    lister, before, after = _lister(resource)
+    args = (*before, namespace, *after)
+    selected = {"label_selector": selector} if selector else {}
     while not stop.is_set():
         try:
             # _preload_content=False: the raw response (its .data), not the V1PodList the stubs promise
-            listing: Any = lister(namespace, label_selector=selector, _preload_content=False)
+            listing: Any = lister(*args, **selected, _preload_content=False)
             body = json.loads(listing.data)
             emit(resource, "RESET", namespace, body.get("items") or [])
             version = (body.get("metadata") or {}).get("resourceVersion")
             w = watch.Watch()
             for event in w.stream(
                 lister,
-                namespace,
-                label_selector=selector,
+                *args,
+                **selected,
                 resource_version=version,
                 timeout_seconds=WATCH_TIMEOUT_S,
             ):
@@ -280,7 +300,8 @@ def _watch(resource: str, namespace: str, selector: str, emit: Emit, stop: threa
         except ApiException as exc:
             if exc.status != 410:
                 log.warning("watch failed", extra={"resource": resource, "namespace": namespace, "status": exc.status})
-                stop.wait(RETRY_S)
+                missing = resource == MODELGROUPS and exc.status in (403, 404)
+                stop.wait(CATALOG_RETRY_S if missing else RETRY_S)
         except Exception as exc:
             log.warning("watch failed", extra={"resource": resource, "namespace": namespace, "error": str(exc)})
             stop.wait(RETRY_S)
@@ -324,7 +345,7 @@ class KubernetesDiscovery:
                 target=_watch, args=(resource, ns, selector, emit, stop), name=f"watch-{resource}-{ns}", daemon=True
             )
             for ns in self.namespaces
-            for resource, selector in ((PODS, self.label_selector), (LEASES, LEASE_SELECTOR))
+            for resource, selector in ((PODS, self.label_selector), (LEASES, LEASE_SELECTOR), (MODELGROUPS, ""))
         ]
         for t in threads:
             t.start()

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gpufleet.routing.policy import Snapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# A scale-from-zero wait is a pod's start: seconds to minutes.
+WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
 
 class RouterMetrics:
@@ -67,6 +69,21 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Held until a device serves their group (gpufleet.router.scale_wait); groups are few (ModelGroups).
+        self.scale_waiting = Gauge(
+            "gpufleet_router_scale_wait_sequences", "Sequences held until a device serves their group", ["group"],
+            registry=r,
+        )
+        self.scale_waits = Counter(
+            "gpufleet_router_scale_waits_total",
+            "Scale-from-zero waits ended, by outcome (served, timeout, full, gone)",
+            ["outcome"],
+            registry=r,
+        )
+        self.scale_wait_seconds = Histogram(
+            "gpufleet_router_scale_wait_seconds", "Time held until a device served the group, by outcome", ["outcome"],
+            buckets=WAIT_BUCKETS, registry=r,
+        )
         # Label children cached by label values: ``labels()`` costs more than the update itself.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -109,6 +126,10 @@ class RouterMetrics:
     def request_done(self, endpoint: str, code: int, seconds: float) -> None:
         self._child(self.requests, endpoint, str(code)).inc()
         self._child(self.e2e, endpoint).observe(seconds)
+
+    def scale_wait_done(self, outcome: str, seconds: float) -> None:
+        self._child(self.scale_waits, outcome).inc()
+        self._child(self.scale_wait_seconds, outcome).observe(seconds)
 
     def first_byte(self, endpoint: str, seconds: float) -> None:
         self._child(self.ttfb, endpoint).observe(seconds)

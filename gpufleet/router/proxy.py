@@ -9,8 +9,12 @@ target or lease resolved), the pod's own id of a namespace-qualified model. A po
 announce reading those (``ROUTING_HEADERS_VERSION`` in its status document) still gets a body
 rewritten where the client's would not do: the target as its device, no ``lease``, its own model id.
 
-Nothing reaches the client before the pod's first byte, so any failure up to then (refused
-connection, reset, timeout, a 5xx or 429) is retried once on another eligible pod.
+A request whose group no device serves yet (scaled to zero, its pods starting) is held until one
+does (``gpufleet.router.scale_wait``), then routed as any other.
+
+Nothing reaches the client before the pod's first byte (but the comments of a held stream), so any
+failure up to then (refused connection, reset, timeout, a 5xx or 429) is retried once on another
+eligible pod.
 Non-streaming answers are read whole before the client sees them, so they are always
 retryable; an SSE stream is committed at its first chunk and every later chunk is
 forwarded the moment it arrives. The answer's bytes are relayed as the pod sent them.
@@ -39,6 +43,8 @@ from gpufleet.api.load_report import LOAD_HEADER, parse_load
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.decide import Decider
 from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.scale_wait import ScaleWait, holds
+from gpufleet.router.sse import sse_error
 from gpufleet.router.state import FleetState, Ticket
 from gpufleet.router.upstream import Upstream, UpstreamResponse
 from gpufleet.router.upstream import UpstreamError as UpstreamConnectionError
@@ -50,6 +56,7 @@ LOAD_HEADER_BYTES = LOAD_HEADER.encode()
 log = logging.getLogger(__name__)
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+CLIENT_CLOSED = 499  # nginx's code for a client that left before any answer (one held, say): metrics only
 _DROP = frozenset(
     {
         b"connection",
@@ -194,10 +201,6 @@ def reads_routing_headers(status: PodStatus | None) -> bool:
     return status is not None and status.routing_headers >= ROUTING_HEADERS_VERSION
 
 
-def _sse_error(exc: GpufleetError) -> bytes:
-    return b"data: " + json.dumps(exc.to_openai()).encode() + b"\n\ndata: [DONE]\n\n"
-
-
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -205,13 +208,15 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 class Proxy:
     def __init__(
-        self, state: FleetState, decider: Decider, metrics: RouterMetrics, pool: Upstream, config: ProxyConfig
+        self, state: FleetState, decider: Decider, metrics: RouterMetrics, pool: Upstream, config: ProxyConfig,
+        waits: ScaleWait | None = None,
     ) -> None:
         self.state = state
         self.decider = decider
         self.metrics = metrics
         self.pool = pool
         self.config = config
+        self.waits = waits
         self.running = 0  # requests being proxied; read by the metrics gauge at scrape time
         metrics.inflight.set_function(lambda: self.running)
 
@@ -234,7 +239,7 @@ class Proxy:
                 await send_error(tracked_send, InternalError("the router failed to handle this request"))
         finally:
             self.running -= 1
-            self.metrics.request_done(endpoint, status[0], time.perf_counter() - started)
+            self.metrics.request_done(endpoint, status[0] or CLIENT_CLOSED, time.perf_counter() - started)
 
     async def _group_of(self, model: str) -> str:
         try:
@@ -263,6 +268,12 @@ class Proxy:
             decision = self.decider.decide(
                 request_id, fields.model, group, exclusive, frozenset(tried), attempt, lease=lease
             )
+            if attempt == 0 and self.waits is not None and self.waits.enabled and holds(decision, exclusive, lease):
+                held = await self._hold(receive, send, fields, group, request_id)
+                if held is None:
+                    return
+                send, group = held
+                decision = self.decider.decide(request_id, fields.model, group, exclusive, frozenset(), 0, lease=lease)
             choice = decision.choice
             rec = self.state.by_name.get(choice.pod) if choice is not None else None
             if choice is None or rec is None or rec.url is None:
@@ -312,6 +323,33 @@ class Proxy:
             await send({"type": "http.response.body", "body": data})
             return
         await send_error(send, UpstreamError(f"pod {last_pod!r} failed: {last.message}", code=f"upstream_{last.kind}"))
+
+    async def _hold(
+        self, receive: Receive, send: Send, fields: Routing, group: str, request_id: str
+    ) -> tuple[Send, str] | None:
+        """Hold a request whose group no device serves yet (gpufleet.router.scale_wait). Then: where its
+        answer goes (a stream may have started) and its group, looked up again (the model may have gone
+        meanwhile); or None once it is answered, or its client gone."""
+        assert self.waits is not None
+
+        def blocked() -> bool:
+            return self.state.models.get(fields.model) == group and holds(self.decider.peek(group), None, None)
+
+        result = await self.waits.hold(
+            group, fields.n, stream=fields.stream, blocked=blocked, receive=receive, send=send, request_id=request_id
+        )
+        if result.gone:
+            return None
+        error = result.error
+        if error is None:
+            try:
+                group = self.decider.group_of(fields.model)
+            except GpufleetError as exc:
+                error = exc
+        if error is not None:
+            await send_error(result.send, error)  # an error event when the stream has started
+            return None
+        return result.send, group
 
     def _for_pod(
         self, body: bytes, doc: dict[str, Any], fields: Routing, lease: str | None, choice: DeviceState,
@@ -413,7 +451,7 @@ class Proxy:
                     self.metrics.upstream_failure(ticket.pod, kind)
                     self.state.failed(ticket.pod, f"mid-stream: {exc}")
                     log.warning("stream from pod broke", extra={"pod": ticket.pod, "kind": kind})
-                    tail = _sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))
+                    tail = sse_error(UpstreamError(f"pod {ticket.pod!r} failed mid-stream ({kind})"))
                     break
                 if chunk is None:
                     complete = True

@@ -84,6 +84,7 @@ class Registry:
         self._base_counts: dict[str, int] = {}  # pods per base name, as _rename_all last counted
         self._models: dict[str, str] | None = {}  # model id -> group, union of every pod's (None: rebuild)
         self._local_models: dict[str, str] = {}  # qualified model id (or its alias) -> the pod servers' id
+        self._known: dict[str, str] = {}  # model id -> group from the ModelGroup resources (gpufleet.router.catalog)
 
     def upsert(
         self,
@@ -171,9 +172,14 @@ class Registry:
             self.by_name[rec.name] = rec
         self._models = None  # rebuilt when next asked: registering 1,000 pods must not rebuild it 1,000 times
 
+    def set_known(self, models: dict[str, str]) -> None:
+        """The models the resources declare, served or not (a group at zero pods): known to routing too."""
+        self._known = models
+        self._models = None
+
     @property
     def models(self) -> dict[str, str]:
-        """Model id -> group, the union of every pod's (and namespace aliases)."""
+        """Model id -> group, the union of every pod's and the resources' (and namespace aliases)."""
         if self._models is None:
             self._build_models()
         assert self._models is not None
@@ -192,6 +198,8 @@ class Registry:
             if rec.status is not None:
                 for model, group in rec.status.models.items():
                     models.setdefault(model, group)
+        for model, group in self._known.items():  # what the pods report wins: it is what they serve
+            models.setdefault(model, group)
         local = {m: tenancy.local_id(m) for m in models if "/" in m}
         for alias, qualified in tenancy.aliases(models).items():
             if alias not in models:

@@ -76,6 +76,21 @@ class RouterSettings(ServerSettings):
         default=None,
         description="Namespace of the router's Lease objects (kubernetes discovery); default: the router's own.",
     )
+    scale_wait_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="A request for a known group that no device serves now (scaled to zero, its pods starting) "
+        "is held this long for one to come; 0: answered 503 at once.",
+    )
+    scale_wait_queue: int = Field(
+        default=256, ge=0, description="Sequences (a request with n choices counts n) held that way at once, in all."
+    )
+    scale_wait_comment_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A held streaming request gets 200 and an SSE comment (': loading') after this long, and "
+        "another every few seconds, so proxies between it and the client keep the connection open.",
+    )
     metrics_pod_labels: bool | Literal["auto"] = Field(
         default="auto",
         description="Per-pod and per-device series (pod, gpu labels) on the router's metrics. auto: on with "

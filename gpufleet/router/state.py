@@ -9,12 +9,16 @@
   switch, the service time learned from answers);
 - ``devices``: a pod's ``DeviceState``s made from all that (pure);
 - ``fleet_index``: the kept index of every device, brought up to date in one place before each
-  decision.
+  decision;
+- ``catalog``: the groups the ModelGroup resources declare (Kubernetes), served by a pod or not.
 
 Inputs arrive from the edges (discovery, status and queue polls, proxied responses) through the
 methods below; each hands them to its part and notes which pods changed (``FleetIndex.touch``).
 ``decide`` is the one way to a decision: it owns the rule for when the kept index may answer.
 Every method takes its time from the injected clock (monotonic seconds), so tests drive time by hand.
+``on_change`` is called whenever which devices may serve which group may have changed (a pod came,
+went, became ready or not, was ejected or re-admitted; the resources' models changed): requests held
+until a device serves their group wait on it instead of polling.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gpufleet.api.device_report import QueueDocument
 from gpufleet.api.load_report import LoadReport
 from gpufleet.api.pod_status import PodStatus
 from gpufleet.router import reports, tenancy
+from gpufleet.router.catalog import Catalog
 from gpufleet.router.devices import device_states
 from gpufleet.router.ejection import EjectionPolicy
 from gpufleet.router.fleet_index import RESYNC_BATCH, FleetIndex
@@ -58,8 +63,8 @@ class FleetState:
         self.freshness = Freshness(stale_after_s)
         self.registry = Registry(
             ejection or EjectionPolicy(),
-            on_unindex=lambda rec: self.kept.drop(rec),
-            on_upsert=lambda rec: self.kept.touch(rec),
+            on_unindex=self._unindexed,
+            on_upsert=self._upserted,
         )
         self.tickets = Tickets(clock, expectation_ttl_s if expectation_ttl_s is not None else max(30.0, stale_after_s))
         self.kept = FleetIndex(self.registry, self.freshness, self._states, clock)
@@ -68,7 +73,17 @@ class FleetState:
         self.remove = self.registry.remove
         self.replace_all = self.registry.replace_all
         self.on_eject: Callable[[str, bool], None] = lambda pod, ejected: None
+        self.on_change: Callable[[], None] = lambda: None  # see the module docstring
         self.leases: leases.LeaseView = leases.NoLeases()  # the router's lease store, set by the app
+        self.catalog = Catalog()
+
+    def _upserted(self, rec: PodRecord) -> None:
+        self.kept.touch(rec)
+        self.on_change()
+
+    def _unindexed(self, rec: PodRecord) -> None:
+        self.kept.drop(rec)
+        self.on_change()
 
     # --- what the parts hold, as the rest of the router reads it -------------------------------------
 
@@ -91,6 +106,10 @@ class FleetState:
     @property
     def inflight(self) -> dict[str, int]:
         return self.tickets.inflight
+
+    @property
+    def group_inflight(self) -> dict[str, int]:
+        return self.tickets.group_inflight
 
     @property
     def sequence(self) -> int:
@@ -127,6 +146,13 @@ class FleetState:
         for d in doc.devices:  # the document may have caught up with what we expected
             self.tickets.confirm(f"{rec.name}/{d.device}", d.switching_to or d.current_group)
         self.kept.touch(rec)
+        self.on_change()
+
+    def observe_model_groups(self, kind: str, namespace: str, payload: Any) -> None:
+        """A ModelGroup watch event, or a namespace's fresh list (``Catalog.apply``)."""
+        if self.catalog.apply(kind, namespace, payload):
+            self.registry.set_known(self.catalog.models())
+            self.on_change()
 
     def observe_load(self, pod: str, report: LoadReport) -> None:
         """A pod's answer carried its load (``endpoint-load-metrics``): as good as a queue poll for the counts."""
@@ -150,9 +176,16 @@ class FleetState:
         self.kept.touch(rec)
 
     def observe_failure(self, pod_id: str, error: str) -> None:
-        """A poll of the pod failed (refused, timed out, bad answer)."""
+        """A poll of the pod failed (refused, timed out, bad answer). Not counted before the pod's first
+        answer: a pod still starting (scaled up from zero, say) is no outlier, and ejecting it would
+        keep it out of rotation for a cool-down after it is up. Failed requests count from the start."""
         rec = self.pods.get(pod_id)
-        if rec is not None and rec.outlier.failure(self.clock(), error):
+        if rec is None:
+            return
+        if rec.contact_at is None:
+            rec.outlier.last_error = error
+            return
+        if rec.outlier.failure(self.clock(), error):
             self._ejected(rec)
 
     def due_status(self, idle_poll_s: float) -> list[PodRecord]:
@@ -167,6 +200,7 @@ class FleetState:
         rec.contact_at = now
         if rec.outlier.success(now):
             self.on_eject(rec.name, False)
+            self.on_change()
         self.kept.touch(rec, ())  # fresh again, or back in rotation: its time flags say so
 
     # --- proxied requests ---------------------------------------------------------------------------
@@ -216,6 +250,7 @@ class FleetState:
         rec.confirmed = rec.annotated
         self.on_eject(rec.name, True)
         self.kept.touch(rec)
+        self.on_change()
 
     # --- decisions ----------------------------------------------------------------------------------
 

@@ -23,6 +23,12 @@ def local_id(qualified: str) -> str:
     return qualified.rpartition("/")[2]
 
 
+def split(group: str) -> tuple[str | None, str]:
+    """``(namespace, local id)`` of an id; no namespace for one found without (static URLs)."""
+    namespace, _, local = group.rpartition("/")
+    return namespace or None, local
+
+
 def qualify_status(doc: PodStatus, namespace: str) -> PodStatus:
     """The status document with every group and model id qualified by the pod's namespace."""
 

@@ -1,5 +1,6 @@
-"""This router's own traffic: what it has in flight on each device, the groups it sent to devices
-that did not hold them, and the service time learned from the answers.
+"""This router's own traffic: what it has in flight on each device and of each group, the groups it
+sent to devices that did not hold them, and the service time learned from the answers (fleet-wide,
+and per group for the demand document).
 
 Every proxied request holds a ``Ticket`` from ``begin`` to ``finish``: its weight (its choices)
 counts in its device's load until then. A group sent to a device that does not hold it is
@@ -46,15 +47,18 @@ class Tickets:
         self.clock = clock
         self.expectation_ttl_s = expectation_ttl_s
         self.inflight: dict[str, int] = {}  # "pod/device" -> requests this router has there
+        self.group_inflight: dict[str, int] = {}  # group -> sequences this router has at pods
         self.last_used: dict[str, float] = {}
         self.sequence = 0
         self.service = ServiceTime()  # a request's time on an idle device, learned from answers
+        self.group_service: dict[str, ServiceTime] = {}  # the same, per group
         self.expected: dict[str, Expectation] = {}
         self._expiries: list[tuple[float, str]] = []  # (when an expectation ends, device key)
 
     def begin(self, pod: str, device: str, group: str, *, idle: bool = False, weight: int = 1) -> Ticket:
         key = f"{pod}/{device}"
         self.inflight[key] = self.inflight.get(key, 0) + weight
+        self.group_inflight[group] = self.group_inflight.get(group, 0) + weight
         now = self.last_used[key] = self.clock()
         self.sequence += 1
         return Ticket(pod, key, group, started_at=now, idle=idle, device=device, weight=weight)
@@ -82,8 +86,15 @@ class Tickets:
             return False
         ticket.done = True
         self.inflight[ticket.key] = max(0, self.inflight.get(ticket.key, 0) - ticket.weight)
+        left = self.group_inflight.get(ticket.group, 0) - ticket.weight
+        if left > 0:
+            self.group_inflight[ticket.group] = left
+        else:
+            self.group_inflight.pop(ticket.group, None)  # groups come and go: keep only those with traffic
         if ok and ticket.idle and not ticket.switched:
-            self.service.observe(self.clock() - ticket.started_at)
+            seconds = self.clock() - ticket.started_at
+            self.service.observe(seconds)
+            self.group_service.setdefault(ticket.group, ServiceTime()).observe(seconds)
         return True
 
     # --- expectations -----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ CHAT = {"model": "echo-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class Echo:
-    def __init__(self, log_dir: Path, name: str, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, log_dir: Path, name: str, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(

@@ -65,6 +65,38 @@ class FixedFleet:
         await asyncio.Event().wait()
 
 
+def model_group_object(name: str, *models: str, namespace: str) -> dict[str, Any]:
+    """A ModelGroup as the API server sends it (the fields the router reads)."""
+    return {
+        "apiVersion": "gpufleet.io/v1alpha1",
+        "kind": "ModelGroup",
+        "metadata": {"name": name, "namespace": namespace, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"models": [{"id": m, "source": f"/models/{m}"} for m in models]},
+    }
+
+
+class GrowingFleet:
+    """Discovery of a fleet at zero: its ModelGroups known (as the resource watch reports them), no pod
+    until a test scales one up (``add``), as Kubernetes discovery would report it."""
+
+    kind = "growing"
+
+    def __init__(self, namespace: str, model_groups: list[dict[str, Any]]) -> None:
+        self.namespace = namespace
+        self.model_groups = model_groups
+        self.state: FleetState | None = None
+
+    async def run(self, state: FleetState, pool: Upstream) -> None:
+        state.observe_model_groups("RESET", self.namespace, self.model_groups)
+        self.state = state
+        await asyncio.Event().wait()
+
+    def add(self, pod: FixedPod, *, ready: bool = True) -> None:
+        assert self.state is not None, "discovery has not started"
+        self.state.upsert(pod.name, pod.url, name=pod.name, node=pod.node, tenant=pod.tenant)
+        self.state.observe_status(pod.name, pod.status().model_copy(update={"ready": ready}), contact=False)
+
+
 ANSWER = b'{"id":"chatcmpl-1",  "object":"chat.completion", "choices": []}'  # odd spacing: relayed as is
 Answerer = Callable[[MockRequest], Awaitable[MockResponse]]
 

@@ -21,6 +21,7 @@ import yaml
 
 from gpufleet.operator.builders import BuildOptions, ModelGroupRef, build_statefulset
 from gpufleet.operator.crd import build_crd, build_pool_crd
+from gpufleet.operator.metrics import OperatorMetrics
 from gpufleet.pod_server.metrics import PodMetrics
 from gpufleet.router.metrics import RouterMetrics
 
@@ -214,7 +215,9 @@ def test_operator_rbac_is_exactly_what_it_uses() -> None:
     binding = named(docs, "ValidatingAdmissionPolicyBinding", "rel-gpufleet-pod-server-own-lease")
     assert binding["spec"] == {"policyName": "rel-gpufleet-pod-server-own-lease", "validationActions": ["Deny"]}
     router = _rules(named(docs, "ClusterRole", "rel-gpufleet-router"))
-    assert router == {(g, r, v, "") for g, r in (("", "pods"), ("coordination.k8s.io", "leases"))
+    # Read only, custom resources included: its demand reaches the operator as a document it serves.
+    assert router == {(g, r, v, "") for g, r in (("", "pods"), ("coordination.k8s.io", "leases"),
+                                                 ("gpufleet.io", "modelgroups"))
                       for v in ("get", "list", "watch")}
     # Its exclusive leases: Lease objects in its own namespace only, and no other kind of Lease.
     leases_role = named(docs, "Role", "rel-gpufleet-router-leases")
@@ -315,7 +318,7 @@ def test_values_schema_rejects(bad: str) -> None:
 
 def _exported_metric_names() -> set[str]:
     names: set[str] = set()
-    for registry in (PodMetrics("p", "ns").registry, RouterMetrics().registry):
+    for registry in (PodMetrics("p", "ns").registry, RouterMetrics().registry, OperatorMetrics().registry):
         for family in registry.collect():
             names.add(family.name)
             kind = family.type
@@ -334,7 +337,8 @@ def test_dashboard_uses_only_metrics_we_export() -> None:
     missing = used - _exported_metric_names()
     assert not missing, f"dashboard queries metrics nobody exports: {sorted(missing)}"
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("utilization", "memory", "queue", "group", "switch", "request rate", "latency"):
+    for topic in ("utilization", "memory", "queue", "group", "switch", "request rate", "latency", "demand",
+                  "residency", "desired"):
         assert topic in titles, topic
 
 
@@ -408,3 +412,19 @@ def test_random_uids_for_openshift() -> None:
     spec = ModelGroupSpec.model_validate({"models": [{"id": "m", "source": "/m"}]})
     sts = build_statefulset(ModelGroupRef("g", "ml", "u", spec), settings.build_options())
     assert "runAsUser" not in sts["spec"]["template"]["spec"]["securityContext"]
+
+
+@needs_helm
+def test_the_operator_reads_every_router_replicas_demand_through_a_headless_service() -> None:
+    docs = render()
+    env = _env(named(docs, "Deployment", "rel-gpufleet-operator"))
+    assert env["GPUFLEET_OPERATOR_DEMAND_URLS"] == "http://rel-gpufleet-router-demand.gpufleet-system.svc:80"
+    demand = named(docs, "Service", "rel-gpufleet-router-demand")
+    assert demand["spec"]["clusterIP"] == "None"  # its name resolves to every router pod
+    assert demand["spec"]["selector"] == named(docs, "Service", "rel-gpufleet-router")["spec"]["selector"]
+    # Not scraped twice: the ServiceMonitor selects the router's own Service, and the operator's metrics.
+    assert demand["metadata"]["labels"]["gpufleet.io/component"] == "router-demand"
+    metrics = named(docs, "Service", "rel-gpufleet-operator-metrics")
+    assert metrics["spec"]["ports"][0]["targetPort"] == "metrics"
+    off = _env(named(render("operator.autoscale.enabled=false"), "Deployment", "rel-gpufleet-operator"))
+    assert off["GPUFLEET_OPERATOR_DEMAND_URLS"] == ""
