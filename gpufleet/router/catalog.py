@@ -32,6 +32,9 @@ _SPEC_FIELDS = frozenset(
 # Status figures (the operator's, all optional), JSON name -> attribute.
 STATUS_FIGURES = {"residency": "residency", "desiredResidency": "desired_residency",
                   "desiredReplicas": "desired_replicas"}
+# Degraded reasons that no amount of capacity fixes (the operator's): such a group is not offered,
+# as its pods do not offer it (a client is not shown a model it cannot use, nor held waiting for it).
+UNSERVABLE = frozenset({"InsufficientMemory", "Refused", "InvalidSpec", "ModelIdConflict", "PoolNotFound"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class KnownGroup:
     residency: int | None = None  # devices holding the group current now
     desired_residency: int | None = None
     desired_replicas: int | None = None
+    unservable: str | None = None  # the Degraded reason, when it is one of UNSERVABLE
 
     @property
     def key(self) -> str:
@@ -94,8 +98,17 @@ def parse_model_group(obj: Mapping[str, Any]) -> KnownGroup:
         models=tuple(KnownModel(m.id, m.task) for m in spec.models),
         pool=spec.pool,
         created=str(meta.get("creationTimestamp") or ""),
+        unservable=_unservable(status),
         **{attr: _count(status, json_name) for json_name, attr in STATUS_FIGURES.items()},
     )
+
+
+def _unservable(status: Mapping[str, Any]) -> str | None:
+    for cond in status.get("conditions") or ():
+        if isinstance(cond, Mapping) and cond.get("type") == "Degraded" and cond.get("status") == "True":
+            reason = cond.get("reason")
+            return reason if isinstance(reason, str) and reason in UNSERVABLE else None
+    return None
 
 
 class Catalog:
@@ -147,6 +160,8 @@ class Catalog:
         # Two groups of one namespace claiming one model id: the earlier keeps it (creation time, then
         # name), as the operator decides (gpufleet.operator.conflicts); the later one does not serve it.
         for g in sorted(self.groups.values(), key=lambda g: (g.created, g.name)):
+            if g.unservable is not None:
+                continue
             for m in g.models:
                 models.setdefault(tenancy.qualify(g.namespace, m.id), g.key)
         changed = models != self._models

@@ -107,6 +107,18 @@ def test_a_status_update_changes_no_model() -> None:
     assert catalog.groups["team-a/alpha"].residency == 1  # kept for /api/models all the same
 
 
+def test_a_group_no_capacity_can_serve_is_not_offered() -> None:
+    # Too big for every device of its pool: its pods do not offer it, nor does the router (no 200 to
+    # wait for); a group merely short of capacity (at zero pods) stays offered.
+    catalog = Catalog()
+    too_big = {"conditions": [{"type": "Degraded", "status": "True", "reason": "InsufficientMemory"}]}
+    catalog.apply("ADDED", "team-a", model_group("huge", "big", status=too_big))
+    assert catalog.models() == {} and catalog.groups["team-a/huge"].unservable == "InsufficientMemory"
+    starting = {"conditions": [{"type": "Degraded", "status": "True", "reason": "LoadFailed"}]}
+    assert catalog.apply("MODIFIED", "team-a", model_group("huge", "big", status=starting))
+    assert catalog.models() == {"team-a/big": "team-a/huge"}
+
+
 def test_a_model_id_two_groups_claim_belongs_to_the_earlier_as_the_operator_decides() -> None:
     catalog = Catalog()
     catalog.apply("RESET", "team-a", [model_group("zeta", "chat", created="2026-01-01T00:00:00Z"),
