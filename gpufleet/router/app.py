@@ -217,7 +217,7 @@ def _routes(app: FastAPI) -> None:
         return request.app.state.runtime  # type: ignore[no-any-return]
 
     async def model_cards(runtime: Runtime) -> list[dict[str, Any]]:
-        known = list(runtime.state.catalog.groups.values())  # before the await: the watch may change it
+        known = runtime.state.catalog.offered()  # before the await: the watch may change it
         return fleet_api.model_cards(await fan_out(runtime, "/v1/models"), known)
 
     @app.get("/v1/models")

@@ -122,6 +122,10 @@ class Catalog:
         """Qualified model id -> qualified group id."""
         return self._models
 
+    def offered(self) -> list[KnownGroup]:
+        """The groups clients are shown (``/v1/models``): all but those no capacity can serve."""
+        return [g for g in self.groups.values() if g.unservable is None]
+
     def apply(self, kind: str, namespace: str, payload: Any) -> bool:
         """One watch event (ADDED, MODIFIED, DELETED) or a namespace's fresh list (RESET); True when
         the models routing reads changed (a status update alone changes none)."""

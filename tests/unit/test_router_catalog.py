@@ -114,9 +114,11 @@ def test_a_group_no_capacity_can_serve_is_not_offered() -> None:
     too_big = {"conditions": [{"type": "Degraded", "status": "True", "reason": "InsufficientMemory"}]}
     catalog.apply("ADDED", "team-a", model_group("huge", "big", status=too_big))
     assert catalog.models() == {} and catalog.groups["team-a/huge"].unservable == "InsufficientMemory"
+    assert catalog.offered() == []  # nor listed in /v1/models
     starting = {"conditions": [{"type": "Degraded", "status": "True", "reason": "LoadFailed"}]}
     assert catalog.apply("MODIFIED", "team-a", model_group("huge", "big", status=starting))
     assert catalog.models() == {"team-a/big": "team-a/huge"}
+    assert [g.name for g in catalog.offered()] == ["huge"]
 
 
 def test_a_model_id_two_groups_claim_belongs_to_the_earlier_as_the_operator_decides() -> None:
