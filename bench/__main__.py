@@ -19,13 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import RESULTS, machine_info, progress, read_result
 
 # In run order: the switch costs feed the simulator.
-PARTS = ("switch_cost", "routing_quality", "throughput", "replay", "pool")
+PARTS = ("switch_cost", "routing_quality", "throughput", "replay", "pool", "autoscale", "engine_peer")
 DESCRIPTIONS = {
     "switch_cost": "time to make a group current from disk and from the CPU cache, per GB, vs copy bandwidth",
     "routing_quality": "simulated batched devices: the real policy vs round robin, least load, LRU multiplexing, GIE",
     "throughput": "tokens/s and time to first token at concurrency 1-64: serve, up, batch-1 loop, transformers CB",
     "replay": "a scaled-down trace replayed on gpufleet up per policy, beside the simulator",
     "pool": "6 groups on a 2-pod GpuPool vs 6 dedicated pods on the real control plane, the same trace",
+    "autoscale": "a simulated day: pods and residency from demand vs fixed pools and a KubeAI-style rule",
+    "engine_peer": "gpufleet serve beside vllm serve (when installed): tokens/s, TTFT, CPU per 1k tokens, c=1-64",
 }
 
 
@@ -38,13 +40,17 @@ def _runner(part: str) -> Callable[..., Any]:
         from bench.throughput import run
     elif part == "replay":
         from bench.replay import run
+    elif part == "autoscale":
+        from bench.autoscale import run
+    elif part == "engine_peer":
+        from bench.engine_peer import run
     else:
         from bench.pool import run
     return run
 
 
 def write_summary() -> None:
-    from bench import pool, replay, routing_quality, switch_cost, throughput
+    from bench import autoscale, engine_peer, pool, replay, routing_quality, switch_cost, throughput
 
     m = machine_info()
     lines = [
@@ -64,8 +70,10 @@ def write_summary() -> None:
         "throughput": throughput.summarize,
         "replay": replay.summarize,
         "pool": pool.summarize,
+        "autoscale": autoscale.summarize,
+        "engine_peer": engine_peer.summarize,
     }
-    for part in ("routing_quality", "replay", "pool", "switch_cost", "throughput", "gpu"):
+    for part in ("routing_quality", "replay", "pool", "autoscale", "switch_cost", "throughput", "engine_peer", "gpu"):
         doc = read_result(part)
         if doc is None:
             continue
@@ -136,6 +144,22 @@ def _targets_overview() -> list[str]:
     if pl:
         met = sum(t["met"] for t in pl["targets"])
         out.append(f"- GPU pool vs dedicated pods (real control plane): {met} of {len(pl['targets'])} targets met.")
+    au = read_result("autoscale")
+    if au and isinstance(au.get("targets"), list):
+        met = sum(t["met"] for t in au["targets"])
+        missed = "; ".join(
+            f"{t['target']}: {t['figure'] if t['figure'] is None else format(t['figure'], '.3g')} (limit {t['limit']})"
+            for t in au["targets"]
+            if not t["met"]
+        )
+        out.append(
+            f"- Autoscaling on a simulated day: {met} of {len(au['targets'])} targets met"
+            + (f"; missed: {missed}." if missed else ".")
+        )
+    ep = read_result("engine_peer")
+    if ep and isinstance(ep.get("targets"), list):
+        met = sum(t["met"] for t in ep["targets"])
+        out.append(f"- Engine beside vLLM (bench/engine_peer): {met} of {len(ep['targets'])} targets met.")
     return out
 
 

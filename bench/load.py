@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,9 @@ def stream_body(model: str, max_tokens: int) -> dict[str, Any]:
     return {**chat_body(model, max_tokens), "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def stream_chat(session: Any, url: str, model: str, max_tokens: int) -> Record:
+async def stream_chat(
+    session: Any, url: str, model: str, max_tokens: int, extra: Mapping[str, Any] | None = None
+) -> Record:
     """One streaming chat request: client-side time to the first generated text, and the
     completion tokens from the usage chunk the server sends last (not a count of chunks)."""
     import aiohttp
@@ -140,7 +142,8 @@ async def stream_chat(session: Any, url: str, model: str, max_tokens: int) -> Re
     first: float | None = None
     tokens: int | None = None
     try:
-        async with session.post(url + "/v1/chat/completions", json=stream_body(model, max_tokens)) as r:
+        body = {**stream_body(model, max_tokens), **(extra or {})}
+        async with session.post(url + "/v1/chat/completions", json=body) as r:
             if r.status != 200:
                 text = await r.text()
                 return Record(sent, None, time.perf_counter(), 0, ok=False, error=f"HTTP {r.status}: {text[:200]}")
@@ -179,6 +182,7 @@ async def closed_loop_stream(
     stop_at: float,
     max_requests: int,
     drain_timeout_s: float = 60.0,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[Record]:
     """``concurrency`` streaming clients sending back to back until ``stop_at``
     (time.perf_counter) or ``max_requests`` sent in all; those in flight then finish, for at
@@ -191,7 +195,7 @@ async def closed_loop_stream(
     async def client(session: Any) -> None:
         while time.perf_counter() < stop_at and sent[0] < max_requests:
             sent[0] += 1
-            records.append(await stream_chat(session, url, model, max_tokens))
+            records.append(await stream_chat(session, url, model, max_tokens, extra))
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=stop_at - time.perf_counter() + drain_timeout_s)

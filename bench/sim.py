@@ -20,6 +20,23 @@ Requests are routed by a policy at their arrival instant. What the policy sees i
 view (``gpufleet.router.state``): ``load`` is every request in flight on the device (queued or
 running), and with ``expect_switches`` a request sent to a device that does not hold its group
 makes the router expect that switch until the device's state catches up (``FleetState.expect``).
+
+A run may also be given a ``control``, called every ``control_interval_s`` of simulated time, that
+changes the fleet while it serves (``bench.autoscale`` drives the autoscaling rules with it):
+
+- ``add_device(startup_s)``: a new pod's device, billed from now, that takes work only once it
+  is ready ``startup_s`` later, empty (or holding ``group``: a dedicated pod loads its one model
+  while it starts) and, with ``serves``, only for those groups (a replica of one model);
+- ``remove_device(index)``: the device drains: it takes no new request, serves what it has
+  running and queued, then stops (``SimDevice.stopped_at``);
+- ``prefer(index, group)``: the device's placement (``gpufleet.pod_server.placing``): once per
+  change it queues a zero-weight job for ``group``, which makes it current in its turn, behind
+  real work, never interrupting a batch; demand may switch the device away afterwards.
+
+With a control, policies are offered only the devices that take work (ready, not draining, and
+serving the request's group), and answer with a ``SimDevice.index``; a request that finds none
+is held, as the router holds one while a pod comes up (scale from zero), and routed as soon as
+a device is ready; its wait counts in its latency.
 """
 
 from __future__ import annotations
@@ -28,8 +45,8 @@ import bisect
 import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from bench.trace import Request
@@ -41,6 +58,8 @@ Source = Literal["cache", "disk"]
 # Event kinds, in the order they are handled at equal times: finished work frees capacity
 # before a request that arrives at the same instant is routed.
 _SWITCH_DONE, _PREFETCH_DONE, _TICK, _ARRIVAL = 0, 1, 2, 3
+# With a control: a started device becomes ready, then the control looks (after the arrivals of that instant).
+_READY, _CONTROL = 4, 5
 _EPS = 1e-9
 
 
@@ -144,6 +163,20 @@ class SimDevice:
         self.last_switch_at: float | None = None
         self.switch_s: dict[str, float] = {}
         self.switches: Counter[str] = Counter()
+        # The fleet's changes under a control (see the module doc); a fixed fleet is ready from 0 to the end.
+        self.started_at = 0.0  # billed from here (a pod's start-up included)
+        self.ready = True
+        self.draining = False
+        self.stopped_at: float | None = None  # billed up to here (its drain included); None: to the end
+        self.serves: frozenset[str] | None = None  # the groups it serves at all; None: any
+        self.boot_group: str | None = None  # the group it holds once ready (a dedicated pod's model)
+        self.preferred: str | None = None  # its placement: the group it makes current in its turn
+        self.placed = True  # the placement's job is queued (or not needed) since it last changed
+
+    @property
+    def accepting(self) -> bool:
+        """Takes new requests: ready, not draining, not stopped."""
+        return self.ready and not self.draining and self.stopped_at is None
 
     @property
     def load(self) -> int:
@@ -236,7 +269,10 @@ class _SimModel:
 
 class Policy(Protocol):
     """Routes requests. It may also define ``finished(req, latency_s, idle)``, called when a
-    request completes (``idle``: its device had nothing in flight when it was routed)."""
+    request completes (``idle``: its device had nothing in flight when it was routed).
+
+    Under a control ``devices`` holds only the devices that take the request, and the answer is
+    a ``SimDevice.index`` (what ``bench.policies.SnapshotPolicy`` returns, from the device's name)."""
 
     name: str
 
@@ -255,6 +291,7 @@ class SimResult:
     aborted: bool = False
     end_s: float = 0.0
     switched: list[str] = field(default_factory=list)  # per request: "", "cache" or "disk" when it waited for a switch
+    held: int = 0  # requests held for want of a device (under a control), all routed later unless unfinished
 
     @property
     def total_switches(self) -> int:
@@ -303,16 +340,34 @@ class Simulator:
         self._pending_switch: dict[int, Source] = {}
         self._switch_started: dict[int, float] = {}
         self._pending_take: dict[int, str] = {}  # device -> group its switch takes once the prefetch is in
+        self._device_of: list[int] = []
+        self._rejected = 0
+        # Under a control only (see the module doc).
+        self._dynamic = False
+        self.held: deque[int] = deque()  # requests waiting for a device, oldest first
+        self._held_total = 0
+        self.was_held: list[bool] = []  # per request: it waited for a device at some point
+        self.admitted_at: list[float] = []  # per request: when it joined a batch
+        self.completed: list[tuple[int, float]] = []  # (request, answered at) since the control last cleared it
 
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self._seq += 1
         heapq.heappush(self._events, (t, kind, self._seq, a, b))
 
     def run(
-        self, trace: Sequence[Request], *, slo_s: float | None = None, give_up_misses: int | None = None
+        self,
+        trace: Sequence[Request],
+        *,
+        slo_s: float | None = None,
+        give_up_misses: int | None = None,
+        control: Callable[[Simulator, float], None] | None = None,
+        control_interval_s: float = 5.0,
+        control_until_s: float | None = None,
     ) -> SimResult:
         """Simulate ``trace``; with ``give_up_misses``, stop early once more requests than that
-        missed ``slo_s`` (the caller only needs to know the objective was not held)."""
+        missed ``slo_s`` (the caller only needs to know the objective was not held). With
+        ``control``, call it from time 0 every ``control_interval_s`` while anything is left to do
+        (but not after ``control_until_s``: requests still held then stay unanswered)."""
         n = len(trace)
         self._trace = trace
         self._work = [r.tokens + self.cfg.steps.prefill_tokens for r in trace]
@@ -320,27 +375,33 @@ class Simulator:
         self._switched = [""] * n
         self._idle = [False] * n
         self._slo = slo_s
-        device_of = [-1] * n
-        rejected = 0
+        self._device_of = [-1] * n
+        self._rejected = 0
+        self._dynamic = control is not None
+        self.admitted_at = [math.nan] * n
+        self.was_held = [False] * n
         for i, r in enumerate(trace):
             self._push(r.t, _ARRIVAL, i)
+        if control is not None:
+            self._push(0.0, _CONTROL, 0)
         while self._events:
             t, kind, _, a, b = heapq.heappop(self._events)
             self.now = t
             if kind == _ARRIVAL:
-                req = trace[a]
-                choice = self.policy.choose(req, self.devices, t)
-                if choice is None or self.devices[choice].queued >= self.devices[choice].queue_limit:
-                    rejected += 1
-                    self._misses += 1
+                if self._dynamic:
+                    self._dispatch(a)
                 else:
-                    d = self.devices[choice]
-                    device_of[a] = choice
-                    self._idle[a] = d.load == 0
-                    d.routed(req.group, t)
-                    d.queues.setdefault(req.group, deque()).append(req)
-                    d.queued += 1
-                    self._progress(d)
+                    req = trace[a]
+                    choice = self.policy.choose(req, self.devices, t)
+                    self._enqueue(a, choice)
+            elif kind == _CONTROL:
+                assert control is not None
+                control(self, t)
+                nxt = t + control_interval_s
+                if (self._events or self.held) and (control_until_s is None or nxt <= control_until_s):
+                    self._push(nxt, _CONTROL, 0)
+            elif kind == _READY:
+                self._ready(self.devices[a])
             elif kind == _TICK:
                 d = self.devices[a]
                 if b == d.version:
@@ -350,20 +411,106 @@ class Simulator:
             else:  # _SWITCH_DONE
                 self._switch_done(self.devices[a])
             if give_up_misses is not None and self._misses > give_up_misses:
-                return self._result(n, device_of, rejected, aborted=True)
-        return self._result(n, device_of, rejected)
+                return self._result(n, aborted=True)
+        return self._result(n)
 
-    def _result(self, n: int, device_of: list[int], rejected: int, aborted: bool = False) -> SimResult:
+    def _result(self, n: int, aborted: bool = False) -> SimResult:
         return SimResult(
             n,
             self._latency,
             self._switches,
-            device_of,
-            rejected,
+            self._device_of,
+            self._rejected,
             aborted=aborted,
             end_s=self.now,
             switched=self._switched,
+            held=self._held_total,
         )
+
+    def _enqueue(self, i: int, choice: int | None) -> None:
+        """Queue request ``i`` on device ``choice`` (refused when None or its queue is full)."""
+        if choice is None or self.devices[choice].queued >= self.devices[choice].queue_limit:
+            self._rejected += 1
+            self._misses += 1
+            return
+        req = self._trace[i]
+        d = self.devices[choice]
+        self._device_of[i] = choice
+        self._idle[i] = d.load == 0
+        d.routed(req.group, self.now)
+        d.queues.setdefault(req.group, deque()).append(req)
+        d.queued += 1
+        self._progress(d)
+
+    # --- the fleet's changes, under a control ----------------------------------------------
+
+    def _dispatch(self, i: int) -> None:
+        """Route request ``i`` among the devices that take it, or hold it until one is ready."""
+        req = self._trace[i]
+        ready = [d for d in self.devices if d.accepting and (d.serves is None or req.group in d.serves)]
+        if not ready:
+            self.held.append(i)
+            if not self.was_held[i]:
+                self.was_held[i] = True
+                self._held_total += 1
+            return
+        self._enqueue(i, self.policy.choose(req, ready, self.now))
+
+    def add_device(
+        self, startup_s: float, *, serves: frozenset[str] | None = None, group: str | None = None
+    ) -> SimDevice:
+        """A new pod's device: billed from now, ready (empty, or holding ``group``) after ``startup_s``."""
+        d = SimDevice(len(self.devices), replace(self.cfg, initial_group=None))
+        d.started_at, d.ready, d.serves, d.boot_group = self.now, False, serves, group
+        self.devices.append(d)
+        self._push(self.now + max(0.0, startup_s), _READY, d.index)
+        return d
+
+    def remove_device(self, index: int) -> None:
+        """Drain device ``index``: no new requests; it stops once what it has is served."""
+        d = self.devices[index]
+        if d.draining or d.stopped_at is not None:
+            return
+        d.draining = True
+        for q in d.queues.values():  # its placement job, if still queued, goes with it
+            for r in [r for r in q if r.index < 0]:
+                q.remove(r)
+                d.queued -= 1
+        if not d.ready:
+            d.stopped_at = self.now  # deleted while starting
+        else:
+            self._progress(d)
+
+    def prefer(self, index: int, group: str | None) -> None:
+        """Set device ``index``'s placement: honoured once per change, as the pod's ``Placer`` does."""
+        d = self.devices[index]
+        if d.preferred != group:
+            d.preferred, d.placed = group, False
+        self._honour(d)
+
+    def _honour(self, d: SimDevice) -> None:
+        if d.placed or not d.accepting:
+            return
+        group = d.preferred
+        d.placed = True
+        if group is None or d.resident_group() == group or d.queues.get(group):
+            return  # there already, or demand has it queued: it becomes current in its turn
+        d.queues.setdefault(group, deque()).append(Request(-1, self.now, group, 0.0, 0))
+        d.queued += 1
+        self._progress(d)
+
+    def _ready(self, d: SimDevice) -> None:
+        if d.stopped_at is not None:
+            return
+        d.ready = True
+        if d.boot_group is not None:  # loaded while the pod started: current and in its host cache
+            d._take(d.boot_group)
+            d.current, d.current_since = d.boot_group, self.now
+        self._honour(d)
+        held, self.held = self.held, deque()
+        for i in held:
+            self._dispatch(i)
+        self._progress(d)
 
     # --- the device's own rules ----------------------------------------------------------
 
@@ -379,6 +526,8 @@ class Simulator:
             req = self._trace[i]
             lat = self.now - req.t
             self._latency[i] = lat
+            if self._dynamic:
+                self.completed.append((i, self.now))
             if finished is not None:
                 # As the router learns: only from a request that neither queued nor waited for a switch.
                 finished(req, lat, self._idle[i] and not self._switched[i])
@@ -398,6 +547,9 @@ class Simulator:
                 if step.action is Action.ADMIT and step.group is not None:
                     req = d.queues[step.group].popleft()
                     d.queued -= 1
+                    if req.index < 0:
+                        continue  # a placement job: zero weight, done once its group is current
+                    self.admitted_at[req.index] = self.now
                     heapq.heappush(d.running, (d.progress + self._work[req.index], req.index))
                     continue
                 if step.action is Action.SWITCH and step.group is not None:
@@ -417,6 +569,8 @@ class Simulator:
                 nxt = min(nxt, max(deadline, self.now) + 1e-6)
         if nxt < math.inf:
             self._push(max(nxt, self.now), _TICK, d.index, d.version)
+        if d.draining and d.stopped_at is None and not d.load and d.switching_to is None:
+            d.stopped_at = self.now  # drained
 
     def _prefetch_waiting(self, d: SimDevice) -> None:
         """The scheduler's ``_prefetch_waiting``: ask for every group queued here to be prefetched."""
@@ -459,7 +613,9 @@ class Simulator:
         self._pending_switch[d.index] = source
         self._switch_started[d.index] = self.now
         # The request that waited longest for this group is the one that "waited for a switch".
-        self._switched[d.queues[group][0].index] = source
+        first = next((r.index for r in d.queues[group] if r.index >= 0), None)
+        if first is not None:
+            self._switched[first] = source
         self._push(done + self.cfg.costs.seconds(source, self.cfg.group_gb), _SWITCH_DONE, d.index)
 
     def _switch_done(self, d: SimDevice) -> None:

@@ -63,7 +63,8 @@ def plan_replicas(
     now: float,
 ) -> ReplicaDecision:
     """The pod count for this round: ``current`` pods, ``sequences`` in flight and waiting,
-    ``waiting`` of them held at routers, ``floor_devices`` owed to ``minResident`` floors."""
+    ``waiting`` of them held at routers, ``floor_devices`` owed to ``minResident`` floors and to
+    groups the residency rule holds against flapping (``ResidencyPlan.pinned_devices``)."""
     rec = recommend(sequences, floor_devices, gpus_per_pod, spec)
     keep = max(spec.scale_up_delay_seconds, spec.scale_down_delay_seconds)
     first = now if history.first_seen_s is None else history.first_seen_s

@@ -27,6 +27,8 @@ The rule, per group, each round:
   reversals in the last ``flap_window_s`` (its own included) stay at most ``max_reversals - 1``.
   Additions are never held back by it, and still no window holds more than ``max_reversals``
   reversals: each addition that reverses follows a release that was allowed with room for it.
+  The pod count does not shrink under a group so held (``ResidencyPlan.pinned_devices``), so
+  the pool's size does not force the reversal either.
 
 Releases are free (the device keeps the group until another group claims it); only additions
 spend the swap budget. The output is the pool's placement floor (``gpufleet.operator.placement``):
@@ -41,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 SWAP_WINDOW_S = 60.0
+FLAP_HOLD = "release: held against flapping"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,13 @@ class ResidencyPlan:
     decisions: tuple[GroupDecision, ...]
     state: ResidencyState
 
+    @property
+    def pinned_devices(self) -> int:
+        """Devices held by groups whose release the flap rule refused this round: shrinking the pool
+        under them would force the reversal the rule just refused, so the pod count keeps them
+        (``gpufleet.autoscale.replicas``: its ``floor_devices``)."""
+        return sum(d.after for d in self.decisions if d.reason.startswith(FLAP_HOLD))
+
 
 def expected_wait_s(demand: float, devices: int, target: int, service_s: float) -> float:
     """Mean wait of a new arrival with ``devices`` holding the group (see the module doc)."""
@@ -146,7 +156,7 @@ def _release_blocked(h: GroupHistory, now: float, settings: ResidencySettings) -
     reverses = bool(h.changes) and h.changes[-1][1] > 0
     count = reversals(h.changes, now - settings.flap_window_s) + (1 if reverses else 0)
     if reverses and count > settings.max_reversals - 1:
-        return f"release: held against flapping ({count - 1} reversals in {settings.flap_window_s:g}s)"
+        return f"{FLAP_HOLD} ({count - 1} reversals in {settings.flap_window_s:g}s)"
     return None
 
 
@@ -186,16 +196,21 @@ def plan_residency(
             if h.low_since_s is None:
                 h = replace(h, low_since_s=now, low_max=need)
             h = replace(h, low_max=max(h.low_max, need))
-            held, low_since = h.low_max, h.low_since_s
+            target_level, low_since = max(h.low_max, floor), h.low_since_s
             assert low_since is not None
-            if now - low_since < release_delay:
-                reason = f"release: demand has asked for fewer only {now - low_since:g}s of {release_delay:g}s"
-            elif (blocked := _release_blocked(h, now, settings)) is not None:
-                reason = blocked
+            held_back: str | None = None
+            if target_level >= current:  # a need seen since it went low still asks for this many (or more)
+                held_back = f"release: demand asked for {h.low_max} within {release_delay:g}s"
+            elif now - low_since < release_delay:
+                held_back = f"release: demand has asked for fewer only {now - low_since:g}s of {release_delay:g}s"
             else:
-                current = max(held, floor)
+                held_back = _release_blocked(h, now, settings)
+            if held_back is None:
+                current = target_level
                 h = replace(_record(h, now, -1, current, settings.flap_window_s), low_since_s=None, low_max=0)
                 reason = "release"
+            elif reason == "steady":  # a change of bounds this round is what its log line says
+                reason = held_back
         histories[g.name], desired[g.name], reasons[g.name] = h, current, reason
 
     # Additions: floors first, then by priority and by how long the group's requests would wait.

@@ -123,7 +123,7 @@ def log_replicas(kind: str, namespace: str, name: str, d: ReplicaDecision) -> No
             extra={
                 "kind": kind,
                 "namespace": namespace,
-                "name": name,
+                "object": name,
                 "before": d.before,
                 "after": d.after,
                 "recommended": d.recommended,

@@ -118,7 +118,7 @@ def plan_pool(
     memory.residency = plan.state
     decision = None
     if spec.autoscaling is not None:
-        floor = max((g.spec.min_resident for g in groups), default=0)
+        floor = max(max((g.spec.min_resident for g in groups), default=0), plan.pinned_devices)
         decision = plan_replicas(
             replicas_now, sum(sequences.values()), waiting, floor, spec.gpus_per_pod, spec.autoscaling,
             memory.replicas, now,

@@ -291,7 +291,8 @@ def test_a_pool_at_zero_answers_its_first_request_then_follows_demand_back_to_ze
     model = f"{fleet.ns}/tiny-chat-burst"
     fleet.wait(lambda: model in {m["id"] for m in client.get("/v1/models").json()["data"]},
                "the router lists the pool's group at zero pods (from the ModelGroup, read-only)", 60)
-    assert sts_replicas(fleet) == 0 and elastic_pods(fleet) == []
+    fleet.wait(lambda: sts_replicas(fleet) == 0, "the pool's StatefulSet, at zero pods", 60)
+    assert elastic_pods(fleet) == []
 
     # The first request: the client sees the wait (SSE comments), then the pod's answer.
     body = {"model": "tiny-chat-burst", "stream": True, "max_tokens": 8,

@@ -240,3 +240,16 @@ def test_any_demand_keeps_every_bound(demands: list[list[int]], devices: int, st
             series[name].append((k * step_s, level))
     for name, points in series.items():
         assert max_reversals_in(points, 300) <= 2, name
+
+
+def test_a_release_never_raises_a_group_above_a_pool_that_shrank() -> None:
+    # Desired 3; demand asks for 2 for a while; then the pool shrinks to one device: the bounds take
+    # it to 1, and no later "release" to the needs seen before the shrink may lift it back to 2.
+    state = settled(("a", 3))
+    levels = []
+    for t, devices in [(0, 4), (10, 4), (20, 4), (35, 1), (45, 1), (60, 1), (70, 1), (90, 1)]:
+        out = plan_residency([GroupLoad("a", 20, 3)], devices, 0.5, S, state, float(t))
+        state = out.state
+        levels.append(out.desired["a"])
+    assert levels == [3, 3, 3, 1, 1, 1, 1, 1]
+    assert out.decisions[0].reason != "release"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,7 +81,10 @@ def demand(**groups: tuple[int, int]) -> dict[str, GroupDemand]:
             for g, (f, w) in groups.items()}
 
 
-def test_a_hot_group_gains_devices_through_the_placement_and_gives_them_back() -> None:
+def test_a_hot_group_gains_devices_through_the_placement_and_gives_them_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gpufleet.operator.scaler")
     kube = CountingKube()
     kube.objects[POOL] = pool_body(replicas=3, switch={"releaseDelaySeconds": 30, "minResidencySeconds": 0})
     add(kube, group_body("chat"))
@@ -112,6 +116,9 @@ def test_a_hot_group_gains_devices_through_the_placement_and_gives_them_back() -
     status = stored(kube, POOL)["status"]
     assert {r["group"]: r["desired"] for r in status["residency"]} == {"chat": 1, "beta": 1}
     assert any(e[2] == "ResidencyChanged" and "group beta: 2 -> 1" in e[3] for e in h.events)
+    changes = [(r.group, r.before, r.after) for r in caplog.records
+               if r.getMessage() == "residency decision" and r.levelno == logging.INFO]
+    assert ("beta", 1, 2) in changes and ("beta", 2, 1) in changes
     pooled = stored(kube, group_path("ml", "beta"))["status"]
     assert (pooled["residency"], pooled["desiredResidency"]) == (2, 1)
 
@@ -120,7 +127,10 @@ def sts_replicas(kube: CountingKube, path: str = STS) -> int:
     return int(kube.objects[path]["spec"]["replicas"])
 
 
-def test_a_pool_scales_from_zero_for_a_waiting_request_and_back_to_zero_when_idle() -> None:
+def test_a_pool_scales_from_zero_for_a_waiting_request_and_back_to_zero_when_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gpufleet.operator.scaler")  # every decision's line is written
     kube = CountingKube()
     kube.objects[POOL] = pool_body(replicas=0, autoscaling={"minReplicas": 0, "maxReplicas": 3,
                                                             "scaleDownDelaySeconds": 60})
@@ -144,6 +154,9 @@ def test_a_pool_scales_from_zero_for_a_waiting_request_and_back_to_zero_when_idl
     assert sts_replicas(kube) == 0
     assert any(e[2] == "ScaledDown" and "pods 3 -> 0" in e[3] for e in h.events)
     assert stored(kube, POOL)["status"]["lastScaleTime"]
+    lines = [r for r in caplog.records if r.getMessage() == "replicas decision" and r.levelno == logging.INFO]
+    assert [(r.before, r.after, r.object) for r in lines] == [(0, 1, "shared"), (1, 3, "shared"), (3, 0, "shared")]
+    assert all(r.reason and r.sequences is not None for r in lines)  # with its inputs
 
 
 def test_a_restarted_operator_keeps_the_pods_it_finds_until_demand_says_otherwise() -> None:
