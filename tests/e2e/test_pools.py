@@ -256,7 +256,9 @@ def _elastic() -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(ELASTIC_EXAMPLE.read_text()) if d]
     for d in docs:
         if d["kind"] == "GpuPool":
-            d["spec"]["autoscaling"].update(maxReplicas=2, targetSequencesPerDevice=2, scaleDownDelaySeconds=8)
+            # One sequence per device: the closed loop below asks for more devices than the pool's two, even
+            # when a switch (a model load here) costs many times a request (need = sequences / (1 + s/t)).
+            d["spec"]["autoscaling"].update(maxReplicas=2, targetSequencesPerDevice=1, scaleDownDelaySeconds=8)
             d["spec"]["switch"].update(releaseDelaySeconds=3, minResidencySeconds=0)
             d["spec"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}}
     return docs
@@ -278,8 +280,9 @@ def sts_replicas(fleet: Fleet) -> int:
     return int((sts or {}).get("spec", {}).get("replicas", -1))
 
 
-def events_of(fleet: Fleet, name: str) -> list[str]:
-    items = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/events?fieldSelector=involvedObject.name={name}")["items"]
+def events_of(fleet: Fleet, name: str, kind: str = "GpuPool") -> list[str]:
+    selector = f"involvedObject.name={name},involvedObject.kind={kind}"
+    items = fleet.api.get(f"/api/v1/namespaces/{fleet.ns}/events?fieldSelector={selector}")["items"]
     return [f"{e['reason']}: {e['message']}" for e in items]
 
 
@@ -307,7 +310,7 @@ def test_a_pool_at_zero_answers_its_first_request_then_follows_demand_back_to_ze
     assert sts_replicas(fleet) >= 1
     assert any(e.startswith("ScaledUp: pods 0 -> 1") for e in events_of(fleet, "elastic"))
 
-    # Hot: closed-loop clients keep 8 sequences in flight until the pool holds the group on 2 devices.
+    # Hot: closed-loop clients keep 12 sequences in flight until the pool holds the group on 2 devices.
     stop = threading.Event()
     failures: list[str] = []
 
@@ -324,7 +327,7 @@ def test_a_pool_at_zero_answers_its_first_request_then_follows_demand_back_to_ze
         rows = (elastic(fleet).get("status") or {}).get("residency") or []
         return {r["group"]: (r["current"], r["desired"]) for r in rows}
 
-    workers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(12)]
     for w in workers:
         w.start()
     try:
