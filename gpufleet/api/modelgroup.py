@@ -344,5 +344,6 @@ class ModelGroupStatus(_Camel):
         default=None, description="Pooled: devices demand asks to hold it current (gpufleet.autoscale.residency)."
     )
     desired_replicas: int | None = Field(
-        default=None, description="Dedicated, with spec.autoscaling: the pod count demand asks for."
+        default=None,
+        description="The pod count demand asks for, with spec.autoscaling (pooled: the pool's, with its own).",
     )

@@ -533,8 +533,14 @@ class Reconciler:
         figures = self.book.figures(meta["namespace"], pool)
         current, desired, _ = figures.groups.get(meta["name"], (0, 0, 0.0)) if figures else (0, 0, 0.0)
         current = current_residency([pod_view(p) for p in pods or []]).get(meta["name"], current)
+        pool_replicas = self.book.replicas((gpupool.KIND, meta["namespace"], pool))
         status = status.model_copy(
-            update={"residency": current, "desired_residency": max(desired, spec.min_resident) if pool_spec else None}
+            update={
+                "residency": current,
+                "desired_residency": max(desired, spec.min_resident) if pool_spec else None,
+                # The pool's pod count, when demand sets it: /api/models shows it beside the group.
+                "desired_replicas": pool_replicas if pool_spec is not None and pool_spec.autoscaling else None,
+            }
         )
         result.events.extend(condition_events(before, status))
         self._write_status(body, status, result)

@@ -144,6 +144,7 @@ def test_a_pool_scales_from_zero_for_a_waiting_request_and_back_to_zero_when_idl
     assert sts_replicas(kube) == 1
     assert stored(kube, POOL)["status"]["desiredReplicas"] == 1
     assert any(e[2] == "ScaledUp" and "pods 0 -> 1" in e[3] for e in h.events)
+    assert stored(kube, group_path("ml", "chat"))["status"]["desiredReplicas"] == 1  # the pool's, on its group
     h.pods = [pod("shared-0", "chat")]
     h.run(demand(chat=(20, 0)), now=10)  # 20 sequences at 8 per device
     assert sts_replicas(kube) == 3
