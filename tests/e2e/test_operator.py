@@ -718,7 +718,13 @@ def test_service_accounts_can_do_their_job_and_nothing_more(fleet: Fleet) -> Non
                (router, "delete leases.coordination.k8s.io", sys_ns, True),
                (router, "create leases.coordination.k8s.io", ns, False),
                (router, "patch leases.coordination.k8s.io", ns, False)]
-    expect += [(router, rule, ns, False) for rule in ["patch pods", "get secrets", "list modelgroups.gpufleet.io"]]
+    # ModelGroups: read only (it lists groups at zero pods and holds their requests; issue 20), never written:
+    # its waiting demand reaches the operator through GET /api/demand, not through the resources.
+    expect += [(router, rule, ns, True) for rule in ["list modelgroups.gpufleet.io", "watch modelgroups.gpufleet.io"]]
+    expect += [(router, rule, ns, False) for rule in [
+        "patch pods", "get secrets", "patch modelgroups.gpufleet.io", "update modelgroups.gpufleet.io:status",
+        "patch modelgroups.gpufleet.io:scale", "patch gpupools.gpufleet.io", "patch gpupools.gpufleet.io:scale",
+        "patch statefulsets.apps", "patch statefulsets.apps:scale"]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda e: _can(fleet, e[0], *e[1].split(), e[2]), expect))
     wrong = [f"{who.rsplit(':', 1)[-1]} {'cannot' if want else 'can'} {rule} in {where}"
