@@ -145,7 +145,7 @@ def vllm_server(vllm: Path, path: Path, workdir: Path) -> Any:
     argv = [str(vllm), "serve", str(path), "--served-model-name", SERVED_ID, "--dtype", "float32",
             "--max-model-len", str(CONTEXT), "--host", "127.0.0.1", "--port", str(port),
             "--distributed-executor-backend", "uni", "--max-num-seqs", str(max(CONCURRENCY)),
-            "--disable-log-requests"]  # fmt: skip
+            ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
     proc = Process("vllm", argv, {**env, **vllm_env(vllm)}, workdir / "vllm.log", f"http://127.0.0.1:{port}")
     return proc.start()
