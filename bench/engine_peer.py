@@ -43,6 +43,9 @@ CONTEXT = 256
 KV_GB = 1.0
 MAX_REQUESTS_PER_POINT = 20_000
 EXTRA = {"ignore_eos": True}  # both sides generate exactly max_tokens
+# Requests in flight at the window's end finish (their tokens inside the window count): 64 sequences of
+# 128 tokens at ~100 tokens/s take over a minute, so the default 60 s drain would drop them all.
+DRAIN_S = 300.0
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 Measure = Callable[[int, float], list[Record]]
@@ -105,7 +108,7 @@ def _client(url: str, max_tokens: int) -> Measure:
     def measure(c: int, stop_at: float) -> list[Record]:
         records: list[Record] = run_async(
             closed_loop_stream(url, SERVED_ID, concurrency=c, max_tokens=max_tokens, stop_at=stop_at,
-                               max_requests=MAX_REQUESTS_PER_POINT, extra=EXTRA)
+                               max_requests=MAX_REQUESTS_PER_POINT, extra=EXTRA, drain_timeout_s=DRAIN_S)
         )  # fmt: skip
         return records
 
