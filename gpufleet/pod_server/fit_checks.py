@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 
 from gpufleet.api.model_groups import GroupSpec
 from gpufleet.pod_server.devices import is_cuda
-from gpufleet.pod_server.group_runtime import kv_budget_bytes
+from gpufleet.pod_server.group_runtime import kv_budget_bytes, max_sequences
 from gpufleet.pod_server.memory import Fit, GroupNeed, MemoryLedger, check_fit, estimate_group_need
 from gpufleet.pod_server.settings import PodServerSettings
 
@@ -45,7 +45,7 @@ class FitChecks:
             spec,
             device,
             kv_budget_bytes(device, self.settings.kv_cache_gb),
-            self.settings.max_sequences_per_device,
+            max_sequences(device, self.settings.max_sequences_per_device),
         )
         with self._lock:
             self._needs[key] = (spec, need)

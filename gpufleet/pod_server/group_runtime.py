@@ -64,6 +64,19 @@ class GroupRuntime:
         self.batchers.clear()
 
 
+CPU_MAX_SEQUENCES = 32
+GPU_MAX_SEQUENCES = 64
+
+
+def max_sequences(device: str, setting: int | None) -> int:
+    """Sequences a device batches: the setting, else 64 on a GPU and 32 on a CPU device. On a CPU the
+    library's step costs more per sequence past about 32 (bench engine_peer: llama-25m at c=64 gave 0.74x
+    its c=32 tokens/s uncapped, 1.04x capped at 32): queueing the rest keeps the throughput."""
+    if setting is not None:
+        return setting
+    return GPU_MAX_SEQUENCES if is_cuda(device) else CPU_MAX_SEQUENCES
+
+
 def kv_budget_bytes(device: str, kv_cache_gb: float | None) -> int:
     """The device's KV budget: the setting, else 30% of a GPU's memory or 0.25 GB of a CPU's."""
     if kv_cache_gb is not None:
@@ -94,7 +107,7 @@ def build_group_runtime(
                 model_id=mid,
                 bytes_per_token=kv_bytes_per_token(m.model.config, m.model.dtype.itemsize),
                 budget_bytes=share,
-                max_sequences=settings.max_sequences_per_device,
+                max_sequences=max_sequences(device, settings.max_sequences_per_device),
                 context_length=m.context_length,
                 on_gpu=is_cuda(device),
             )
@@ -103,7 +116,7 @@ def build_group_runtime(
                 m.model,
                 device,
                 sizing,
-                max_sequences=settings.max_sequences_per_device,
+                max_sequences=max_sequences(device, settings.max_sequences_per_device),
                 eos_ids=eos_token_ids(m.model.config, getattr(m.model, "generation_config", None), m.tokenizer),
                 on_tokens=metrics.generation_tokens.labels(**metrics.labels(device), model=mid).inc,
             )

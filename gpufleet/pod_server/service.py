@@ -28,7 +28,7 @@ from gpufleet.pod_server.devices import is_cuda
 from gpufleet.pod_server.fast_load import select_loader
 from gpufleet.pod_server.fit_checks import FitChecks
 from gpufleet.pod_server.group_reload import GroupsDiff, diff_groups
-from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime
+from gpufleet.pod_server.group_runtime import GroupRuntime, build_group_runtime, max_sequences
 from gpufleet.pod_server.host_cache import HostCache
 from gpufleet.pod_server.inference import LoadedModel
 from gpufleet.pod_server.memory import (
@@ -116,7 +116,7 @@ class PodService:
                     device, settings.max_cpu_cached_models, loader, host_cache=self.host_cache, ledger=self.ledger
                 ),
                 groups,
-                max_sequences=settings.max_sequences_per_device,
+                max_sequences=max_sequences(device, settings.max_sequences_per_device),
                 workers=settings.num_workers_per_gpu,
                 queue_limit=settings.max_queue_per_device,
                 load_timeout_s=settings.model_load_timeout_s,
@@ -130,7 +130,9 @@ class PodService:
         self._placer = Placer(self.pod, self.schedulers, self.prefetch)
         for device in settings.devices:
             self.metrics.workers.labels(**metrics.labels(device)).set(settings.num_workers_per_gpu)
-            self.metrics.max_sequences.labels(**metrics.labels(device)).set(settings.max_sequences_per_device)
+            self.metrics.max_sequences.labels(**metrics.labels(device)).set(
+                max_sequences(device, settings.max_sequences_per_device)
+            )
 
     def _build_runtime(self, device: str, group: str, models: dict[str, LoadedModel]) -> GroupRuntime:
         """Engines for a group that just became current on ``device`` (blocking: a device thread)."""

@@ -24,8 +24,12 @@ class PodServerSettings(ServerSettings):
     num_workers_per_gpu: int = Field(
         default=1, ge=1, le=64, description="Worker threads per device for its blocking work (embedding batches)."
     )
-    max_sequences_per_device: int = Field(
-        default=64, ge=1, le=4096, description="Sequences batched at once per device (continuous batching)."
+    max_sequences_per_device: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Sequences batched at once per device (continuous batching); default: 64 on a GPU, 32 on a"
+        " CPU device (where the library's step peaks: bench/results/engine_peer_max_seq_32.json).",
     )
     kv_cache_gb: float | None = Field(
         default=None,

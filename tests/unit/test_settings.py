@@ -135,3 +135,11 @@ def test_keep_alive_outlasts_the_client_pool_on_every_hop() -> None:
     httpx_pool_idle_s = 5.0  # httpx's (and so the openai SDK's) keepalive_expiry
     assert router.keep_alive_s > httpx_pool_idle_s
     assert pod.keep_alive_s > router.upstream_keepalive_s
+
+
+def test_sequences_per_device_default_by_device_kind() -> None:
+    from gpufleet.pod_server.group_runtime import max_sequences
+
+    assert max_sequences("cpu:0", None) == 32  # where the library's CPU step peaks (bench engine_peer)
+    assert max_sequences("cuda:1", None) == 64
+    assert max_sequences("cpu:0", 8) == 8 and max_sequences("cuda:0", 128) == 128  # the setting wins
