@@ -11,20 +11,9 @@ import pytest
 from bench.autoscale import Costs, Day, direction_changes, diurnal_trace, rates, run_line, shares, wake_at
 from bench.policies import make_policy
 from bench.sim import SimConfig, Simulator, StepModel, SwitchCosts
-from bench.trace import Request
-from gpufleet.pod_server.queue_order import QueuePolicy
+from bench.tests.test_sim import COSTS, NO_LINGER, STEPS, trace  # the simulator tests' small world
 
 pytestmark = pytest.mark.unit
-
-# From disk 1 s, from the CPU cache 0.5 s; 10 tokens/s alone, 15 for two at once; no prefill.
-COSTS = SwitchCosts(disk_fixed_s=1.0, disk_s_per_gb=0.0, cache_fixed_s=0.5, cache_s_per_gb=0.0)
-STEPS = StepModel(points=((1, 10.0), (2, 15.0)), prefill_tokens=0.0)
-NO_LINGER = QueuePolicy(max_wait_s=5.0, min_residency_s=2.0, linger_s=0.0)
-
-
-def trace(*items: tuple[float, str, int]) -> list[Request]:
-    return [Request(i, t, g, 0.0, tokens) for i, (t, g, tokens) in enumerate(items)]
-
 
 def cfg(n: int = 0) -> SimConfig:
     return SimConfig(n_devices=n, costs=COSTS, steps=STEPS, queue_policy=NO_LINGER, initial_group=None, prefetch=False)
