@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from gpufleet.api.model_groups import ModelSpec
 from gpufleet.pod_server.devices import is_cuda, torch_device
-from gpufleet.pod_server.inference import LoadedModel, load_model, load_tokenizer, resolve_dtype
+from gpufleet.pod_server.inference import LoadedModel, load_model, load_tokenizer, read_into_memory, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ def _fast(spec: ModelSpec, device: str, staging: Staging, tokenizer: Any = None)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftovers:
         raise FastLoadUnsupported(f"{len(leftovers)} tensors left on meta, e.g. {leftovers[0]!r}")
+    if not is_cuda(device):
+        read_into_memory(model)  # safe_open maps the files on a CPU: read them now, not at the first request
     model.eval()
     return LoadedModel(spec, model, tokenizer, device)
 

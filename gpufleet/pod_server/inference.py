@@ -205,6 +205,21 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tokenizer
 
 
+def read_into_memory(model: Any) -> None:
+    """Copy every tensor of a model on a CPU device into the process's own memory.
+
+    On a CPU, ``from_pretrained`` (and ``safe_open``) leave the weights memory-mapped from the
+    safetensors files: a load or a switch then reads nothing, the first request pages the weights in
+    (from disk when cold), and the kernel may drop them again under memory pressure. A load here
+    reads them, as a copy to a GPU does, so the load time and the switch costs measured from it
+    (bench/switch_cost, the simulator) include that reading, and requests never wait on it.
+    A tensor shared by several modules (tied weights) is one Parameter: copied once."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+
+
 def load_model(spec: ModelSpec, device: str, *, tokenizer: Any = None) -> LoadedModel:
     """Load one model from its source straight onto ``device`` with the real transformers code;
     ``tokenizer`` is the pod's one tokenizer of the model (read here when not given)."""
@@ -214,6 +229,8 @@ def load_model(spec: ModelSpec, device: str, *, tokenizer: Any = None) -> Loaded
     cls = AutoModel if spec.task == "embedding" else AutoModelForCausalLM
     model: Any = cls.from_pretrained(spec.source, dtype=dtype)
     model.to(torch_device(device))
+    if not is_cuda(device):
+        read_into_memory(model)
     model.eval()
     loaded = LoadedModel(spec, model, tokenizer, device)
     log.info(

