@@ -48,6 +48,18 @@ def observed_placement(views: Sequence[PodView]) -> PoolPlacement:
     return PoolPlacement(pods=pods)
 
 
+def current_residency(views: Sequence[PodView]) -> dict[str, int]:
+    """Devices holding each group current now (healthy ones of pods not terminating)."""
+    out: dict[str, int] = {}
+    for v in views:
+        if v.server is None or v.terminating:
+            continue
+        for d in v.server.devices:
+            if d.current_group is not None and d.healthy:
+                out[d.current_group] = out.get(d.current_group, 0) + 1
+    return out
+
+
 def unfit_everywhere(live: Sequence[PodView], group: str) -> str | None:
     """The pod server's message (bytes needed and available) when every device of the pool
     that reports says the group can never fit it; None while any device may take it."""
@@ -266,4 +278,5 @@ def compute_pooled_status(
         placements=placements(live, name),
         service=child_names(pool).service,
         pool=pool,
+        residency=current_residency(live).get(name, 0),
     )

@@ -56,7 +56,6 @@ from gpufleet.operator.metrics import OperatorMetrics
 from gpufleet.operator.placement import GroupDemand, place
 from gpufleet.operator.pool_status import compute_pool_status, compute_pooled_status, observed_placement
 from gpufleet.operator.scale_book import ScaleBook
-from gpufleet.operator.scaling import current_residency
 from gpufleet.operator.status import compute_status, condition_events, pod_view, status_body, with_leases
 
 log = logging.getLogger(__name__)
@@ -531,12 +530,10 @@ class Reconciler:
             conflict=conflict_message(conflicts) if conflicts else None,
         )
         figures = self.book.figures(meta["namespace"], pool)
-        current, desired, _ = figures.groups.get(meta["name"], (0, 0, 0.0)) if figures else (0, 0, 0.0)
-        current = current_residency([pod_view(p) for p in pods or []]).get(meta["name"], current)
+        _, desired, _ = figures.groups.get(meta["name"], (0, 0, 0.0)) if figures else (0, 0, 0.0)
         pool_replicas = self.book.replicas((gpupool.KIND, meta["namespace"], pool))
         status = status.model_copy(
             update={
-                "residency": current,
                 "desired_residency": max(desired, spec.min_resident) if pool_spec else None,
                 # The pool's pod count, when demand sets it: /api/models shows it beside the group.
                 "desired_replicas": pool_replicas if pool_spec is not None and pool_spec.autoscaling else None,

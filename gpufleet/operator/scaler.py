@@ -14,6 +14,7 @@ groups released, on missing figures.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 
 from gpufleet.api.demand import DEMAND_PATH, DemandReport, GroupDemand, merge
 from gpufleet.autoscale.replicas import ReplicaDecision
+from gpufleet.autoscale.residency import GroupDecision
 from gpufleet.operator.scaling import PoolRound
 
 log = logging.getLogger("gpufleet.operator.scaler")
@@ -88,50 +90,35 @@ def replica_event(decision: ReplicaDecision) -> tuple[str, str, str]:
     )
 
 
+def _log_decision(message: str, changed: bool, fields: Callable[[], dict[str, object]]) -> None:
+    """One structured line with the decision's inputs: at info when it changed something, else at debug
+    (a decision that holds repeats every round). ``fields`` is built only when the line is written."""
+    level = logging.INFO if changed else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, message, extra=fields())
+
+
+def _residency_fields(namespace: str, pool: str, d: GroupDecision) -> dict[str, object]:
+    return {
+        "namespace": namespace, "pool": pool, "group": d.group, "before": d.before, "after": d.after,
+        "need": d.need, "demand": d.demand, "resident": d.resident,
+        "expected_wait_s": None if d.wait_s == float("inf") else round(d.wait_s, 4),
+        "switch_s": round(d.switch_s, 4), "reason": d.reason,
+    }  # fmt: skip
+
+
 def log_pool_round(namespace: str, pool: str, result: PoolRound) -> None:
-    """One line per decision that changed something (held ones at debug: they repeat every round)."""
     for d in result.residency.decisions:
-        level = logging.INFO if d.changed else logging.DEBUG
-        if log.isEnabledFor(level):
-            log.log(
-                level,
-                "residency decision",
-                extra={
-                    "namespace": namespace,
-                    "pool": pool,
-                    "group": d.group,
-                    "before": d.before,
-                    "after": d.after,
-                    "need": d.need,
-                    "demand": d.demand,
-                    "resident": d.resident,
-                    "expected_wait_s": None if d.wait_s == float("inf") else round(d.wait_s, 4),
-                    "switch_s": round(d.switch_s, 4),
-                    "reason": d.reason,
-                },
-            )
+        _log_decision("residency decision", d.changed, functools.partial(_residency_fields, namespace, pool, d))
     if result.replicas is not None:
         log_replicas("GpuPool", namespace, pool, result.replicas)
 
 
 def log_replicas(kind: str, namespace: str, name: str, d: ReplicaDecision) -> None:
-    level = logging.INFO if d.changed else logging.DEBUG
-    if log.isEnabledFor(level):
-        log.log(
-            level,
-            "replicas decision",
-            extra={
-                "kind": kind,
-                "namespace": namespace,
-                "object": name,
-                "before": d.before,
-                "after": d.after,
-                "recommended": d.recommended,
-                "sequences": d.sequences,
-                "waiting": d.waiting,
-                "reason": d.reason,
-            },
-        )
+    _log_decision("replicas decision", d.changed, lambda: {
+        "kind": kind, "namespace": namespace, "object": name, "before": d.before, "after": d.after,
+        "recommended": d.recommended, "sequences": d.sequences, "waiting": d.waiting, "reason": d.reason,
+    })  # fmt: skip
 
 
 RoundFn = Callable[[Mapping[str, GroupDemand], float], Awaitable[None]]

@@ -22,6 +22,7 @@ from gpufleet.api.gpupool import GpuPoolSpec
 from gpufleet.autoscale.replicas import ReplicaDecision, ReplicaHistory, plan_replicas
 from gpufleet.autoscale.residency import GroupLoad, ResidencyPlan, ResidencySettings, ResidencyState, plan_residency
 from gpufleet.operator.builders import BoundGroup
+from gpufleet.operator.pool_status import current_residency
 from gpufleet.operator.status import PodView
 
 DEFAULT_SWITCH_S = 1.0  # before any pod has measured a switch
@@ -56,17 +57,6 @@ def switch_seconds(views: Sequence[PodView]) -> float:
             if s is not None:
                 seen.append(s)
     return sum(seen) / len(seen) if seen else DEFAULT_SWITCH_S
-
-
-def current_residency(views: Sequence[PodView]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in views:
-        if v.server is None or v.terminating:
-            continue
-        for d in v.server.devices:
-            if d.current_group is not None and d.healthy:
-                out[d.current_group] = out.get(d.current_group, 0) + 1
-    return out
 
 
 def group_demand(demand: Mapping[str, GroupDemand], namespace: str, group: str) -> GroupDemand | None:
