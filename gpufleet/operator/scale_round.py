@@ -2,7 +2,7 @@
 
 Reads from the watch caches (no API call), decides with ``scaling``, records the results in
 the reconciler's ``ScaleBook``, and reconciles each object whose result changed (its
-placement or its StatefulSet's replicas), posting an event for each change.
+placement or its StatefulSet's replicas), posting an event for each change before applying it.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ class ScaleRound:
             if result.replicas.changed:
                 events.append(replica_event(result.replicas))
         self.reconciler.metrics.scaled(gpupool.KIND, namespace, name, spec.replicas, result)
-        if changed or before is None or _shown(before) != _shown(figures):
-            await self.reconcile_pool(namespace, name)
+        # The events go out before the change is applied, so whoever sees the change can read why.
         if events:
             await self.post(dict(body), events)
+        if changed or before is None or _shown(before) != _shown(figures):
+            await self.reconcile_pool(namespace, name)
 
     async def _group(self, namespace: str, name: str, demand: Mapping[str, GroupDemand], now: float) -> None:
         body = self.reads.group(namespace, name)
@@ -103,10 +104,10 @@ class ScaleRound:
         )
         log_replicas(labels.KIND, namespace, name, decision)
         self.reconciler.metrics.scaled_group(namespace, name, decision)
-        if book.set_replicas(key, decision.after, _rfc3339(now)):
-            await self.reconcile_group(namespace, name)
         if decision.changed:
             await self.post(dict(body), [replica_event(decision)])
+        if book.set_replicas(key, decision.after, _rfc3339(now)):
+            await self.reconcile_group(namespace, name)
 
 
 def _shown(figures: PoolFigures) -> dict[str, tuple[int, int]]:

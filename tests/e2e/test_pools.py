@@ -343,9 +343,11 @@ def test_a_pool_at_zero_answers_its_first_request_then_follows_demand_back_to_ze
     # Cool: the devices are given back, then the pods, down to zero.
     fleet.wait(lambda: sts_replicas(fleet) == 0 and elastic_pods(fleet) == [],
                "the idle pool scaled back to zero pods", 120)
+    # Events are posted apart from the change they explain: wait for them rather than assume an order.
+    fleet.wait(lambda: any(e.startswith("ScaledDown") and e.endswith("down to zero: idle)")
+                           for e in events_of(fleet, "elastic")), "the scale-to-zero event", 60)
     events = events_of(fleet, "elastic")
     assert any("group burst: 2 -> " in e for e in events if e.startswith("ResidencyChanged")), events
-    assert any(e.startswith("ScaledDown") and e.endswith("down to zero: idle)") for e in events), events
     # Listed at zero again, and never a 404 meanwhile.
     assert model in {m["id"] for m in client.get("/v1/models").json()["data"]}
     fleet.kubectl("delete", "-n", fleet.ns, "-f", "-", stdin=yaml.safe_dump_all(docs))
