@@ -34,6 +34,9 @@ BOUNDED = {
 # Which device or lease serves a request is a property of the fleet, not of the schema.
 ROUTING_FIELDS = ("exclusive_gpu", "lease")
 MINILM_VOCAB = 30522
+# Prompts that fit the models' contexts (tiny-chat: 256 tokens; one character may be 4 byte tokens):
+# every string and list a request schema reaches is short, so a valid prompt is never too long.
+PROMPT_BOUNDS = {"string": ("maxLength", 8), "array": ("maxItems", 2)}
 # Examples per operation: 4 keeps CI's run short; GPUFLEET_SCHEMATHESIS_EXAMPLES=20 is the deeper check.
 EXAMPLES = os.environ.get("GPUFLEET_SCHEMATHESIS_EXAMPLES", "4")
 
@@ -49,6 +52,8 @@ def positive_document(doc: dict[str, Any]) -> dict[str, Any]:
                 props[field] = schema
         for field in ROUTING_FIELDS:
             props.pop(field, None)
+    for name in MODELS:
+        _bound_prompts(out["components"]["schemas"][name], out["components"]["schemas"], set())
     # Like the names, a model's embedding size and vocabulary are the fleet's, not the schema's.
     embedding = out["components"]["schemas"]["EmbeddingRequest"]["properties"]
     embedding["dimensions"] = {"enum": [None, 384]}
@@ -67,6 +72,30 @@ def positive_document(doc: dict[str, Any]) -> dict[str, Any]:
     for path in [p for p in out["paths"] if p.startswith("/api/leases")]:
         del out["paths"][path]
     return out
+
+
+def _bound_prompts(schema: Any, components: dict[str, Any], seen: set[str]) -> None:
+    """Bound every string's length and list's size reachable from ``schema`` (in place)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _bound_prompts(item, components, seen)
+        return
+    if not isinstance(schema, dict):
+        return
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+        target = ref.rsplit("/", 1)[-1]
+        if target not in seen:
+            seen.add(target)
+            _bound_prompts(components[target], components, seen)
+    kind = schema.get("type")
+    bound = PROMPT_BOUNDS.get(kind) if isinstance(kind, str) else None  # else a property named "type"
+    if bound and "enum" not in schema and "const" not in schema:
+        key, most = bound
+        least = schema.get("minLength" if key == "maxLength" else "minItems", 0)
+        schema[key] = max(least, min(schema.get(key, most), most))
+    for value in schema.values():
+        _bound_prompts(value, components, seen)
 
 
 def schemathesis(document: dict[str, Any], url: str, mode: str, tmp: Path) -> subprocess.CompletedProcess[str]:
