@@ -7,6 +7,10 @@ each case for a few seconds from this process on the other core, prints a table 
 ``bench/results/router_overhead.json`` with the ratios to the peer as its ``targets``.
 
     python -m bench.router_overhead [--duration 3] [--router-core 0] [--client-core 1] [--peer PATH|none]
+                                    [--profile]
+
+``--profile`` then runs the non-streaming c=16 case once more with py-spy (when installed) sampling
+the router, and records where its CPU went, by part of the request path, as ``profile_c16``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from bench.router_overhead import profile
 from bench.router_overhead.loadgen import Sample, run_load
 from gpufleet.local.processes import free_port, http_ok, wait_until
 from tests.support.echo_backend import loop_factory
@@ -151,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peer", default=None, help="the vllm-router binary (default: its own virtualenv, then PATH); 'none': skip"
     )
+    parser.add_argument("--profile", action="store_true", help="sample the router (py-spy) at non-streaming c=16")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    profiled: dict[str, float] | None = None
 
     if args.client_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.client_core})
@@ -196,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                         figures = runner.run(measure(port, stream, conc, args.duration, pid))
                         rows.append({"target": target, "stream": stream, "conc": conc, **figures})
                         print(f"  {target:11} stream={stream!s:5} c={conc:<2} {figures}", file=sys.stderr, flush=True)
+            if args.profile:
+                # A pass of its own after the measured ones: sampling costs CPU (on the client's core).
+                _, port, pid = targets[1]
+                sampler = profile.start(pid or 0, args.duration, logs / "router.raw")
+                runner.run(measure(port, False, 16, args.duration, pid))
+                if sampler is not None and sampler.wait(60) == 0:
+                    profiled = profile.summarise(logs / "router.raw")
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
@@ -269,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "figures": figures,
         "targets": target_list,
+        "profile_c16": profiled,
         "overhead_targets": TARGETS,
         "met": verdict,
     }
@@ -281,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:>26}: {value}{mark}")
     for t in target_list:
         print(f"{'met' if t['met'] else 'MISSED':>6}: {t['target']}: {t['measured']}")
+    if profiled:
+        print("\nrouter CPU by part (non-streaming c=16, py-spy):")
+        for part, share in profiled.items():
+            print(f"{share:>8.1f}%  {part}")
     print(f"\nload average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"written: {args.out}")
     return 0
