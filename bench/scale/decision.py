@@ -36,6 +36,7 @@ from gpufleet.api.pod_status import PodStatus
 from gpufleet.router.decide import Decider
 from gpufleet.router.decision_log import ROUTE_LOGGER
 from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.settings import POD_LABELS_AUTO_MAX
 from gpufleet.router.state import FleetState
 
 DEVICES_PER_POD = 8
@@ -90,7 +91,9 @@ def build_fleet(devices: int, seed: int = 0) -> Fleet:
             doc = pod_docs.status_doc(pod, url, layout.groups, layout.models)
             state.observe_status(url, PodStatus.model_validate(doc))
             state.observe_load(pod.name, _random_load(rng, [d.device for d in pod.devices]))
-        decider = Decider(state, RouterMetrics(), "affinity")
+        # The metrics a router in front of this many pods keeps by default (METRICS_POD_LABELS=auto).
+        per_pod = len(layout.pods) <= POD_LABELS_AUTO_MAX
+        decider = Decider(state, RouterMetrics(per_pod=per_pod), "affinity")
         heap, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

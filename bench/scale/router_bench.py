@@ -464,7 +464,8 @@ def run(args: argparse.Namespace, command: str, out: Path = RESULTS) -> dict[str
         "traffic to idle pods, proxied throughput at 2 vs many pods, restart in front of many pods",
         "decision": {
             "how": "in-process: FleetState with N emulated devices (upsert + observe_status with the emulator's "
-            "status documents, random observe_load reports), Decider(state, RouterMetrics(), 'affinity'); "
+            "status documents, random observe_load reports), Decider(state, RouterMetrics(per_pod), 'affinity') "
+            "with per_pod as METRICS_POD_LABELS=auto resolves it for that many pods; "
             "decider.decide(...) timed alone for Zipf-chosen groups while state.begin/finish and observe_load "
             "move the load between decisions. The decision log stays at WARNING (logging is not measured).",
             "sizes": [decision.measure(n, decisions=args.decisions, budget_s=args.decision_budget_s)
