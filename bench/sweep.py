@@ -119,3 +119,27 @@ def targets(
             )
         )
     return out
+
+
+def library_targets(
+    lines: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    served: str = "serve",
+    library: str = "cb_direct",
+    at: Iterable[int] = (1, 32),
+    min_ratio: float = 0.9,
+) -> list[Target]:
+    """Issue 21's: the served line's tokens/s >= ``min_ratio`` x the library's own (in-process) at
+    each concurrency of ``at``; none when either line was not run."""
+    if served not in lines or library not in lines:
+        return []
+    ours = {p["concurrency"]: p.get("tokens_per_s") for p in lines[served]}
+    theirs = {p["concurrency"]: p.get("tokens_per_s") for p in lines[library]}
+    out = []
+    for c in at:
+        a, b = ours.get(c), theirs.get(c)
+        ratio = round(a / b, 3) if a is not None and b else None
+        met = ratio is not None and ratio >= min_ratio
+        out.append(Target(f"{served}: tokens/s at c={c} >= {min_ratio:g}x {library}'s", ratio, min_ratio, met))
+    return out
+

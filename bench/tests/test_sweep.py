@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.cb_direct import blocks_for
-from bench.sweep import Record, add_ratios, summarize_point, targets, tokens_in_window
+from bench.sweep import Record, add_ratios, library_targets, summarize_point, targets, tokens_in_window
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +97,16 @@ def test_kv_blocks_cover_every_sequence() -> None:
     assert blocks_for(1, 60) >= 2
     assert blocks_for(64, 60) >= 64  # one 256-token page each
     assert blocks_for(256, 600, page_size=256) >= 256 * math.ceil(600 / 256)
+
+
+def test_the_served_line_is_measured_against_the_library_at_c1_and_c32() -> None:
+    lines = {
+        "serve": [{"concurrency": 1, "tokens_per_s": 45.0}, {"concurrency": 32, "tokens_per_s": 400.0}],
+        "cb_direct": [{"concurrency": 1, "tokens_per_s": 50.0}, {"concurrency": 32, "tokens_per_s": 500.0}],
+    }
+    got = [(t.target, t.figure, t.met) for t in library_targets(lines)]
+    assert got == [
+        ("serve: tokens/s at c=1 >= 0.9x cb_direct's", 0.9, True),
+        ("serve: tokens/s at c=32 >= 0.9x cb_direct's", 0.8, False),
+    ]
+    assert library_targets({"serve": lines["serve"]}) == []  # the library's line was not run
