@@ -69,7 +69,13 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("max_completion_tokens", CHAT, "honoured", "as `max_tokens`; wins when both are set"),
     FieldRule("temperature", GENERATION, "honoured", "0 is greedy"),
     FieldRule("top_p", GENERATION, "honoured", ""),
-    FieldRule("seed", GENERATION, "honoured", "reproducible whatever else runs in the batch"),
+    FieldRule(
+        "seed",
+        GENERATION,
+        "honoured",
+        "the draws are the seed's alone; the text is the same in the same batch, and across batches unless"
+        " rounding tips a near tie (README: how a pod server runs requests)",
+    ),
     FieldRule("n", GENERATION, "honoured", "up to 16 choices; choice i is seeded with `seed + i`"),
     FieldRule("stop", GENERATION, "honoured", "up to 4 strings; the text before the stop is returned"),
     FieldRule("stream", GENERATION, "honoured", "server-sent events ending with `data: [DONE]`"),

@@ -119,6 +119,7 @@ def build_group_runtime(
                 max_sequences=max_sequences(device, settings.max_sequences_per_device),
                 eos_ids=eos_token_ids(m.model.config, getattr(m.model, "generation_config", None), m.tokenizer),
                 on_tokens=metrics.generation_tokens.labels(**metrics.labels(device), model=mid).inc,
+                packed_linear=settings.cpu_packed_linear,
             )
             engine.start()
             runtime.engines[mid] = engine

@@ -31,6 +31,11 @@ class PodServerSettings(ServerSettings):
         description="Sequences batched at once per device (continuous batching); default: 64 on a GPU, 32 on a"
         " CPU device (where the library's step peaks: bench/results/engine_peer_max_seq_32.json).",
     )
+    cpu_packed_linear: bool = Field(
+        default=True,
+        description="On a CPU device, the current group's linear layers run on oneDNN's packed weights "
+        "(one more copy of them while current; bench/results/engine_peer.json).",
+    )
     kv_cache_gb: float | None = Field(
         default=None,
         gt=0,

@@ -33,6 +33,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from gpufleet.api.errors import Unavailable
 from gpufleet.pod_server.devices import is_cuda, torch_device
 from gpufleet.pod_server.engine import sampling
+from gpufleet.pod_server.engine.cpu_linear import PackedLinears
 from gpufleet.pod_server.engine.kv_sizing import KvSizing
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ class BatchEngine:
         max_sequences: int,
         eos_ids: Sequence[int],
         on_tokens: Callable[[int], None] = lambda n: None,
+        packed_linear: bool = False,
     ) -> None:
+        """``packed_linear``: on a CPU device, the model's linear layers run on oneDNN's packed weights
+        while this engine runs (``cpu_linear``)."""
         self.model_id = model_id
         self.device = device
         self.sizing = sizing
@@ -127,6 +131,8 @@ class BatchEngine:
             use_cuda_graph=False if not is_cuda(device) else None,
         )
         self._model = model
+        self._packed_linear = packed_linear and not is_cuda(device)
+        self._packed: PackedLinears | None = None
         self._manager = self._new_manager()
 
     def _new_manager(self) -> Any:
@@ -141,6 +147,8 @@ class BatchEngine:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._packed_linear and self._packed is None:
+            self._packed = PackedLinears(self._model, self.max_sequences)
         with _on_device(self.device), torch.inference_mode():
             self._manager.start()
         log.info(
@@ -152,6 +160,7 @@ class BatchEngine:
                 "page_size": self.sizing.page_size,
                 "kv_mbytes": round(self.sizing.bytes / 1e6, 3),
                 "max_sequences": self.max_sequences,
+                "packed_linear_layers": len(self._packed.modules) if self._packed else 0,
             },
         )
 
@@ -160,6 +169,9 @@ class BatchEngine:
         self._closed = True
         if self._manager.is_running():
             self._manager.stop(block=True, timeout=timeout_s, hard_stop=True)
+        if self._packed is not None:  # after the step thread: no step is running on the packed copies
+            self._packed.release()
+            self._packed = None
 
     def kv_usage(self) -> tuple[int, int]:
         """(blocks used, blocks total) of this model's cache."""
