@@ -69,12 +69,41 @@ def _engine(model: Any, eos_ids: list[int], packed_linear: bool = False) -> Batc
     return e
 
 
-@pytest.fixture(params=[False, True], ids=["aten-linear", "packed-linear"])
-async def engine(demo_models: Path, request: Any) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
+def _wide_model() -> Any:
+    """A seeded random Llama whose linear layers are wide enough for oneDNN packing (the demo
+    model's are below ``cpu_linear.MIN_PACKED_WEIGHTS``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+async def demo_engine(demo_models: Path) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
     tok, model = _tiny_chat(demo_models)
-    e = _engine(model, [tok.eos_token_id], packed_linear=request.param)
+    e = _engine(model, [tok.eos_token_id])
     try:
         yield e, list(tok("Hello there", add_special_tokens=False)["input_ids"])
+    finally:
+        e.stop()
+
+
+@pytest.fixture(params=[False, True], ids=["demo-model", "packed-linear"])
+async def engine(demo_models: Path, request: Any) -> AsyncIterator[tuple[BatchEngine, list[int]]]:
+    """The engine's lifecycle, on the demo model and on one whose layers run packed."""
+    if request.param:  # the same tests with the model's linear layers on oneDNN's packed weights
+        e = _engine(_wide_model(), [2], packed_linear=True)
+        prompt = list(range(5, 15))
+    else:
+        tok, model = _tiny_chat(demo_models)
+        e = _engine(model, [tok.eos_token_id])
+        prompt = list(tok("Hello there", add_special_tokens=False)["input_ids"])
+    try:
+        yield e, prompt
     finally:
         e.stop()
 
@@ -124,8 +153,8 @@ async def _tokens(e: BatchEngine, prompt: list[int], params: SamplingParams) -> 
     return out
 
 
-async def test_seeded_and_greedy_requests_reproduce_whatever_runs_beside_them(engine: Any) -> None:
-    e, prompt = engine
+async def test_seeded_and_greedy_requests_reproduce_whatever_runs_beside_them(demo_engine: Any) -> None:
+    e, prompt = demo_engine
     alone_seeded = await _tokens(e, prompt, SamplingParams(12, temperature=1.0, seed=11))
     alone_greedy = await _tokens(e, prompt, SamplingParams(12, temperature=0.0))
     crowd = [_tokens(e, prompt, SamplingParams(12, temperature=1.0)) for _ in range(6)]
@@ -157,15 +186,25 @@ async def test_in_bfloat16_a_seeded_request_reproduces_for_the_same_batch(demo_m
         e.stop()
 
 
-def test_a_cpu_engine_packs_its_models_linear_layers_while_it_runs(demo_models: Path) -> None:
-    tok, model = _tiny_chat(demo_models)
+def test_a_cpu_engine_packs_its_models_linear_layers_while_it_runs() -> None:
+    model = _wide_model()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    e = _engine(model, [tok.eos_token_id], packed_linear=True)
+    e = _engine(model, [2], packed_linear=True)
     try:
-        assert linears and all("forward" in m.__dict__ for m in linears)
+        assert len(linears) == 8 and all("forward" in m.__dict__ for m in linears)
     finally:
         e.stop()
     assert not any("forward" in m.__dict__ for m in linears)  # a parked model keeps no packed copy
+
+
+async def test_on_packed_layers_a_seeded_request_reproduces_in_the_same_batch() -> None:
+    e = _engine(_wide_model(), [2], packed_linear=True)
+    try:
+        prompt = list(range(5, 15))
+        runs = [await _tokens(e, prompt, SamplingParams(12, temperature=1.0, seed=4)) for _ in range(2)]
+        assert runs[0] == runs[1] and len(runs[0]) > 0
+    finally:
+        e.stop()
 
 
 async def test_leaving_early_cancels_the_sequence(engine: Any) -> None:
@@ -201,10 +240,10 @@ async def test_a_dead_step_thread_fails_its_requests_and_the_next_one_gets_a_fre
     assert len(again) == 4 and e.restarts == 1
 
 
-async def test_each_requests_temperature_and_top_p_apply_to_its_own_draw(engine: Any) -> None:
+async def test_each_requests_temperature_and_top_p_apply_to_its_own_draw(demo_engine: Any) -> None:
     # The demo model's random weights give nearly flat logits, so an ordinary temperature barely moves
     # a seeded draw; the limits are unmistakable: both collapse sampling onto the greedy text.
-    e, prompt = engine
+    e, prompt = demo_engine
     greedy = await _tokens(e, prompt, SamplingParams(16, temperature=0.0))
     sharp = [_tokens(e, prompt, SamplingParams(16, temperature=1e-4, seed=s)) for s in range(4)]
     narrow = [_tokens(e, prompt, SamplingParams(16, temperature=1.0, top_p=1e-6, seed=s)) for s in range(4)]

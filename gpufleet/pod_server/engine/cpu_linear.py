@@ -4,8 +4,9 @@ On a CPU, ``nn.Linear`` runs the BLAS GEMM torch was built with (MKL), on the we
 oneDNN, which torch also ships, reorders a weight once into the blocked layout its kernels read
 fastest and then multiplies batches of a few to a few dozen rows 1.4-2.6x faster (float32, one
 thread, llama-100m's MLP shapes, on this project's AMD EPYC test machine); the layers are 63% of a
-decode step (bench engine_peer's profile). torch's own CPU compiler uses the same two operators
-(``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) for frozen linear layers.
+decode step (bench engine_peer's profile). Small layers stay as they are (``MIN_PACKED_WEIGHTS``).
+torch's own CPU compiler uses the same two operators (``torch.ops.mkldnn._reorder_linear_weight``
+and ``_linear_pointwise``) for frozen linear layers.
 
 The library's model is left as it is: each linear module gets a ``forward`` of its own instance
 that calls the packed kernel, and ``release`` takes it away again. The packed copies exist only
@@ -25,6 +26,9 @@ import torch
 log = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.float32,)  # oneDNN's packed path in every CPU build; 16-bit needs CPU support
+# Below this many weights a call's fixed cost dominates: a 64x256 layer ran 1.8-5.3x slower packed at
+# 1-32 rows, while every layer from 512x1408 up ran faster packed at every row count tried (1-1024).
+MIN_PACKED_WEIGHTS = 2**18
 
 
 def available() -> bool:
@@ -77,6 +81,7 @@ def _packable(module: Any) -> bool:
         and module.weight.device.type == "cpu"
         and module.weight.dtype in PACKED_DTYPES
         and module.weight.dim() == 2
+        and module.weight.numel() >= MIN_PACKED_WEIGHTS
     )
 
 
