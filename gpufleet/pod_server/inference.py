@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BatchEn
 
 from gpufleet.api.model_groups import ModelSpec
 from gpufleet.pod_server.devices import is_cuda, torch_device
+from gpufleet.pod_server.engine import threads
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class LoadedModel:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        threads.apply_in_each_thread(model)
         self.context_length = context_length_of(model.config, spec)
         self.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -261,8 +261,9 @@ def test_example_becomes_ready_on_gpu_nodes(fleet: Fleet) -> None:
     assert placements == {("alpha-0", "current"), ("alpha-1", "current")}
     table = fleet.kubectl("get", "mg", "-n", fleet.ns).stdout
     assert "tiny-chat-b,tiny-complete-b" in table and "True" in table, table
-    reasons = {e["reason"] for e in fleet.events("alpha")}
-    assert {"Created", "Ready"} <= reasons, reasons
+    # An event is posted after the change it reports: wait for it rather than assume an order.
+    fleet.wait(lambda: {"Created", "Ready"} <= {e["reason"] for e in fleet.events("alpha")},
+               "the Created and Ready events", 30)
 
 
 def served_by(response: httpx.Response) -> str:
@@ -644,8 +645,7 @@ def test_hand_edited_children_are_put_back(fleet: Fleet) -> None:
     fleet.wait(lambda: fleet.api.get(sts)["spec"]["replicas"] == 1, "StatefulSet replicas put back", 30)
     fleet.wait(lambda: fleet.api.get(cm)["data"] == original, "ConfigMap put back", 30)
     fleet.wait(lambda: fleet.get(svc) is not None, "Service recreated", 30)
-    reasons = [e["reason"] for e in fleet.events("beta")]
-    assert "Restored" in reasons, reasons
+    fleet.wait(lambda: "Restored" in [e["reason"] for e in fleet.events("beta")], "the Restored event", 30)
 
 
 def test_gpus_per_pod_is_immutable(fleet: Fleet) -> None:

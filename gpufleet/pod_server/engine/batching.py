@@ -118,18 +118,8 @@ class BatchEngine:
             eos_token_id=self.eos_ids or -1,
             pad_token_id=self.eos_ids[0] if self.eos_ids else 0,
         )
-        self._config = _cb_config(
-            page_size=sizing.page_size,
-            num_blocks=sizing.num_blocks,
-            max_batch_tokens=sizing.max_batch_tokens,
-            max_requests_per_batch=max_sequences,
-            per_request_processors=True,
-            # Requests rarely share prompts here, and the blocks a shared prefix pins would count
-            # against a budget that is sized per sequence.
-            allow_block_sharing=False,
-            auto_switch_to_flash=False,  # keep the attention the model was loaded with
-            use_cuda_graph=False if not is_cuda(device) else None,
-        )
+        self._fields = manager_fields(device, sizing, max_sequences)
+        self._config = _cb_config(**self._fields)
         self._model = model
         self._packed_linear = packed_linear and not is_cuda(device)
         self._packed: PackedLinears | None = None
@@ -137,9 +127,24 @@ class BatchEngine:
 
     def _new_manager(self) -> Any:
         with _on_device(self.device):
-            manager = self._model.init_continuous_batching(
-                generation_config=self._generation, continuous_batching_config=self._config
-            )
+            try:
+                manager = self._model.init_continuous_batching(
+                    generation_config=self._generation, continuous_batching_config=self._config
+                )
+            except Exception as exc:
+                if not self._fields.get("auto_switch_to_flash"):
+                    raise
+                # A flash kernel the library found but cannot load (an offline hub kernel, another
+                # CUDA build): the attention the model was loaded with, as on a CPU.
+                log.warning(
+                    "flash attention unavailable; keeping the model's attention",
+                    extra={"model": self.model_id, "device": self.device, "error": repr(exc)},
+                )
+                self._fields = {**self._fields, "auto_switch_to_flash": False}
+                self._config = _cb_config(**self._fields)
+                manager = self._model.init_continuous_batching(
+                    generation_config=self._generation, continuous_batching_config=self._config
+                )
         sampling.install(manager.logit_processor, self.eos_ids)
         _MANAGERS.add(manager)
         return manager
@@ -265,13 +270,41 @@ class BatchEngine:
                 _forget_handler(manager, request_id)
 
 
+def manager_fields(device: str, sizing: KvSizing, max_sequences: int) -> dict[str, Any]:
+    """The library manager's settings for one model on ``device`` (pure: the unit tests read them).
+
+    Both device kinds: the KV cache and batch sized by ``kv_sizing``, per-request sampling, and no
+    block sharing (requests rarely share prompts here, and the blocks a shared prefix pins would
+    count against a budget sized per sequence). On a GPU the rest is the library's documented fast
+    path until ``bench/gpu/run.sh`` says otherwise: flash attention for 16-bit models where a kernel
+    loads (``auto_switch_to_flash``), CUDA graphs and async double-buffering as the library decides
+    (None). On a CPU: the model's own attention, no CUDA graphs, no async batching (the library
+    refuses it there), no compile (60x slower on this machine's CPU: bench engine_peer's note)."""
+    cuda = is_cuda(device)
+    return {
+        "page_size": sizing.page_size,
+        "num_blocks": sizing.num_blocks,
+        "max_batch_tokens": sizing.max_batch_tokens,
+        "max_requests_per_batch": max_sequences,
+        "per_request_processors": True,
+        "allow_block_sharing": False,
+        "auto_switch_to_flash": cuda,
+        "use_cuda_graph": None if cuda else False,
+        "use_async_batching": None if cuda else False,
+        "default_compile_level": 0,
+    }
+
+
 def _cb_config(**fields: Any) -> ContinuousBatchingConfig:
     """The config for the installed transformers: 5.17 to 5.23 call the page size ``block_size``."""
     names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     if "page_size" not in names:
         fields["block_size"] = fields.pop("page_size")
-    if "auto_switch_to_flash" not in names:  # before 5.18 the manager never switched attention itself
-        fields.pop("auto_switch_to_flash", None)
+    # Fields older releases lack are left out: before 5.18 the manager never switched attention
+    # itself, and compile levels and async batching came with their fields.
+    for name in ("auto_switch_to_flash", "default_compile_level", "use_async_batching"):
+        if name not in names:
+            fields.pop(name, None)
     missing = sorted(set(fields) - names)
     if missing:
         raise RuntimeError(f"this transformers' ContinuousBatchingConfig lacks {missing}: see pyproject's pin")
