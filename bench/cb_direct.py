@@ -86,6 +86,11 @@ def start_manager(
     import torch
     from transformers import GenerationConfig
 
+    from gpufleet.pod_server.engine import threads
+
+    # The library steps in a thread of its own: without this its GEMMs use every core, whatever
+    # torch.set_num_threads said here (the pod server does the same for its models).
+    threads.apply_in_each_thread(model)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
