@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 # A pass of its own after the measured ones: sampling costs CPU (on the client's core).
                 _, port, pid = targets[1]
-                sampler = profile.start(pid or 0, args.duration, logs / "router.raw")
+                assert pid is not None  # the router's process, spawned above
+                sampler = profile.start(pid, args.duration, logs / "router.raw")
                 runner.run(measure(port, False, 16, args.duration, pid))
                 if sampler is not None and sampler.wait(60) == 0:
                     profiled = profile.summarise(logs / "router.raw")

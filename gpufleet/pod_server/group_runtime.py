@@ -101,13 +101,14 @@ def build_group_runtime(
     runtime = GroupRuntime(device, group, models, run_blocking=run_blocking)
     generative = {mid: m for mid, m in models.items() if m.spec.task in ("chat", "completion")}
     share = kv_budget_bytes(device, settings.kv_cache_gb) // max(1, len(generative))
+    sequences = max_sequences(device, settings.max_sequences_per_device)
     try:
         for mid, m in generative.items():
             sizing = size_kv_cache(
                 model_id=mid,
                 bytes_per_token=kv_bytes_per_token(m.model.config, m.model.dtype.itemsize),
                 budget_bytes=share,
-                max_sequences=max_sequences(device, settings.max_sequences_per_device),
+                max_sequences=sequences,
                 context_length=m.context_length,
                 on_gpu=is_cuda(device),
             )
@@ -116,7 +117,7 @@ def build_group_runtime(
                 m.model,
                 device,
                 sizing,
-                max_sequences=max_sequences(device, settings.max_sequences_per_device),
+                max_sequences=sequences,
                 eos_ids=eos_token_ids(m.model.config, getattr(m.model, "generation_config", None), m.tokenizer),
                 on_tokens=metrics.generation_tokens.labels(**metrics.labels(device), model=mid).inc,
                 packed_linear=settings.cpu_packed_linear,

@@ -130,9 +130,7 @@ class PodService:
         self._placer = Placer(self.pod, self.schedulers, self.prefetch)
         for device in settings.devices:
             self.metrics.workers.labels(**metrics.labels(device)).set(settings.num_workers_per_gpu)
-            self.metrics.max_sequences.labels(**metrics.labels(device)).set(
-                max_sequences(device, settings.max_sequences_per_device)
-            )
+            self.metrics.max_sequences.labels(**metrics.labels(device)).set(self.schedulers[device].max_sequences)
 
     def _build_runtime(self, device: str, group: str, models: dict[str, LoadedModel]) -> GroupRuntime:
         """Engines for a group that just became current on ``device`` (blocking: a device thread)."""
